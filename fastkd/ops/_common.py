@@ -1,0 +1,70 @@
+"""Pieces every op's public function shares: the compute dtype, empty inputs, non-finite results."""
+
+from __future__ import annotations
+
+import torch
+
+from fastkd._backends import resolve_backend
+
+# The torch backend evaluates every loss in float64. Near convergence the student and teacher terms agree
+# to ~1e-3 and the loss is their small difference: float32 intermediates (even a float32 pooled node or
+# channel difference) carry ~1e-7 relative errors that become ~1e-4 relative errors of that difference.
+COMPUTE_DTYPE = torch.float64
+
+
+def result_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """Losses are returned in the promoted dtype of their inputs but at least float32: a half-precision
+    loss keeps only 3 significant digits and a summed one overflows float16 (65504) on ordinary maps.
+    Gradients come back in each input's own dtype."""
+    dtype = torch.float32
+    for tensor in tensors:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
+def empty_loss(*tensors: torch.Tensor) -> torch.Tensor:
+    """The loss over no terms (B = 0 or an empty map): 0, still connected to the inputs for backward."""
+    return sum(tensor.sum() for tensor in tensors).to(result_dtype(*tensors)) * 0
+
+
+def finish(loss: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+    """Casts a float64 loss to the result dtype; an infinite loss (only Inf inputs make one in float64)
+    becomes NaN, so that NaN or Inf in the input always gives NaN."""
+    loss = torch.where(torch.isinf(loss), torch.full_like(loss, float("nan")), loss)
+    return loss.to(result_dtype(*tensors))
+
+
+def dispatch(op: str, implementations, backend: str, s: torch.Tensor, t: torch.Tensor, *args) -> torch.Tensor:
+    """Runs the chosen backend's ``implementation(s, t, *args)`` on validated inputs.
+
+    Inputs with no terms (B = 0 or an empty map) give 0 without running a kernel; the result is cast to
+    the inputs' promoted dtype.
+    """
+    _, implementation = resolve_backend(backend, op, implementations, s.device)
+    if s.numel() == 0 or t.numel() == 0:
+        return empty_loss(s, t)
+    return finish(implementation(s, t, *args), s, t)
+
+
+def poison_non_finite_pixels(per_pixel: torch.Tensor, *logits: torch.Tensor) -> torch.Tensor:
+    """NaN at the pixels where any logit is NaN or +-Inf. Softmax alone turns a -Inf logit into a finite 0
+    probability, but FORMULAS.md asks that non-finite input give NaN."""
+    finite = torch.isfinite(logits[0]).all(dim=1)
+    for x in logits[1:]:
+        finite &= torch.isfinite(x).all(dim=1)
+    return torch.where(finite, per_pixel, torch.full_like(per_pixel, float("nan")))
+
+
+def reduce_pixels(per_pixel: torch.Tensor, mask, reduction: str) -> torch.Tensor:
+    """Sum or mean of a (B, H, W) per-pixel loss over the counted pixels (``mask`` True, or all).
+
+    Uncounted pixels are excluded with ``where``, so NaN there does not reach the loss; no counted pixel
+    gives 0.
+    """
+    if mask is not None:
+        per_pixel = torch.where(mask, per_pixel, torch.zeros_like(per_pixel))
+        count = mask.sum().clamp_min(1)
+    else:
+        count = per_pixel.numel()
+    total = per_pixel.sum()
+    return total if reduction == "sum" else total / count
