@@ -1,0 +1,96 @@
+"""Affinity distillation loss (He et al. 2019, eqs. 3-4; FORMULAS.md section 2): ``AffinityDistillationLoss``.
+
+Per image ``A_ij = f_hat_i . f_hat_j / m`` and ``L_b = sum_i ||A_s[i,:] - A_t[i,:]||_2``. The torch backend
+gets each row's squared norm from C x C Gram matrices instead of the m x m matrices:
+
+    m^2 ||A_s[i,:] - A_t[i,:]||^2 = s_i' (S S') s_i - 2 s_i' (S T') t_i + t_i' (T T') t_i
+
+in float64 (the three terms cancel to ~1e-6 of their size near convergence). Small maps use the direct
+m x m evaluation when the cost model says it is cheaper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastkd import _validation as v
+from fastkd.ops._common import COMPUTE_DTYPE, dispatch
+from fastkd.ops.nodes import normalize_nodes
+from fastkd.ops.pairwise_affinity import use_gram
+
+OP = "AffinityDistillationLoss"
+
+
+@dataclass(frozen=True)
+class AffinityDistillationConfig:
+    eps: float
+    reduction: str
+
+    @classmethod
+    def make(cls, eps=1e-8, reduction="mean") -> "AffinityDistillationConfig":
+        return cls(eps=v.check_positive_float(eps, "eps", OP), reduction=v.check_reduction(reduction, OP))
+
+
+def row_difference_squares(s_hat: torch.Tensor, t_hat: torch.Tensor, gram=None) -> torch.Tensor:
+    """``sum_j (a_s_ij - a_t_ij)^2`` for every row i: (B, C, m) normalised nodes -> (B, m).
+
+    Values within a few ulps of the Gram terms are rounding noise and are set to exactly 0, so identical
+    rows give a zero loss and a zero (not an enormous) gradient.
+    """
+    m = s_hat.shape[2]
+    if gram is None:
+        gram = use_gram(m, s_hat.shape[1], t_hat.shape[1])
+    if not gram:
+        a_s = torch.bmm(s_hat.transpose(1, 2), s_hat)
+        a_t = torch.bmm(t_hat.transpose(1, 2), t_hat)
+        return (a_s - a_t).square().sum(dim=2)
+    gram_ss = torch.bmm(s_hat, s_hat.transpose(1, 2))
+    gram_st = torch.bmm(s_hat, t_hat.transpose(1, 2))
+    gram_tt = torch.bmm(t_hat, t_hat.transpose(1, 2))
+    form_ss = (torch.bmm(gram_ss, s_hat) * s_hat).sum(dim=1)  # s_i' (S S') s_i
+    form_st = (torch.bmm(gram_st, t_hat) * s_hat).sum(dim=1)  # s_i' (S T') t_i
+    form_tt = (torch.bmm(gram_tt, t_hat) * t_hat).sum(dim=1)  # t_i' (T T') t_i
+    squares = form_ss - 2 * form_st + form_tt
+    noise = 64 * torch.finfo(COMPUTE_DTYPE).eps * (form_ss + form_tt)
+    return torch.where(squares <= noise, torch.zeros_like(squares), squares)  # NaN stays NaN
+
+
+def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """``sqrt(x)`` for x >= 0 whose gradient at 0 is 0 instead of inf (a zero row difference has a zero
+    subgradient, FORMULAS.md section 2); NaN stays NaN."""
+    zero = x == 0
+    return torch.where(zero, torch.zeros_like(x), torch.where(zero, torch.ones_like(x), x).sqrt())
+
+
+def _torch_implementation(s: torch.Tensor, t: torch.Tensor, config: AffinityDistillationConfig) -> torch.Tensor:
+    s_hat = normalize_nodes(s.to(COMPUTE_DTYPE), config.eps, detach_norm=False).flatten(2)
+    t_hat = normalize_nodes(t.to(COMPUTE_DTYPE), config.eps, detach_norm=False).flatten(2)
+    m = s_hat.shape[2]
+    # ||A_s[i,:] - A_t[i,:]|| = ||a_s[i,:] - a_t[i,:]|| / m
+    total = safe_sqrt(row_difference_squares(s_hat, t_hat)).sum() / m
+    return total / s.shape[0] if config.reduction == "mean" else total
+
+
+IMPLEMENTATIONS = {"torch": _torch_implementation}
+
+
+def affinity_distillation_loss(s: torch.Tensor, t: torch.Tensor, eps=1e-8, reduction="mean",
+                               backend="auto") -> torch.Tensor:
+    """Affinity distillation loss (He et al. 2019, eqs. 3-4).
+
+    Args:
+        s: student features (B, Cs, H, W). t: teacher features (B, Ct, H, W) (He et al. use the
+            autoencoder-translated teacher features E(phi_t)); Cs and Ct may differ.
+        eps: ``f_hat = f / (||f||_2 + eps)``.
+        reduction: "mean" gives ``sum_b L_b / B``, "sum" gives ``sum_b L_b``, with
+            ``L_b = sum_i ||A_s[i,:] - A_t[i,:]||_2`` and ``A_ij = f_hat_i . f_hat_j / (H W)``.
+        backend: "auto", "torch", "triton" or "cuda".
+
+    Returns a 0-dim tensor, float64 for float64 inputs and float32 otherwise; gradients come back in the
+    inputs' dtypes.
+    """
+    config = AffinityDistillationConfig.make(eps, reduction)
+    v.check_student_teacher(s, t, OP)
+    return dispatch(OP, IMPLEMENTATIONS, backend, s, t, config)

@@ -1,0 +1,44 @@
+"""Graph nodes for the affinity losses: patch pooling (granularity beta) and L2 normalisation.
+
+Liu et al. 2020, sec. 2.1 (pair-wise distillation): each node is a patch of ``ph x pw`` pixels aggregated
+by average or max pooling; FORMULAS.md section 1, steps 1 and 2.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+def pool_kernel(height: int, width: int, patch: Tuple[int, int], pool_scale: Optional[float]) -> Tuple[int, int]:
+    """The pooling kernel (= stride) for a ``height x width`` map.
+
+    ``pool_scale=r`` is the authors' code: ``(max(1, int(H*r)), max(1, int(W*r)))``. A patch larger than
+    the map covers the whole map, so it is clamped to the map size.
+    """
+    if pool_scale is not None:
+        return max(1, int(height * pool_scale)), max(1, int(width * pool_scale))
+    return min(patch[0], max(height, 1)), min(patch[1], max(width, 1))
+
+
+def pool_nodes(x: torch.Tensor, patch: Tuple[int, int], pool: str, pool_scale: Optional[float]) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, ceil(H/kh), ceil(W/kw)) node features; the last patches may be partial.
+
+    ``pool_scale`` always max-pools (the authors' code); ``pool="avg"`` averages only the pixels that exist.
+    """
+    kernel = pool_kernel(x.shape[2], x.shape[3], patch, pool_scale)
+    if kernel == (1, 1):
+        return x
+    if pool == "max" or pool_scale is not None:
+        return F.max_pool2d(x, kernel, kernel, ceil_mode=True)
+    return F.avg_pool2d(x, kernel, kernel, ceil_mode=True, count_include_pad=False)
+
+
+def normalize_nodes(f: torch.Tensor, eps: float, detach_norm: bool) -> torch.Tensor:
+    """``f / (||f||_2 + eps)`` along the channel dimension 1; ``detach_norm`` treats the norm as a constant."""
+    norm = torch.linalg.vector_norm(f, dim=1, keepdim=True)
+    if detach_norm:
+        norm = norm.detach()
+    return f / (norm + eps)
