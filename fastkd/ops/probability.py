@@ -1,0 +1,54 @@
+"""Probability loss (Xie et al. 2018, sec. 3.1; FORMULAS.md section 4): ``ProbabilityLoss``.
+
+``sum_x ||softmax(l_s(x)) - softmax(l_t(x))||_2^2`` over the counted pixels, softmax over channels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastkd import _validation as v
+from fastkd.ops._common import COMPUTE_DTYPE, dispatch, poison_non_finite_pixels, reduce_pixels
+
+OP = "ProbabilityLoss"
+
+
+@dataclass(frozen=True)
+class ProbabilityConfig:
+    reduction: str
+
+    @classmethod
+    def make(cls, reduction="mean") -> "ProbabilityConfig":
+        return cls(reduction=v.check_reduction(reduction, OP))
+
+
+def _torch_implementation(s_logits, t_logits, config: ProbabilityConfig, mask) -> torch.Tensor:
+    p_s = torch.softmax(s_logits.to(COMPUTE_DTYPE), dim=1)
+    p_t = torch.softmax(t_logits.to(COMPUTE_DTYPE), dim=1)
+    per_pixel = poison_non_finite_pixels((p_s - p_t).square().sum(dim=1), s_logits, t_logits)
+    return reduce_pixels(per_pixel, mask, config.reduction)
+
+
+IMPLEMENTATIONS = {"torch": _torch_implementation}
+
+
+def probability_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, mask=None, reduction="mean",
+                     backend="auto") -> torch.Tensor:
+    """Squared distance between student and teacher class probabilities (Xie et al. 2018, sec. 3.1).
+
+    Args:
+        s_logits, t_logits: (B, C, H, W) logits with the same classes.
+        mask: None (every pixel counted) or a (B, H, W) bool tensor, True = counted.
+        reduction: "sum" over counted pixels of ``||softmax(l_s) - softmax(l_t)||_2^2``, or "mean" (divided
+            by the number of counted pixels; 0 when none is counted).
+        backend: "auto" or "torch".
+
+    Returns a 0-dim tensor, float64 for float64 inputs and float32 otherwise; gradients come back in the
+    inputs' dtypes.
+    """
+    config = ProbabilityConfig.make(reduction)
+    v.check_student_teacher(s_logits, t_logits, OP, s_name="s_logits", t_name="t_logits", same_channels=True)
+    v.check_mask(mask, s_logits, OP)
+    return dispatch(OP, IMPLEMENTATIONS, backend, s_logits, t_logits, config, mask)
