@@ -1,0 +1,89 @@
+"""The losses as ``nn.Module``s: each validates its configuration and backend when built and calls its
+function in :mod:`fastkd.functional`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastkd._backends import check_backend
+from fastkd.ops import affinity_distillation, consistency, pairwise_affinity, pixelwise_kd, probability
+
+
+class _Loss(nn.Module):
+    """Holds a validated configuration and the backend checked for the op's ``IMPLEMENTATIONS``."""
+
+    def __init__(self, op_module, config, backend):
+        super().__init__()
+        self.config = config
+        self.backend = check_backend(backend, op_module.OP, op_module.IMPLEMENTATIONS)
+
+    def extra_repr(self) -> str:
+        return f"{self.config}, backend={self.backend!r}"
+
+
+class PairwiseAffinityLoss(_Loss):
+    """Pair-wise affinity distillation (Liu et al. 2020, eq. 2) on a graph of pooled, normalised nodes.
+
+    ``PairwiseAffinityLoss(...)(s, t)`` with s: (B, Cs, H, W), t: (B, Ct, H, W). See
+    :func:`fastkd.functional.pairwise_affinity_loss` for the arguments and formula.
+    """
+
+    def __init__(self, patch=1, pool="avg", pool_scale=None, window=None, eps=1e-8, detach_norm=False,
+                 reduction="mean", backend="auto"):
+        config = pairwise_affinity.PairwiseAffinityConfig.make(
+            patch, pool, pool_scale, window, eps, detach_norm, reduction)
+        super().__init__(pairwise_affinity, config, backend)
+
+    def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        return pairwise_affinity.pairwise_affinity_loss(
+            s, t, c.patch, c.pool, c.pool_scale, c.window, c.eps, c.detach_norm, c.reduction, self.backend)
+
+
+class AffinityDistillationLoss(_Loss):
+    """Affinity distillation (He et al. 2019, eqs. 3-4): sum over rows of the row-difference norms of the
+    (1/m)-scaled affinity matrices. See :func:`fastkd.functional.affinity_distillation_loss`."""
+
+    def __init__(self, eps=1e-8, reduction="mean", backend="auto"):
+        config = affinity_distillation.AffinityDistillationConfig.make(eps, reduction)
+        super().__init__(affinity_distillation, config, backend)
+
+    def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return affinity_distillation.affinity_distillation_loss(
+            s, t, self.config.eps, self.config.reduction, self.backend)
+
+
+class ConsistencyLoss(_Loss):
+    """Consistency of the 8-neighbour maps of student and teacher logits (Xie et al. 2018, sec. 3.1).
+    See :func:`fastkd.functional.consistency_loss`."""
+
+    def __init__(self, border="valid", dilation=1, reduction="mean", backend="auto"):
+        super().__init__(consistency, consistency.ConsistencyConfig.make(border, dilation, reduction), backend)
+
+    def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        return consistency.consistency_loss(s, t, c.border, c.dilation, c.reduction, self.backend)
+
+
+class ProbabilityLoss(_Loss):
+    """Squared distance of class probabilities per pixel (Xie et al. 2018, sec. 3.1).
+    ``ProbabilityLoss()(s_logits, t_logits, mask=None)``; see :func:`fastkd.functional.probability_loss`."""
+
+    def __init__(self, reduction="mean", backend="auto"):
+        super().__init__(probability, probability.ProbabilityConfig.make(reduction), backend)
+
+    def forward(self, s_logits: torch.Tensor, t_logits: torch.Tensor, mask=None) -> torch.Tensor:
+        return probability.probability_loss(s_logits, t_logits, mask, self.config.reduction, self.backend)
+
+
+class PixelwiseKDLoss(_Loss):
+    """Pixel-wise distillation, ``T^2 KL(q_t || q_s)`` per pixel (Liu et al. 2020, eq. 1; Hinton et al.).
+    ``PixelwiseKDLoss()(s_logits, t_logits, mask=None)``; see :func:`fastkd.functional.pixelwise_kd_loss`."""
+
+    def __init__(self, temperature=1.0, reduction="mean", backend="auto"):
+        super().__init__(pixelwise_kd, pixelwise_kd.PixelwiseKDConfig.make(temperature, reduction), backend)
+
+    def forward(self, s_logits: torch.Tensor, t_logits: torch.Tensor, mask=None) -> torch.Tensor:
+        return pixelwise_kd.pixelwise_kd_loss(
+            s_logits, t_logits, mask, self.config.temperature, self.config.reduction, self.backend)
