@@ -1,0 +1,84 @@
+"""Backend selection: names, availability with reasons, and what ``auto`` picks."""
+
+import pytest
+import torch
+
+import fastkd
+from fastkd import _backends, _extension
+from fastkd.ops import consistency, pairwise_affinity
+
+ALL_OPS = ["pairwise_affinity", "affinity_distillation", "consistency", "probability", "pixelwise_kd"]
+MODULES = [fastkd.PairwiseAffinityLoss, fastkd.AffinityDistillationLoss, fastkd.ConsistencyLoss,
+           fastkd.ProbabilityLoss, fastkd.PixelwiseKDLoss]
+
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)
+def test_auto_and_torch_run_on_cpu(module):
+    s = torch.randn(2, 3, 6, 7)
+    assert torch.equal(module(backend="auto")(s, s + 1), module(backend="torch")(s, s + 1))
+
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_unavailable_backend_is_refused_with_a_reason(module, backend):
+    """No Triton or CUDA kernel has landed yet: building the loss says so, naming the op."""
+    with pytest.raises(fastkd.BackendUnavailableError,
+                       match=rf"{module.__name__}: backend='{backend}' is not available: fastkd has no {backend} "
+                             rf"implementation of {module.__name__} yet"):
+        module(backend=backend)
+    assert issubclass(fastkd.BackendUnavailableError, ValueError)
+
+
+def fake(name):
+    return lambda *args: name
+
+
+def test_auto_prefers_fused_kernels_on_cuda_tensors_and_torch_elsewhere(monkeypatch):
+    table = {"torch": fake("torch"), "triton": fake("triton"), "cuda": fake("cuda")}
+    monkeypatch.setattr(_backends.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(_extension, "LOAD_ERROR", None)
+    monkeypatch.setattr(_extension, "build_info", lambda: {"loaded": True, "cuda": True})
+    assert _backends.resolve_backend("auto", "Op", table, torch.device("cuda"))[0] == "cuda"
+    assert _backends.resolve_backend("auto", "Op", table, torch.device("cpu"))[0] == "torch"
+    del table["cuda"]
+    assert _backends.resolve_backend("auto", "Op", table, torch.device("cuda"))[0] == "triton"
+
+
+def test_device_reasons(monkeypatch):
+    table = {"torch": fake("torch"), "triton": fake("triton"), "cuda": fake("cuda")}
+    monkeypatch.setattr(_backends.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(_extension, "LOAD_ERROR", None)
+    monkeypatch.setattr(_extension, "build_info", lambda: {"loaded": True, "cuda": False})
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("FASTKD_EMULATE_CUDA", raising=False)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    with pytest.raises(fastkd.BackendUnavailableError, match=r"Triton kernels run on CUDA tensors .* TRITON_INTERPRET=1"):
+        _backends.resolve_backend("triton", "Op", table, cpu)
+    with pytest.raises(fastkd.BackendUnavailableError, match=r"FASTKD_EMULATE_CUDA=1"):
+        _backends.resolve_backend("cuda", "Op", table, cpu)
+    with pytest.raises(fastkd.BackendUnavailableError, match=r"built without CUDA"):
+        _backends.resolve_backend("cuda", "Op", table, cuda)
+    assert _backends.resolve_backend("auto", "Op", table, cuda)[0] == "triton"  # cuda skipped: not built
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("FASTKD_EMULATE_CUDA", "1")
+    assert _backends.resolve_backend("triton", "Op", table, cpu)[0] == "triton"
+    assert _backends.resolve_backend("cuda", "Op", table, cpu)[0] == "cuda"
+
+
+def test_machine_reasons(monkeypatch):
+    table = {"torch": fake("torch"), "triton": fake("triton"), "cuda": fake("cuda")}
+    monkeypatch.setattr(_backends.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(_extension, "LOAD_ERROR", "fastkd._C is not built (no module)")
+    with pytest.raises(fastkd.BackendUnavailableError, match=r"triton is not installed"):
+        _backends.check_backend("triton", "Op", table)
+    with pytest.raises(fastkd.BackendUnavailableError, match=r"fastkd._C is not built"):
+        _backends.check_backend("cuda", "Op", table)
+    assert _backends.resolve_backend("auto", "Op", table, torch.device("cuda"))[0] == "torch"
+
+
+def test_every_op_has_a_torch_implementation():
+    import importlib
+    for name in ALL_OPS:
+        module = importlib.import_module(f"fastkd.ops.{name}")
+        assert "torch" in module.IMPLEMENTATIONS and module.OP.endswith("Loss")
+    assert pairwise_affinity.IMPLEMENTATIONS is not consistency.IMPLEMENTATIONS
