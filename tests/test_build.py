@@ -95,6 +95,9 @@ _IMPORT_WITHOUT_EXTENSION = textwrap.dedent(
     assert "fastkd._C" in _extension.LOAD_ERROR, _extension.LOAD_ERROR
     info = _extension.build_info()
     assert info["loaded"] is False and info["cuda"] is False and info["error"] == _extension.LOAD_ERROR, info
+    import torch
+    x = torch.randn(2, 3, 6, 7)
+    assert fastkd.PairwiseAffinityLoss(window=1)(x, x.flip(0)) > 0  # the torch backend needs neither
     print("OK", fastkd.__name__, _extension.LOAD_ERROR)
     """
 )
@@ -108,3 +111,20 @@ def test_import_fastkd_without_triton_and_extension(tmp_path, how):
     )
     assert result.returncode == 0, f"import fastkd failed without triton and fastkd._C:\n{result.stderr}"
     assert result.stdout.startswith("OK fastkd "), result.stdout
+
+
+def test_extension_built_against_another_torch_counts_as_not_loaded(tmp_path):
+    """C++ extensions are not ABI-compatible across torch releases: a mismatch disables the extension."""
+    script = textwrap.dedent(
+        """
+        import torch
+        torch.__version__ = "0.0.0"  # pretend torch was upgraded after fastkd was built
+        from fastkd import _extension
+        assert "built against torch" in _extension.LOAD_ERROR and "0.0.0" in _extension.LOAD_ERROR
+        assert _extension.build_info()["loaded"] is False
+        print("OK")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "OK", result.stderr
