@@ -18,7 +18,7 @@ import torch
 from fastkd import _validation as v
 from fastkd.ops._common import COMPUTE_DTYPE, dispatch
 from fastkd.ops.nodes import normalize_nodes
-from fastkd.ops.pairwise_affinity import use_gram
+from fastkd.ops.pairwise_affinity import affinity_difference, gram_matrices, use_gram
 
 OP = "AffinityDistillationLoss"
 
@@ -43,12 +43,8 @@ def row_difference_squares(s_hat: torch.Tensor, t_hat: torch.Tensor, gram=None) 
     if gram is None:
         gram = use_gram(m, s_hat.shape[1], t_hat.shape[1])
     if not gram:
-        a_s = torch.bmm(s_hat.transpose(1, 2), s_hat)
-        a_t = torch.bmm(t_hat.transpose(1, 2), t_hat)
-        return (a_s - a_t).square().sum(dim=2)
-    gram_ss = torch.bmm(s_hat, s_hat.transpose(1, 2))
-    gram_st = torch.bmm(s_hat, t_hat.transpose(1, 2))
-    gram_tt = torch.bmm(t_hat, t_hat.transpose(1, 2))
+        return affinity_difference(s_hat, t_hat).square().sum(dim=2)
+    gram_ss, gram_st, gram_tt = gram_matrices(s_hat, t_hat)
     form_ss = (torch.bmm(gram_ss, s_hat) * s_hat).sum(dim=1)  # s_i' (S S') s_i
     form_st = (torch.bmm(gram_st, t_hat) * s_hat).sum(dim=1)  # s_i' (S T') t_i
     form_tt = (torch.bmm(gram_tt, t_hat) * t_hat).sum(dim=1)  # t_i' (T T') t_i

@@ -72,19 +72,26 @@ def use_gram(m: int, cs: int, ct: int) -> bool:
     return m * (cs * cs + cs * ct + ct * ct) <= m * m * (cs + ct + 1)
 
 
+def gram_matrices(s_hat: torch.Tensor, t_hat: torch.Tensor):
+    """``(S S', S T', T T')`` per image for nodes (B, C, m): (B, Cs, Cs), (B, Cs, Ct), (B, Ct, Ct)."""
+    return (torch.bmm(s_hat, s_hat.transpose(1, 2)), torch.bmm(s_hat, t_hat.transpose(1, 2)),
+            torch.bmm(t_hat, t_hat.transpose(1, 2)))
+
+
+def affinity_difference(s_hat: torch.Tensor, t_hat: torch.Tensor) -> torch.Tensor:
+    """``a_s - a_t`` materialised, (B, m, m): the direct evaluation, for when m is small next to C."""
+    return torch.bmm(s_hat.transpose(1, 2), s_hat) - torch.bmm(t_hat.transpose(1, 2), t_hat)
+
+
 def full_graph_sum(s_hat: torch.Tensor, t_hat: torch.Tensor, gram: Optional[bool] = None) -> torch.Tensor:
     """``sum_b sum_ij (a_s_ij - a_t_ij)^2`` for normalised nodes (B, C, m); ``gram=None`` asks the cost model."""
     if gram is None:
         gram = use_gram(s_hat.shape[2], s_hat.shape[1], t_hat.shape[1])
-    if gram:
-        gram_ss = torch.bmm(s_hat, s_hat.transpose(1, 2))
-        gram_st = torch.bmm(s_hat, t_hat.transpose(1, 2))
-        gram_tt = torch.bmm(t_hat, t_hat.transpose(1, 2))
-        total = gram_ss.square().sum() - 2 * gram_st.square().sum() + gram_tt.square().sum()
-        return total.clamp_min(0)  # a sum of squares; rounding may leave -1e-17 when s == t
-    a_s = torch.bmm(s_hat.transpose(1, 2), s_hat)
-    a_t = torch.bmm(t_hat.transpose(1, 2), t_hat)
-    return (a_s - a_t).square().sum()
+    if not gram:
+        return affinity_difference(s_hat, t_hat).square().sum()
+    gram_ss, gram_st, gram_tt = gram_matrices(s_hat, t_hat)
+    total = gram_ss.square().sum() - 2 * gram_st.square().sum() + gram_tt.square().sum()
+    return total.clamp_min(0)  # a sum of squares; rounding may leave -1e-17 when s == t
 
 
 def window_pairs_1d(n: int, r: int) -> int:
