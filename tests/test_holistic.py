@@ -158,10 +158,10 @@ def test_d_loss_matches_per_sample_reference(gen, dtype, image_channels, batch, 
     expected = ref_holistic_d_loss(D64, as64(fake), as64(real), u, as64(image), gp_weight=10.0)
     ref_grads = torch.autograd.grad(expected, list(D64.parameters()))
     assert loss.dtype == dtype and loss.shape == ()
-    assert_close(loss, expected, dtype, scale=10)
+    assert_close(loss, expected, dtype)
     # One comparison over all parameters: some gradients are exactly 0 in exact arithmetic (the key bias
     # of an attention block shifts every logit of a softmax row equally), rounding noise here.
-    assert_close(_flat(grads), _flat(ref_grads), dtype, scale=50)
+    assert_close(_flat(grads), _flat(ref_grads), dtype, scale=2)
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "strided"])
@@ -172,7 +172,7 @@ def test_d_loss_layouts(gen, layout):
     loss = holistic_d_loss(D, as_layout(fake, layout), as_layout(real, layout), as_layout(image, layout),
                            generator=gen)
     expected = holistic_d_loss(D, fake, real, image, generator=twin)
-    assert_close(loss, expected, torch.float64, scale=10)
+    assert_close(loss, expected, torch.float64)
 
 
 def test_gradient_penalty_trains_D(gen):
@@ -271,8 +271,8 @@ def test_g_loss_matches_reference_and_reaches_fake(gen, image_channels):
     fake64 = fake.detach().clone().requires_grad_(True)
     expected = ref_holistic_g_loss(D, fake64, image)
     (ref_grad,) = torch.autograd.grad(expected, fake64)
-    assert_close(loss, expected, torch.float64, scale=10)
-    assert_close(grad, ref_grad, torch.float64, scale=10)
+    assert_close(loss, expected, torch.float64)
+    assert_close(grad, ref_grad, torch.float64, scale=2)
     assert grad.abs().sum() > 0
 
 
