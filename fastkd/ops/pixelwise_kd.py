@@ -44,7 +44,8 @@ IMPLEMENTATIONS = {"torch": _torch_implementation}
 
 def pixelwise_kd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, mask=None, temperature=1.0,
                       reduction="mean", backend="auto") -> torch.Tensor:
-    """Pixel-wise knowledge distillation: ``T^2 KL(softmax(l_t/T) || softmax(l_s/T))`` per pixel.
+    """Pixel-wise knowledge distillation (Liu et al. 2020, eq. 1; Hinton et al. 2015):
+    ``T^2 KL(softmax(l_t/T) || softmax(l_s/T))`` per pixel.
 
     Args:
         s_logits, t_logits: (B, C, H, W) logits with the same classes.
