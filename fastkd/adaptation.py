@@ -23,7 +23,7 @@ from fastkd._validation import (
     check_positive_float,
     check_student_teacher,
 )
-from fastkd.ops._common import COMPUTE_DTYPE, result_dtype
+from fastkd.ops._common import COMPUTE_DTYPE, mean_or_zero, result_dtype
 
 
 def _conv_output_size(size: int, stride: int) -> int:
@@ -144,8 +144,7 @@ class FeatureAutoencoder(nn.Module):
         reconstruction = self.decode(z, phi_t.shape[2:])
         squared = (phi_t.to(COMPUTE_DTYPE) - reconstruction.to(COMPUTE_DTYPE)).square()
         l1 = z.to(COMPUTE_DTYPE).abs()
-        # sum / count rather than mean(): an empty batch gives 0, not NaN.
-        result = squared.sum() / max(squared.numel(), 1) + l1_weight * (l1.sum() / max(l1.numel(), 1))
+        result = mean_or_zero(squared) + l1_weight * mean_or_zero(l1)
         return result.to(result_dtype(phi_t))
 
 
@@ -202,7 +201,7 @@ def adaptation_loss(
         return x / (torch.linalg.vector_norm(x, ord=q, dim=1, keepdim=True) + eps)
 
     distances = torch.linalg.vector_norm(normalise(adapted_s) - normalise(encoded_t), ord=p, dim=1)
-    return (distances.sum() / max(distances.numel(), 1)).to(result_dtype(adapted_s, encoded_t))
+    return mean_or_zero(distances).to(result_dtype(adapted_s, encoded_t))
 
 
 class AdaptationLoss(nn.Module):

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from fastkd._validation import check_nonnegative_float, check_float_tensor, check_int, check_student_teacher
+from fastkd.ops._common import mean_or_zero
 
 
 class SelfAttention(nn.Module):
@@ -148,11 +149,6 @@ def _scores(D: Callable, seg: torch.Tensor, image: Optional[torch.Tensor]) -> to
     return D(seg) if image is None else D(seg, image)
 
 
-def _mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean that gives 0, not NaN, for an empty batch."""
-    return x.sum() / max(x.numel(), 1)
-
-
 def holistic_d_loss(
     D: Callable,
     fake: torch.Tensor,
@@ -189,12 +185,12 @@ def holistic_d_loss(
     check_student_teacher(fake, real, where, s_name="fake", t_name="real", same_channels=True)
     check_nonnegative_float(gp_weight, "gp_weight", where)
     fake = fake.detach()
-    wasserstein = _mean(_scores(D, fake, image)) - _mean(_scores(D, real, image))
+    wasserstein = mean_or_zero(_scores(D, fake, image)) - mean_or_zero(_scores(D, real, image))
     u = torch.rand(fake.shape[0], generator=generator, device=fake.device, dtype=fake.dtype).view(-1, 1, 1, 1)
     x = (u * real.detach() + (1 - u) * fake).requires_grad_(True)
     (grad,) = torch.autograd.grad(_scores(D, x, image).sum(), x, create_graph=True)
     norms = torch.linalg.vector_norm(grad.flatten(1), ord=2, dim=1)
-    return wasserstein + gp_weight * _mean((norms - 1).square())
+    return wasserstein + gp_weight * mean_or_zero((norms - 1).square())
 
 
 def holistic_g_loss(D: Callable, fake: torch.Tensor, image: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -208,4 +204,4 @@ def holistic_g_loss(D: Callable, fake: torch.Tensor, image: Optional[torch.Tenso
     if not callable(D):
         raise TypeError(f"{where}: `D` must be a callable discriminator, got {type(D).__name__}")
     check_float_tensor(fake, "fake", where, 4, "(B, C, H, W)")
-    return -_mean(_scores(D, fake, image))
+    return -mean_or_zero(_scores(D, fake, image))

@@ -22,6 +22,11 @@ def result_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
+def mean_or_zero(x: torch.Tensor) -> torch.Tensor:
+    """The mean of all elements, 0 (not NaN) when there are none, e.g. for an empty batch."""
+    return x.sum() / max(x.numel(), 1)
+
+
 def empty_loss(*tensors: torch.Tensor) -> torch.Tensor:
     """The loss over no terms (B = 0 or an empty map): 0, still connected to the inputs for backward."""
     return sum(tensor.sum() for tensor in tensors).to(result_dtype(*tensors)) * 0
