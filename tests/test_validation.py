@@ -14,6 +14,8 @@ T = torch.zeros(2, 4, 8, 9)
 PAIR_LOSSES = [
     ("pairwise", F.pairwise_affinity_loss, False),
     ("pairwise_window", lambda s, t: F.pairwise_affinity_loss(s, t, window=1), False),
+    # a max over a patch ignores -Inf unless the whole patch is -Inf: checked explicitly
+    ("pairwise_max_pool", lambda s, t: F.pairwise_affinity_loss(s, t, patch=3, pool="max"), False),
     ("affinity", F.affinity_distillation_loss, False),
     ("consistency", F.consistency_loss, False),
     ("probability", F.probability_loss, True),

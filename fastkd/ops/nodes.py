@@ -32,7 +32,10 @@ def pool_nodes(x: torch.Tensor, patch: Tuple[int, int], pool: str, pool_scale: O
     if kernel == (1, 1):
         return x
     if pool == "max" or pool_scale is not None:
-        return F.max_pool2d(x, kernel, kernel, ceil_mode=True)
+        # A max ignores -Inf, but FORMULAS.md asks that NaN or Inf in the input give NaN: such patches are NaN.
+        non_finite = F.max_pool2d((~torch.isfinite(x.detach())).to(x.dtype), kernel, kernel, ceil_mode=True)
+        pooled = F.max_pool2d(x, kernel, kernel, ceil_mode=True)
+        return torch.where(non_finite > 0, torch.full_like(pooled, float("nan")), pooled)
     return F.avg_pool2d(x, kernel, kernel, ceil_mode=True, count_include_pad=False)
 
 
