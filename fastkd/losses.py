@@ -30,28 +30,29 @@ class PairwiseAffinityLoss(_Loss):
     """
 
     def __init__(self, patch=1, pool="avg", pool_scale=None, window=None, eps=1e-8, detach_norm=False,
-                 reduction="mean", backend="auto"):
+                 reduction="mean", backend="auto", *, algorithm="auto"):
         config = pairwise_affinity.PairwiseAffinityConfig.make(
-            patch, pool, pool_scale, window, eps, detach_norm, reduction)
+            patch, pool, pool_scale, window, eps, detach_norm, reduction, algorithm)
         super().__init__(pairwise_affinity, config, backend)
 
     def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         c = self.config
         return pairwise_affinity.pairwise_affinity_loss(
-            s, t, c.patch, c.pool, c.pool_scale, c.window, c.eps, c.detach_norm, c.reduction, self.backend)
+            s, t, c.patch, c.pool, c.pool_scale, c.window, c.eps, c.detach_norm, c.reduction, self.backend,
+            algorithm=c.algorithm)
 
 
 class AffinityDistillationLoss(_Loss):
     """Affinity distillation (He et al. 2019, eqs. 3-4): sum over rows of the row-difference norms of the
     (1/m)-scaled affinity matrices. See :func:`fastkd.functional.affinity_distillation_loss`."""
 
-    def __init__(self, eps=1e-8, reduction="mean", backend="auto"):
-        config = affinity_distillation.AffinityDistillationConfig.make(eps, reduction)
+    def __init__(self, eps=1e-8, reduction="mean", backend="auto", *, algorithm="auto"):
+        config = affinity_distillation.AffinityDistillationConfig.make(eps, reduction, algorithm)
         super().__init__(affinity_distillation, config, backend)
 
     def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return affinity_distillation.affinity_distillation_loss(
-            s, t, self.config.eps, self.config.reduction, self.backend)
+            s, t, self.config.eps, self.config.reduction, self.backend, algorithm=self.config.algorithm)
 
 
 class ConsistencyLoss(_Loss):

@@ -18,7 +18,7 @@ import torch
 from fastkd import _validation as v
 from fastkd.ops._common import COMPUTE_DTYPE, dispatch
 from fastkd.ops.nodes import normalize_nodes
-from fastkd.ops.pairwise_affinity import affinity_difference, gram_matrices, use_gram
+from fastkd.ops.pairwise_affinity import ALGORITHMS, affinity_difference, choose_gram, gram_matrices
 
 OP = "AffinityDistillationLoss"
 
@@ -27,21 +27,20 @@ OP = "AffinityDistillationLoss"
 class AffinityDistillationConfig:
     eps: float
     reduction: str
+    algorithm: str = "auto"
 
     @classmethod
-    def make(cls, eps=1e-8, reduction="mean") -> "AffinityDistillationConfig":
-        return cls(eps=v.check_positive_float(eps, "eps", OP), reduction=v.check_reduction(reduction, OP))
+    def make(cls, eps=1e-8, reduction="mean", algorithm="auto") -> "AffinityDistillationConfig":
+        return cls(eps=v.check_positive_float(eps, "eps", OP), reduction=v.check_reduction(reduction, OP),
+                   algorithm=v.check_choice(algorithm, "algorithm", OP, ALGORITHMS))
 
 
-def row_difference_squares(s_hat: torch.Tensor, t_hat: torch.Tensor, gram=None) -> torch.Tensor:
+def row_difference_squares(s_hat: torch.Tensor, t_hat: torch.Tensor, gram: bool) -> torch.Tensor:
     """``sum_j (a_s_ij - a_t_ij)^2`` for every row i: (B, C, m) normalised nodes -> (B, m).
 
-    Values within a few ulps of the Gram terms are rounding noise and are set to exactly 0, so identical
-    rows give a zero loss and a zero (not an enormous) gradient.
+    On the Gram path, values within a few ulps of the Gram terms are rounding noise and are set to exactly
+    0, so identical rows give a zero loss and a zero (not an enormous) gradient.
     """
-    m = s_hat.shape[2]
-    if gram is None:
-        gram = use_gram(m, s_hat.shape[1], t_hat.shape[1])
     if not gram:
         return affinity_difference(s_hat, t_hat).square().sum(dim=2)
     gram_ss, gram_st, gram_tt = gram_matrices(s_hat, t_hat)
@@ -60,20 +59,25 @@ def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     return torch.where(zero, torch.zeros_like(x), torch.where(zero, torch.ones_like(x), x).sqrt())
 
 
+def loss_from_rows(rows: torch.Tensor, config: AffinityDistillationConfig) -> torch.Tensor:
+    """The loss from ``r_i = ||a_s[i,:] - a_t[i,:]||^2`` (B, m): ``||A_s[i,:] - A_t[i,:]|| = sqrt(r_i) / m``."""
+    batch, m = rows.shape
+    total = safe_sqrt(rows).sum() / m
+    return total / batch if config.reduction == "mean" else total
+
+
 def _torch_implementation(s: torch.Tensor, t: torch.Tensor, config: AffinityDistillationConfig) -> torch.Tensor:
     s_hat = normalize_nodes(s.to(COMPUTE_DTYPE), config.eps, detach_norm=False).flatten(2)
     t_hat = normalize_nodes(t.to(COMPUTE_DTYPE), config.eps, detach_norm=False).flatten(2)
-    m = s_hat.shape[2]
-    # ||A_s[i,:] - A_t[i,:]|| = ||a_s[i,:] - a_t[i,:]|| / m
-    total = safe_sqrt(row_difference_squares(s_hat, t_hat)).sum() / m
-    return total / s.shape[0] if config.reduction == "mean" else total
+    gram = choose_gram(config.algorithm, s_hat.shape[2], s_hat.shape[1], t_hat.shape[1])
+    return loss_from_rows(row_difference_squares(s_hat, t_hat, gram), config)
 
 
 IMPLEMENTATIONS = {"torch": _torch_implementation}
 
 
 def affinity_distillation_loss(s: torch.Tensor, t: torch.Tensor, eps=1e-8, reduction="mean",
-                               backend="auto") -> torch.Tensor:
+                               backend="auto", *, algorithm="auto") -> torch.Tensor:
     """Affinity distillation loss (He et al. 2019, eqs. 3-4).
 
     Args:
@@ -83,10 +87,12 @@ def affinity_distillation_loss(s: torch.Tensor, t: torch.Tensor, eps=1e-8, reduc
         reduction: "mean" gives ``sum_b L_b / B``, "sum" gives ``sum_b L_b``, with
             ``L_b = sum_i ||A_s[i,:] - A_t[i,:]||_2`` and ``A_ij = f_hat_i . f_hat_j / (H W)``.
         backend: "auto", "torch", "triton" or "cuda".
+        algorithm: "gram", "direct" or "auto" (keyword only), as for
+            :func:`fastkd.ops.pairwise_affinity.pairwise_affinity_loss`.
 
     Returns a 0-dim tensor, float64 for float64 inputs and float32 otherwise; gradients come back in the
     inputs' dtypes.
     """
-    config = AffinityDistillationConfig.make(eps, reduction)
+    config = AffinityDistillationConfig.make(eps, reduction, algorithm)
     v.check_student_teacher(s, t, OP)
     return dispatch(OP, IMPLEMENTATIONS, backend, s, t, config)

@@ -24,6 +24,9 @@ from fastkd.ops.nodes import normalize_nodes, pool_nodes
 
 OP = "PairwiseAffinityLoss"
 POOLS = ("avg", "max")
+# How the full graph is summed: "gram" (C x C Gram matrices, O(m C^2)), "direct" (m x m affinities formed
+# tile by tile, O(m^2 C)), or "auto" (the cheaper one by :func:`use_gram`).
+ALGORITHMS = ("auto", "gram", "direct")
 
 
 @dataclass(frozen=True)
@@ -35,10 +38,11 @@ class PairwiseAffinityConfig:
     eps: float
     detach_norm: bool
     reduction: str
+    algorithm: str = "auto"
 
     @classmethod
     def make(cls, patch=1, pool="avg", pool_scale=None, window=None, eps=1e-8, detach_norm=False,
-             reduction="mean") -> "PairwiseAffinityConfig":
+             reduction="mean", algorithm="auto") -> "PairwiseAffinityConfig":
         """Validates the hyper-parameters (ValueError / TypeError naming the argument)."""
         patch = v.check_patch(patch, OP)
         pool_scale = v.check_pool_scale(pool_scale, OP)
@@ -57,6 +61,7 @@ class PairwiseAffinityConfig:
             eps=v.check_positive_float(eps, "eps", OP),
             detach_norm=detach_norm,
             reduction=v.check_reduction(reduction, OP),
+            algorithm=v.check_choice(algorithm, "algorithm", OP, ALGORITHMS),
         )
 
 
@@ -72,6 +77,11 @@ def use_gram(m: int, cs: int, ct: int) -> bool:
     return m * (cs * cs + cs * ct + ct * ct) <= m * m * (cs + ct + 1)
 
 
+def choose_gram(algorithm: str, m: int, cs: int, ct: int) -> bool:
+    """Whether the full graph is summed through Gram matrices: the caller's ``algorithm``, or the cost model."""
+    return use_gram(m, cs, ct) if algorithm == "auto" else algorithm == "gram"
+
+
 def gram_matrices(s_hat: torch.Tensor, t_hat: torch.Tensor):
     """``(S S', S T', T T')`` per image for nodes (B, C, m): (B, Cs, Cs), (B, Cs, Ct), (B, Ct, Ct)."""
     return (torch.bmm(s_hat, s_hat.transpose(1, 2)), torch.bmm(s_hat, t_hat.transpose(1, 2)),
@@ -83,15 +93,18 @@ def affinity_difference(s_hat: torch.Tensor, t_hat: torch.Tensor) -> torch.Tenso
     return torch.bmm(s_hat.transpose(1, 2), s_hat) - torch.bmm(t_hat.transpose(1, 2), t_hat)
 
 
-def full_graph_sum(s_hat: torch.Tensor, t_hat: torch.Tensor, gram: Optional[bool] = None) -> torch.Tensor:
-    """``sum_b sum_ij (a_s_ij - a_t_ij)^2`` for normalised nodes (B, C, m); ``gram=None`` asks the cost model."""
-    if gram is None:
-        gram = use_gram(s_hat.shape[2], s_hat.shape[1], t_hat.shape[1])
+def full_graph_sum(s_hat: torch.Tensor, t_hat: torch.Tensor, gram: bool) -> torch.Tensor:
+    """``sum_b sum_ij (a_s_ij - a_t_ij)^2`` for normalised nodes (B, C, m), by the Gram identity or directly."""
     if not gram:
         return affinity_difference(s_hat, t_hat).square().sum()
     gram_ss, gram_st, gram_tt = gram_matrices(s_hat, t_hat)
     total = gram_ss.square().sum() - 2 * gram_st.square().sum() + gram_tt.square().sum()
     return total.clamp_min(0)  # a sum of squares; rounding may leave -1e-17 when s == t
+
+
+def covers_full_graph(window: Optional[int], rows: int, cols: int) -> bool:
+    """Whether every node is connected to every node: no window, or one that spans the node grid."""
+    return window is None or window >= max(rows, cols) - 1
 
 
 def window_pairs_1d(n: int, r: int) -> int:
@@ -128,17 +141,24 @@ def window_sum(s_hat: torch.Tensor, t_hat: torch.Tensor, r: int) -> torch.Tensor
     return total
 
 
+def reduce_total(total: torch.Tensor, config: PairwiseAffinityConfig, batch: int, rows: int, cols: int):
+    """The loss from the sum over (b, i, connected j): that sum, or its mean over those terms."""
+    if config.reduction == "sum":
+        return total
+    if covers_full_graph(config.window, rows, cols):
+        return total / (batch * (rows * cols) ** 2)
+    return total / (batch * window_pairs_1d(rows, config.window) * window_pairs_1d(cols, config.window))
+
+
 def _torch_implementation(s: torch.Tensor, t: torch.Tensor, config: PairwiseAffinityConfig) -> torch.Tensor:
     s_hat, t_hat = graph_nodes(s, config), graph_nodes(t, config)
     batch, _, rows, cols = s_hat.shape
-    m = rows * cols
-    if config.window is None or config.window >= max(rows, cols) - 1:  # the window covers every node
-        total = full_graph_sum(s_hat.flatten(2), t_hat.flatten(2))
-        terms = batch * m * m
+    if covers_full_graph(config.window, rows, cols):
+        gram = choose_gram(config.algorithm, rows * cols, s_hat.shape[1], t_hat.shape[1])
+        total = full_graph_sum(s_hat.flatten(2), t_hat.flatten(2), gram)
     else:
         total = window_sum(s_hat, t_hat, config.window)
-        terms = batch * window_pairs_1d(rows, config.window) * window_pairs_1d(cols, config.window)
-    return total / terms if config.reduction == "mean" else total
+    return reduce_total(total, config, batch, rows, cols)
 
 
 IMPLEMENTATIONS = {"torch": _torch_implementation}
@@ -146,7 +166,7 @@ IMPLEMENTATIONS = {"torch": _torch_implementation}
 
 def pairwise_affinity_loss(s: torch.Tensor, t: torch.Tensor, patch=1, pool="avg", pool_scale=None,
                            window=None, eps=1e-8, detach_norm=False, reduction="mean",
-                           backend="auto") -> torch.Tensor:
+                           backend="auto", *, algorithm="auto") -> torch.Tensor:
     """Pair-wise affinity distillation loss (Liu et al. 2020, eq. 2).
 
     Args:
@@ -159,10 +179,13 @@ def pairwise_affinity_loss(s: torch.Tensor, t: torch.Tensor, patch=1, pool="avg"
         reduction: "sum" over (b, i, connected j) of ``(a_s_ij - a_t_ij)^2``, or "mean" over those terms
             (``B * m^2`` for the full graph).
         backend: "auto", "torch", "triton" or "cuda".
+        algorithm: how the full graph is summed (keyword only; results agree to rounding): "gram", the
+            C x C Gram identity, O(m C^2); "direct", tiles of the m x m affinities, O(m^2 C), for maps with
+            few nodes next to the channels; "auto" picks the cheaper.
 
     Returns a 0-dim tensor, float64 for float64 inputs and float32 otherwise; gradients come back in the
     inputs' dtypes.
     """
-    config = PairwiseAffinityConfig.make(patch, pool, pool_scale, window, eps, detach_norm, reduction)
+    config = PairwiseAffinityConfig.make(patch, pool, pool_scale, window, eps, detach_norm, reduction, algorithm)
     v.check_student_teacher(s, t, OP)
     return dispatch(OP, IMPLEMENTATIONS, backend, s, t, config)
