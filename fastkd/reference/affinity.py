@@ -45,12 +45,12 @@ def affinity_matrix(f_hat: torch.Tensor) -> torch.Tensor:
     return f_hat.transpose(1, 2) @ f_hat
 
 
-def window_matrix(rows: int, cols: int, window) -> torch.Tensor:
+def window_matrix(rows: int, cols: int, window, device=None) -> torch.Tensor:
     """(m, m) 1.0 where nodes i and j are connected: Chebyshev distance <= window (all for None)."""
     m = rows * cols
     if window is None:
-        return torch.ones(m, m, dtype=torch.float64)
-    y, x = torch.arange(m) // cols, torch.arange(m) % cols
+        return torch.ones(m, m, dtype=torch.float64, device=device)
+    y, x = torch.arange(m, device=device) // cols, torch.arange(m, device=device) % cols
     distance = torch.maximum((y[:, None] - y[None, :]).abs(), (x[:, None] - x[None, :]).abs())
     return (distance <= window).to(torch.float64)
 
@@ -64,7 +64,7 @@ def pairwise_affinity_loss(s, t, patch=1, pool="avg", pool_scale=None, window=No
     if window is None:  # every node connected to every node: B * m^2 terms
         total, terms = squares.sum(), squares.numel()
     else:
-        connected = window_matrix(*node_grid_shape(s.shape[2], s.shape[3], patch, pool_scale), window)
+        connected = window_matrix(*node_grid_shape(s.shape[2], s.shape[3], patch, pool_scale), window, s.device)
         total, terms = (squares * connected).sum(), s.shape[0] * connected.sum()
     return total / terms if reduction == "mean" else total
 
