@@ -18,6 +18,7 @@ from fastkd.losses import (
 )
 from fastkd.unlabelled import pseudo_labels
 from fastkd import functional, reference
+from fastkd import triton_kernels  # noqa: F401  (adds the triton backend to the ops' tables where triton imports)
 
 __version__ = "0.1.0"
 

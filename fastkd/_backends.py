@@ -34,10 +34,15 @@ class BackendUnavailableError(ValueError):
 
 def _machine_reason(backend: str, op: str, implementations: Dict[str, Callable]) -> Optional[str]:
     """Why ``backend`` cannot run ``op`` on this machine at all, or None if it might."""
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed (`pip install triton`)"
+        from fastkd.triton_kernels import TRITON_ERROR  # imports triton
+
+        if TRITON_ERROR is not None:
+            return TRITON_ERROR
     if backend not in implementations:
         return f"fastkd has no {backend} implementation of {op} yet"
-    if backend == "triton" and importlib.util.find_spec("triton") is None:
-        return "triton is not installed (`pip install triton`)"
     if backend == "cuda" and _extension.LOAD_ERROR is not None:
         return _extension.LOAD_ERROR
     return None

@@ -7,8 +7,14 @@ report of a failing test, so ``FASTKD_TEST_SEED=<seed> pytest <test id>`` replay
 import os
 import secrets
 
-import pytest
 import torch
+
+# Triton reads TRITON_INTERPRET when it is first imported: without a GPU, the Triton kernels run on CPU
+# tensors through its interpreter. Set before fastkd (which imports triton) is imported by any test.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture

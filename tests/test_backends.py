@@ -18,15 +18,30 @@ def test_auto_and_torch_run_on_cpu(module):
     assert torch.equal(module(backend="auto")(s, s + 1), module(backend="torch")(s, s + 1))
 
 
-@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+# The per-pixel losses are a softmax and a sum: no fused kernel is planned for them. No CUDA kernel has
+# landed yet.
+WITHOUT_KERNELS = [(module, "triton") for module in (fastkd.ProbabilityLoss, fastkd.PixelwiseKDLoss)]
+WITHOUT_KERNELS += [(module, "cuda") for module in MODULES]
+
+
+@pytest.mark.parametrize("module,backend", WITHOUT_KERNELS, ids=lambda x: getattr(x, "__name__", x))
 def test_unavailable_backend_is_refused_with_a_reason(module, backend):
-    """No Triton or CUDA kernel has landed yet: building the loss says so, naming the op."""
+    """Building a loss with a backend that has no kernel for it says so, naming the op."""
     with pytest.raises(fastkd.BackendUnavailableError,
                        match=rf"{module.__name__}: backend='{backend}' is not available: fastkd has no {backend} "
                              rf"implementation of {module.__name__} yet"):
         module(backend=backend)
     assert issubclass(fastkd.BackendUnavailableError, ValueError)
+
+
+@pytest.mark.parametrize("op", ["pairwise_affinity", "affinity_distillation", "consistency"])
+def test_the_memory_heavy_ops_have_triton_kernels_where_triton_imports(op):
+    import importlib
+
+    from fastkd.triton_kernels import TRITON_ERROR
+
+    implementations = importlib.import_module(f"fastkd.ops.{op}").IMPLEMENTATIONS
+    assert ("triton" in implementations) == (TRITON_ERROR is None)
 
 
 def fake(name):
@@ -36,6 +51,7 @@ def fake(name):
 def test_auto_prefers_fused_kernels_on_cuda_tensors_and_torch_elsewhere(monkeypatch):
     table = {"torch": fake("torch"), "triton": fake("triton"), "cuda": fake("cuda")}
     monkeypatch.setattr(_backends.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(fastkd.triton_kernels, "TRITON_ERROR", None)
     monkeypatch.setattr(_extension, "LOAD_ERROR", None)
     monkeypatch.setattr(_extension, "build_info", lambda: {"loaded": True, "cuda": True})
     assert _backends.resolve_backend("auto", "Op", table, torch.device("cuda"))[0] == "cuda"
@@ -47,6 +63,7 @@ def test_auto_prefers_fused_kernels_on_cuda_tensors_and_torch_elsewhere(monkeypa
 def test_device_reasons(monkeypatch):
     table = {"torch": fake("torch"), "triton": fake("triton"), "cuda": fake("cuda")}
     monkeypatch.setattr(_backends.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(fastkd.triton_kernels, "TRITON_ERROR", None)
     monkeypatch.setattr(_extension, "LOAD_ERROR", None)
     monkeypatch.setattr(_extension, "build_info", lambda: {"loaded": True, "cuda": False})
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -74,6 +91,10 @@ def test_machine_reasons(monkeypatch):
     with pytest.raises(fastkd.BackendUnavailableError, match=r"fastkd._C is not built"):
         _backends.check_backend("cuda", "Op", table)
     assert _backends.resolve_backend("auto", "Op", table, torch.device("cuda"))[0] == "torch"
+    monkeypatch.setattr(_backends.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(fastkd.triton_kernels, "TRITON_ERROR", "triton cannot be imported (ImportError: libcuda)")
+    with pytest.raises(fastkd.BackendUnavailableError, match=r"triton cannot be imported \(ImportError: libcuda\)"):
+        _backends.check_backend("triton", "Op", table)
 
 
 def test_every_op_has_a_torch_implementation():

@@ -148,17 +148,18 @@ def test_near_convergence_float32_m16384(gen):
 
 
 class LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an op produces."""
+    """Records the largest number of elements, and of bytes, of any tensor an op produces."""
 
     def __init__(self):
         super().__init__()
-        self.largest = 0
+        self.largest = self.largest_bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for x in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(x, torch.Tensor):
                 self.largest = max(self.largest, x.numel())
+                self.largest_bytes = max(self.largest_bytes, x.numel() * x.element_size())
         return out
 
 
