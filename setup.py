@@ -173,6 +173,7 @@ ext_modules, cmdclass = _extensions()
 
 setup(
     packages=find_packages(include=["fastkd", "fastkd.*"]),
+    package_data={"fastkd.triton_kernels": ["NOTES.md"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
