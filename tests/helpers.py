@@ -1,5 +1,6 @@
 """Shared test helpers: inputs, layouts and the dtype tolerance table."""
 
+import importlib
 import os
 from typing import Sequence
 
@@ -12,10 +13,14 @@ from fastkd.triton_kernels import TRITON_ERROR
 # conftest.py). Without triton their tests are skipped, except where FASTKD_REQUIRE_TRITON=1 (.ci/run sets
 # it): there a missing triton fails them instead of hiding them.
 TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-requires_triton = pytest.mark.skipif(
-    TRITON_ERROR is not None and os.environ.get("FASTKD_REQUIRE_TRITON") != "1",
-    reason=f"the triton backend is unavailable: {TRITON_ERROR}",
-)
+
+
+def triton_kernels(name: str):
+    """``fastkd.triton_kernels.<name>``, imported at the top of a Triton test module. Where triton cannot be
+    imported the module is skipped, or, with FASTKD_REQUIRE_TRITON=1, fails with the import error."""
+    if TRITON_ERROR is not None and os.environ.get("FASTKD_REQUIRE_TRITON") != "1":
+        pytest.skip(f"the triton backend is unavailable: {TRITON_ERROR}", allow_module_level=True)
+    return importlib.import_module(f"fastkd.triton_kernels.{name}")
 
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 

@@ -11,12 +11,11 @@ import torch
 import fastkd
 from fastkd import reference
 from fastkd.ops import pairwise_affinity as pairwise_op
-from fastkd.triton_kernels import affinity
-from fastkd.triton_kernels.nodes import node_grid
-from helpers import DTYPES, TRITON_DEVICE, as_layout, compare_with_reference, randn, requires_triton
+from helpers import DTYPES, TRITON_DEVICE, as_layout, compare_with_reference, randn, triton_kernels
 from test_pairwise_affinity import LargestTensor, assert_relative_error_below, near_converged_pair, pair
 
-pytestmark = requires_triton
+affinity = triton_kernels("affinity")
+node_grid = triton_kernels("nodes").node_grid
 ALGORITHMS = ["gram", "direct"]
 
 
@@ -227,8 +226,7 @@ def test_the_notes_table_is_current():
     """NOTES.md quotes the FLOP/byte table of fastkd.triton_kernels.costs verbatim."""
     import pathlib
 
-    from fastkd.triton_kernels import costs
-
+    costs = triton_kernels("costs")
     notes = pathlib.Path(costs.__file__).with_name("NOTES.md")
     assert notes.exists(), "NOTES.md must be installed with the package"
     assert costs.table() in notes.read_text()

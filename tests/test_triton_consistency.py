@@ -11,15 +11,11 @@ import torch
 
 import fastkd
 from fastkd import reference
-from fastkd.triton_kernels import TRITON_ERROR
 import helpers
 from helpers import DTYPES, as_layout, assert_close, compare_with_reference, randn
 from test_pairwise_affinity import assert_relative_error_below, near_converged_pair
 
-if TRITON_ERROR is None:
-    from fastkd.triton_kernels import consistency as kernels  # registers the backend
-
-pytestmark = helpers.requires_triton
+kernels = helpers.triton_kernels("consistency")
 DEVICE = helpers.TRITON_DEVICE
 
 
