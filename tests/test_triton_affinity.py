@@ -11,7 +11,7 @@ import torch
 import fastkd
 from fastkd import reference
 from fastkd.ops import pairwise_affinity as pairwise_op
-from helpers import DTYPES, TRITON_DEVICE, as_layout, compare_with_reference, randn, triton_kernels
+from helpers import DTYPES, TOLERANCES, TRITON_DEVICE, as_layout, compare_with_reference, randn, triton_kernels
 from test_pairwise_affinity import LargestTensor, assert_relative_error_below, near_converged_pair, pair
 
 affinity = triton_kernels("affinity")
@@ -230,3 +230,23 @@ def test_the_notes_table_is_current():
     notes = pathlib.Path(costs.__file__).with_name("NOTES.md")
     assert notes.exists(), "NOTES.md must be installed with the package"
     assert costs.table() in notes.read_text()
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float16), (torch.bfloat16, torch.float64)], ids=str)
+def test_mixed_dtype_pairs_match_the_torch_backend(dtypes, gen):
+    """Student and teacher in different dtypes: each pointer is read in its own dtype, gradients come back in
+    the student's."""
+    s = randn((2, 5, 7, 9), gen, dtypes[0]).to(TRITON_DEVICE)
+    t = randn((2, 3, 7, 9), gen, dtypes[1]).to(TRITON_DEVICE)
+    for loss in (fastkd.PairwiseAffinityLoss, fastkd.AffinityDistillationLoss, fastkd.ConsistencyLoss):
+        results = []
+        for backend in ("triton", "torch"):
+            x = s.clone().requires_grad_()
+            value = loss(backend=backend)(x, t)
+            results.append((value, *torch.autograd.grad(value, x)))
+        (kernel, kernel_grad), (expected, expected_grad) = results
+        assert kernel.dtype == expected.dtype and kernel_grad.dtype == dtypes[0]
+        torch.testing.assert_close(kernel, expected, rtol=1e-6, atol=0)
+        # both round the same float64 gradient to the student dtype (the interpreter truncates to bfloat16)
+        torch.testing.assert_close(kernel_grad.double(), expected_grad.double(), rtol=0,
+                                   atol=2 * TOLERANCES[dtypes[0]][1] * expected_grad.abs().max().item())

@@ -70,6 +70,8 @@ def bad_configs():
         (pairwise, dict(reduction="none"), ValueError, r"`reduction` must be one of"),
         (pairwise, dict(detach_norm="yes"), TypeError, r"`detach_norm` must be a bool"),
         (pairwise, dict(backend="gpu"), ValueError, r"`backend` must be one of"),
+        (pairwise, dict(algorithm="fast"), ValueError, r"`algorithm` must be one of \('auto', 'gram', 'direct'\)"),
+        (affinity, dict(algorithm=None), ValueError, r"`algorithm` must be one of"),
         (affinity, dict(eps=-1.0), ValueError, r"`eps` must be finite and > 0"),
         (affinity, dict(reduction="max"), ValueError, r"`reduction` must be one of"),
         (consistency, dict(dilation=0), ValueError, r"`dilation` must be >= 1"),
