@@ -125,6 +125,40 @@ class ConsistencyLossFunction(torch.autograd.Function):
         return grad_s, grad_t, None
 
 
+def register_kernel_autograd(forward_op, backward_op) -> None:
+    """Autograd for a kernel backend's ops: ``forward_op(s, t, valid, dilation) -> (loss_sum, difference)``
+    with difference = c_s - c_t (B, H, W) float64, and ``backward_op(grad_sum, x, difference, dilation,
+    sign) -> dL/dx`` (sign +1 for the student, -1 for the teacher). Only the inputs and the map difference
+    are saved."""
+
+    def setup_context(ctx, inputs, output):
+        s, t, _, dilation = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(s, t, output[1])
+        ctx.dilation = dilation
+
+    def backward(ctx, grad_sum, _grad_difference):
+        s, t, difference = ctx.saved_tensors
+        grad_s = grad_t = None
+        if ctx.needs_input_grad[0]:
+            grad_s = backward_op(grad_sum, s, difference, ctx.dilation, 1.0)
+        if ctx.needs_input_grad[1]:
+            grad_t = backward_op(grad_sum, t, difference, ctx.dilation, -1.0)
+        return grad_s, grad_t, None, None
+
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+
+def kernel_loss(forward_op, s: torch.Tensor, t: torch.Tensor, config: ConsistencyConfig) -> torch.Tensor:
+    """The float64 loss from a kernel backend's forward op: the sum, or the mean over the (b, x) terms."""
+    valid = config.border == "valid"
+    loss_sum, _ = forward_op(s, t, valid, config.dilation)
+    if config.reduction == "sum":
+        return loss_sum
+    margin = 2 * config.dilation if valid else 0  # "valid" defines c on an (H - 2d) x (W - 2d) map
+    return loss_sum / (s.shape[0] * (s.shape[2] - margin) * (s.shape[3] - margin))
+
+
 def _torch_implementation(s: torch.Tensor, t: torch.Tensor, config: ConsistencyConfig) -> torch.Tensor:
     return ConsistencyLossFunction.apply(s, t, config)
 

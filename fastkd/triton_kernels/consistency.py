@@ -15,6 +15,7 @@ own pixels and all channels, ``dL/dl(x) = sum_{o in N8, x + o inside} 2 (g(x) + 
 inputs and the difference map are saved for backward; no atomics, so results are bitwise reproducible.
 """
 
+import functools
 from typing import Tuple
 
 import torch
@@ -179,35 +180,7 @@ def _(grad_sum, x, difference, dilation, sign):
     return torch.empty_like(x)
 
 
-def _setup_context(ctx, inputs, output):
-    s, t, _, dilation = inputs
-    ctx.save_for_backward(s, t, output[1])
-    ctx.dilation = dilation
-
-
-def _backward(ctx, grad_sum, _grad_difference):
-    s, t, difference = ctx.saved_tensors
-    grad_s = grad_t = None
-    if ctx.needs_input_grad[0]:
-        grad_s = triton_consistency_backward(grad_sum, s, difference, ctx.dilation, 1.0)
-    if ctx.needs_input_grad[1]:
-        grad_t = triton_consistency_backward(grad_sum, t, difference, ctx.dilation, -1.0)
-    return grad_s, grad_t, None, None
-
-
-triton_consistency_forward.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _triton_implementation(s: torch.Tensor, t: torch.Tensor, config) -> torch.Tensor:
-    """The float64 loss for ``op.dispatch``: the sum, or the mean over the (b, x) terms."""
-    valid = config.border == "valid"
-    loss_sum, _ = triton_consistency_forward(s, t, valid, config.dilation)
-    if config.reduction == "sum":
-        return loss_sum
-    margin = 2 * config.dilation if valid else 0  # "valid" defines c on an (H - 2d) x (W - 2d) map
-    return loss_sum / (s.shape[0] * (s.shape[2] - margin) * (s.shape[3] - margin))
-
-
 from fastkd.ops import consistency as op  # noqa: E402
 
-op.IMPLEMENTATIONS["triton"] = _triton_implementation
+op.register_kernel_autograd(triton_consistency_forward, triton_consistency_backward)
+op.IMPLEMENTATIONS["triton"] = functools.partial(op.kernel_loss, triton_consistency_forward)
