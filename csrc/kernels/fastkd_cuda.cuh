@@ -1,0 +1,58 @@
+// What the kernel sources include instead of CUDA's headers: real CUDA under nvcc, fastkd's emulator when
+// compiled as C++ with FASTKD_EMULATE_CUDA (csrc/emulated/), so that one source serves both.
+//
+//   FASTKD_GLOBAL / FASTKD_DEVICE / FASTKD_HOST_DEVICE   __global__ / __device__ / __host__ __device__
+//   FASTKD_SHARED(T, name, N)                             a __shared__ T name[N] (race-checked when emulated)
+//   FASTKD_LAUNCH(kernel, grid, block, stream, args...)   kernel<<<grid, block, 0, stream>>>(args...)
+//   fastkd_stream_t                                       cudaStream_t
+//   FASTKD_KERNELS                                        the namespace of the kernels: fastkd::cuda, or
+//                                                         fastkd::emulated when emulated (both can be linked)
+//   fastkd_half, fastkd_bfloat16                          the 16-bit storage types (__half, __nv_bfloat16)
+//
+// Host code of a CUDA build that only calls the launchers (the torch glue, compiled by the C++ compiler)
+// defines FASTKD_CUDA_HOST to see the fastkd::cuda declarations.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(FASTKD_CUDA_HOST)
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#if defined(__CUDACC__)
+#define FASTKD_GLOBAL __global__
+#define FASTKD_DEVICE __device__
+#define FASTKD_HOST_DEVICE __host__ __device__
+#define FASTKD_SHARED(T, name, N) __shared__ T name[N]
+#define FASTKD_LAUNCH(kernel, grid, block, stream, ...) kernel<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__)
+#else
+#define FASTKD_HOST_DEVICE
+#endif
+#define FASTKD_KERNELS cuda
+using fastkd_stream_t = cudaStream_t;
+using fastkd_half = __half;
+using fastkd_bfloat16 = __nv_bfloat16;
+
+#elif defined(FASTKD_EMULATE_CUDA)
+
+#include "../emulator/cuda_emulator.h"
+
+#define FASTKD_GLOBAL
+#define FASTKD_DEVICE
+#define FASTKD_HOST_DEVICE
+#define FASTKD_SHARED(T, name, N)     \
+  static const char name##_site = 0; \
+  auto& name = ::fastkd::emu::shared_array<T, N>(&name##_site, #name)
+#define FASTKD_LAUNCH(kernel, grid, block, stream, ...) \
+  ((void)(stream), ::fastkd::emu::launch((grid), (block), [&] { kernel(__VA_ARGS__); }))
+#define FASTKD_KERNELS emulated
+using fastkd_stream_t = void*;
+using fastkd_half = __half;
+using fastkd_bfloat16 = __nv_bfloat16;
+
+#else
+// A plain C++ compiler without the emulator: only the host-device math headers may be included this way.
+#define FASTKD_HOST_DEVICE
+#endif
