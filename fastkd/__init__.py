@@ -19,6 +19,7 @@ from fastkd.losses import (
 from fastkd.unlabelled import pseudo_labels
 from fastkd import functional, reference
 from fastkd import triton_kernels  # noqa: F401  (adds the triton backend to the ops' tables where triton imports)
+from fastkd import cuda_kernels  # noqa: F401  (adds the cuda backend where fastkd._C is loaded)
 
 __version__ = "0.1.0"
 

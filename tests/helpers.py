@@ -13,13 +13,17 @@ from fastkd.triton_kernels import TRITON_ERROR
 # conftest.py). Without triton their tests are skipped, except where FASTKD_REQUIRE_TRITON=1 (.ci/run sets
 # it): there a missing triton fails them instead of hiding them.
 TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# The CUDA kernels run on the GPU when there is one, else on CPU tensors through fastkd's CUDA emulator
+# (tests set FASTKD_EMULATE_CUDA=1 for them).
+CUDA_DEVICE = TRITON_DEVICE
 
 
-def triton_kernels(name: str):
-    """``fastkd.triton_kernels.<name>``, imported at the top of a Triton test module. Where triton cannot be
-    imported the module is skipped, or, with FASTKD_REQUIRE_TRITON=1, fails with the import error."""
+def triton_kernels(name: str, skip_module: bool = True):
+    """``fastkd.triton_kernels.<name>`` for a Triton test. Where triton cannot be imported the module (or, with
+    ``skip_module=False``, the calling test) is skipped, or, with FASTKD_REQUIRE_TRITON=1, fails with the
+    import error."""
     if TRITON_ERROR is not None and os.environ.get("FASTKD_REQUIRE_TRITON") != "1":
-        pytest.skip(f"the triton backend is unavailable: {TRITON_ERROR}", allow_module_level=True)
+        pytest.skip(f"the triton backend is unavailable: {TRITON_ERROR}", allow_module_level=skip_module)
     return importlib.import_module(f"fastkd.triton_kernels.{name}")
 
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)

@@ -18,10 +18,10 @@ def test_auto_and_torch_run_on_cpu(module):
     assert torch.equal(module(backend="auto")(s, s + 1), module(backend="torch")(s, s + 1))
 
 
-# The per-pixel losses are a softmax and a sum: no fused kernel is planned for them. No CUDA kernel has
-# landed yet.
+# The per-pixel losses are a softmax and a sum: no fused kernel is planned for them. Of the CUDA kernels only
+# the consistency loss's has landed.
 WITHOUT_KERNELS = [(module, "triton") for module in (fastkd.ProbabilityLoss, fastkd.PixelwiseKDLoss)]
-WITHOUT_KERNELS += [(module, "cuda") for module in MODULES]
+WITHOUT_KERNELS += [(module, "cuda") for module in MODULES if module is not fastkd.ConsistencyLoss]
 
 
 @pytest.mark.parametrize("module,backend", WITHOUT_KERNELS, ids=lambda x: getattr(x, "__name__", x))
@@ -32,6 +32,12 @@ def test_unavailable_backend_is_refused_with_a_reason(module, backend):
                              rf"implementation of {module.__name__} yet"):
         module(backend=backend)
     assert issubclass(fastkd.BackendUnavailableError, ValueError)
+
+
+def test_the_cuda_backend_is_registered_where_the_extension_loads():
+    from fastkd.ops import consistency as op
+
+    assert ("cuda" in op.IMPLEMENTATIONS) == (_extension.LOAD_ERROR is None)
 
 
 @pytest.mark.parametrize("op", ["pairwise_affinity", "affinity_distillation", "consistency"])
