@@ -13,6 +13,7 @@ are taken directly in float64 (the expansion ``||l_y||^2 + ||l_x||^2 - 2 l_y.l_x
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Iterator, Tuple
 
@@ -125,11 +126,30 @@ class ConsistencyLossFunction(torch.autograd.Function):
         return grad_s, grad_t, None
 
 
-def register_kernel_autograd(forward_op, backward_op) -> None:
-    """Autograd for a kernel backend's ops: ``forward_op(s, t, valid, dilation) -> (loss_sum, difference)``
-    with difference = c_s - c_t (B, H, W) float64, and ``backward_op(grad_sum, x, difference, dilation,
-    sign) -> dL/dx`` (sign +1 for the student, -1 for the teacher). Only the inputs and the map difference
-    are saved."""
+def _fake_forward(s, t, valid, dilation):
+    return s.new_empty((), dtype=torch.float64), s.new_empty((s.shape[0], s.shape[2], s.shape[3]), dtype=torch.float64)
+
+
+def _fake_backward(grad_sum, x, difference, dilation, sign):
+    return torch.empty_like(x)
+
+
+def add_kernel_backend(name: str, forward_op: str, backward_op: str) -> None:
+    """Registers a kernel backend's ops ``forward_op(s, t, valid, dilation) -> (loss_sum, difference)``, with
+    difference = c_s - c_t (B, H, W) float64, and ``backward_op(grad_sum, x, difference, dilation, sign) ->
+    dL/dx`` (sign +1 for the student, -1 for the teacher), given by their qualified names: their fake
+    implementations and autograd; and adds the backend to ``IMPLEMENTATIONS``. Only the inputs and the map
+    difference are saved for backward."""
+    torch.library.register_fake(forward_op, _fake_forward)
+    torch.library.register_fake(backward_op, _fake_backward)
+    namespace, forward_name = forward_op.split("::")
+    forward = getattr(getattr(torch.ops, namespace), forward_name).default
+    backward = getattr(getattr(torch.ops, namespace), backward_op.split("::")[1]).default
+    _register_kernel_autograd(forward_op, backward)
+    IMPLEMENTATIONS[name] = functools.partial(kernel_loss, forward)
+
+
+def _register_kernel_autograd(forward_op, backward_op) -> None:
 
     def setup_context(ctx, inputs, output):
         s, t, _, dilation = inputs
@@ -177,7 +197,7 @@ def consistency_loss(s: torch.Tensor, t: torch.Tensor, border="valid", dilation=
             authors' code); "same" defines c everywhere, summing over the neighbours inside the image.
         dilation: d, the neighbour offsets are ``{-d, 0, d}^2 \\ {(0, 0)}``.
         reduction: "sum" of ``(c_s(x) - c_t(x))^2`` over (b, x), or "mean" over those terms.
-        backend: "auto", "torch", "triton" or "cuda".
+        backend: "auto", "torch", "triton", "cuda" or "cpp" (see README, Backends).
 
     Returns a 0-dim tensor, float64 for float64 inputs and float32 otherwise; gradients come back in the
     inputs' dtypes.

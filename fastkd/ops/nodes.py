@@ -6,7 +6,7 @@ by average or max pooling; FORMULAS.md section 1, steps 1 and 2.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,27 @@ def pool_kernel(height: int, width: int, patch: Tuple[int, int], pool_scale: Opt
     if pool_scale is not None:
         return max(1, int(height * pool_scale)), max(1, int(width * pool_scale))
     return min(patch[0], max(height, 1)), min(patch[1], max(width, 1))
+
+
+class NodeGrid(NamedTuple):
+    """How the kernel backends cut a map into nodes: the patch (= stride), the grid, the pooling."""
+
+    kernel_h: int
+    kernel_w: int
+    grid_h: int
+    grid_w: int
+    max_pool: bool
+
+    @property
+    def nodes(self) -> int:
+        return self.grid_h * self.grid_w
+
+
+def node_grid(height: int, width: int, patch: Tuple[int, int], pool: str, pool_scale: Optional[float]) -> NodeGrid:
+    """The node grid of :func:`pool_nodes` (ceil mode: the last patches may be partial)."""
+    kernel_h, kernel_w = pool_kernel(height, width, patch, pool_scale)
+    return NodeGrid(kernel_h, kernel_w, -(-height // kernel_h), -(-width // kernel_w),
+                    pool == "max" or pool_scale is not None)
 
 
 def pool_nodes(x: torch.Tensor, patch: Tuple[int, int], pool: str, pool_scale: Optional[float]) -> torch.Tensor:

@@ -25,17 +25,17 @@ dL/df_hat, goes through :func:`fastkd.triton_kernels.nodes.node_backward` to the
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from fastkd.ops import affinity_distillation as distillation_op
-from fastkd.ops import pairwise_affinity as pairwise_op
-from fastkd.triton_kernels._launch import fixed_order_sum, on_device, strides
+from fastkd.ops import affinity_kernels
+from fastkd.triton_kernels._launch import on_device, strides
 from fastkd.triton_kernels.affinity_window import window_graph_sum
-from fastkd.triton_kernels.nodes import NodeGrid, load_normalized, node_backward, node_grid, node_norms
+from fastkd.triton_kernels.nodes import NodeGrid, load_normalized, node_backward, node_norms
 
 BLOCK_NODES = 32
 BLOCK_CHANNELS = 32
@@ -324,9 +324,6 @@ def gram_rows(s, s_norm, t, t_norm, grams, grid: NodeGrid, eps: float) -> torch.
 
 # ------------------------------------------------------------------------------------- custom ops, autograd
 
-_NO_TENSOR = (0,)  # shape of the placeholders the Gram-only outputs have on the direct path
-
-
 @torch.library.custom_op("fastkd::triton_affinity_forward", mutates_args=())
 def affinity_forward(s: torch.Tensor, t: torch.Tensor, kernel_h: int, kernel_w: int, grid_h: int, grid_w: int,
                      max_pool: bool, eps: float, use_gram: bool, per_row: bool, detach_norm: bool
@@ -335,7 +332,7 @@ def affinity_forward(s: torch.Tensor, t: torch.Tensor, kernel_h: int, kernel_w: 
     (B,). The Gram matrices are empty on the direct path. ``detach_norm`` only changes the backward."""
     grid = NodeGrid(kernel_h, kernel_w, grid_h, grid_w, max_pool)
     s_norm, t_norm = node_norms(s, grid), node_norms(t, grid)
-    empty = s.new_empty(_NO_TENSOR, dtype=torch.float64)
+    empty = s.new_empty((0,), dtype=torch.float64)
     if not use_gram:
         rows = direct_rows(s, s_norm, t, t_norm, grid, eps)
         return (rows if per_row else rows.sum(dim=1)), s_norm, t_norm, empty, empty.clone(), empty.clone()
@@ -347,18 +344,6 @@ def affinity_forward(s: torch.Tensor, t: torch.Tensor, kernel_h: int, kernel_w: 
         terms = (grams[0].square().sum((1, 2)) - 2 * grams[1].square().sum((1, 2))
                  + grams[2].square().sum((1, 2))).clamp_min(0)
     return (terms, s_norm, t_norm) + grams
-
-
-@affinity_forward.register_fake
-def _(s, t, kernel_h, kernel_w, grid_h, grid_w, max_pool, eps, use_gram, per_row, detach_norm):
-    batch, nodes = s.shape[0], grid_h * grid_w
-    f64 = dict(dtype=torch.float64)
-    terms = s.new_empty((batch, nodes) if per_row else (batch,), **f64)
-    if not use_gram:
-        grams = [s.new_empty(_NO_TENSOR, **f64) for _ in range(3)]
-    else:
-        grams = [s.new_empty(batch, a.shape[1], b.shape[1], **f64) for a, b in ((s, s), (s, t), (t, t))]
-    return (terms, s.new_empty(batch, nodes, **f64), s.new_empty(batch, nodes, **f64), *grams)
 
 
 @torch.library.custom_op("fastkd::triton_affinity_backward", mutates_args=())
@@ -395,63 +380,13 @@ def affinity_backward(grad_terms: torch.Tensor, s: torch.Tensor, t: torch.Tensor
                 grad_t_hat = gram_apply(t, t_norm, s, s_norm, grid, eps, 2 * weighted_tt,
                                         -2 * weighted_st.transpose(1, 2),
                                         weighted=(2 * gram_tt, -2 * gram_st.transpose(1, 2), weight))[0]
-    empty = s.new_empty(_NO_TENSOR)
+    empty = s.new_empty((0,))
     grad_s = node_backward(grad_s_hat, s, s_norm, grid, eps, detach_norm) if need_s else empty
     grad_t = node_backward(grad_t_hat, t, t_norm, grid, eps, detach_norm) if need_t else empty.to(t.dtype)
     return grad_s, grad_t
 
 
-@affinity_backward.register_fake
-def _(grad_terms, s, t, s_norm, t_norm, gram_ss, gram_st, gram_tt, kernel_h, kernel_w, grid_h, grid_w,
-      max_pool, eps, use_gram, detach_norm, need_s, need_t):
-    return (torch.empty_like(s) if need_s else s.new_empty(_NO_TENSOR),
-            torch.empty_like(t) if need_t else t.new_empty(_NO_TENSOR))
-
-
-def _setup_context(ctx, inputs, output):
-    s, t, kernel_h, kernel_w, grid_h, grid_w, max_pool, eps, use_gram, _, detach_norm = inputs
-    _, s_norm, t_norm, gram_ss, gram_st, gram_tt = output
-    ctx.mark_non_differentiable(s_norm, t_norm, gram_ss, gram_st, gram_tt)
-    ctx.save_for_backward(s, t, s_norm, t_norm, gram_ss, gram_st, gram_tt)
-    ctx.arguments = (kernel_h, kernel_w, grid_h, grid_w, max_pool, eps, use_gram, detach_norm)
-
-
-def _backward(ctx, grad_terms, *_unused_grads):
-    """Only ``terms`` is differentiable: the norms and Gram matrices are saved intermediates."""
-    s, t, s_norm, t_norm, gram_ss, gram_st, gram_tt = ctx.saved_tensors
-    need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_s, grad_t = affinity_backward(grad_terms, s, t, s_norm, t_norm, gram_ss, gram_st, gram_tt,
-                                       *ctx.arguments, need_s, need_t)
-    return (grad_s if need_s else None, grad_t if need_t else None) + (None,) * 9
-
-
-affinity_forward.register_autograd(_backward, setup_context=_setup_context)
-
-
 # ------------------------------------------------------------------------------------------ the backends
 
-def full_graph_terms(s: torch.Tensor, t: torch.Tensor, grid: NodeGrid, eps: float, detach_norm: bool,
-                     use_gram: bool, per_row: bool) -> torch.Tensor:
-    """r (B, m) with ``per_row``, else ``sum_i r_i`` (B,), differentiable with respect to s and t."""
-    return affinity_forward(s, t, *grid, eps, use_gram, per_row, detach_norm)[0]
-
-
-def _pairwise_affinity(s: torch.Tensor, t: torch.Tensor, config) -> torch.Tensor:
-    grid = node_grid(s.shape[2], s.shape[3], config.patch, config.pool, config.pool_scale)
-    if pairwise_op.covers_full_graph(config.window, grid.grid_h, grid.grid_w):
-        use_gram = pairwise_op.choose_gram(config.algorithm, grid.nodes, s.shape[1], t.shape[1])
-        total = fixed_order_sum(full_graph_terms(s, t, grid, config.eps, config.detach_norm, use_gram, False))
-    else:
-        total = window_graph_sum(s, t, config)
-    return pairwise_op.reduce_total(total, config, s.shape[0], grid.grid_h, grid.grid_w)
-
-
-def _affinity_distillation(s: torch.Tensor, t: torch.Tensor, config) -> torch.Tensor:
-    grid = NodeGrid(1, 1, s.shape[2], s.shape[3], False)
-    use_gram = pairwise_op.choose_gram(config.algorithm, grid.nodes, s.shape[1], t.shape[1])
-    rows = full_graph_terms(s, t, grid, config.eps, False, use_gram, True)
-    return distillation_op.loss_from_rows(rows, config)
-
-
-pairwise_op.IMPLEMENTATIONS["triton"] = _pairwise_affinity
-distillation_op.IMPLEMENTATIONS["triton"] = _affinity_distillation
+full_graph_terms = functools.partial(affinity_kernels.full_graph_terms, affinity_forward)
+affinity_kernels.add_backend("triton", affinity_forward, affinity_backward, window_graph_sum)

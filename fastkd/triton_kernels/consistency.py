@@ -15,7 +15,6 @@ own pixels and all channels, ``dL/dl(x) = sum_{o in N8, x + o inside} 2 (g(x) + 
 inputs and the difference map are saved for backward; no atomics, so results are bitwise reproducible.
 """
 
-import functools
 from typing import Tuple
 
 import torch
@@ -155,11 +154,6 @@ def triton_consistency_forward(s: torch.Tensor, t: torch.Tensor, valid: bool,
     return fixed_order_sum(partials), difference
 
 
-@triton_consistency_forward.register_fake
-def _(s, t, valid, dilation):
-    return (s.new_empty((), dtype=torch.float64),
-            s.new_empty((s.shape[0], s.shape[2], s.shape[3]), dtype=torch.float64))
-
 
 @torch.library.custom_op("fastkd::triton_consistency_backward", mutates_args=())
 def triton_consistency_backward(grad_sum: torch.Tensor, x: torch.Tensor, difference: torch.Tensor,
@@ -175,12 +169,7 @@ def triton_consistency_backward(grad_sum: torch.Tensor, x: torch.Tensor, differe
     return out
 
 
-@triton_consistency_backward.register_fake
-def _(grad_sum, x, difference, dilation, sign):
-    return torch.empty_like(x)
-
 
 from fastkd.ops import consistency as op  # noqa: E402
 
-op.register_kernel_autograd(triton_consistency_forward, triton_consistency_backward)
-op.IMPLEMENTATIONS["triton"] = functools.partial(op.kernel_loss, triton_consistency_forward)
+op.add_kernel_backend("triton", "fastkd::triton_consistency_forward", "fastkd::triton_consistency_backward")

@@ -10,39 +10,17 @@ Nodes are numbered row-major on the ``grid_h x grid_w`` node grid, ``m = grid_h 
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from fastkd.ops.nodes import pool_kernel
+from fastkd.ops.nodes import NodeGrid, node_grid  # noqa: F401  (node_grid: for the kernel modules)
 from fastkd.triton_kernels._convert import to_element_type
 from fastkd.triton_kernels._launch import on_device, strides
 
 BLOCK_NODES = 32
 BLOCK_CHANNELS = 32
-
-
-class NodeGrid(NamedTuple):
-    """How a map is cut into nodes: the patch (= stride) and the resulting grid."""
-
-    kernel_h: int
-    kernel_w: int
-    grid_h: int
-    grid_w: int
-    max_pool: bool
-
-    @property
-    def nodes(self) -> int:
-        return self.grid_h * self.grid_w
-
-
-def node_grid(height: int, width: int, patch: Tuple[int, int], pool: str, pool_scale: Optional[float]) -> NodeGrid:
-    """The node grid of ``fastkd.ops.nodes.pool_nodes`` (ceil mode: the last patches may be partial)."""
-    kernel_h, kernel_w = pool_kernel(height, width, patch, pool_scale)
-    return NodeGrid(kernel_h, kernel_w, triton.cdiv(height, kernel_h), triton.cdiv(width, kernel_w),
-                    pool == "max" or pool_scale is not None)
 
 
 @triton.jit
