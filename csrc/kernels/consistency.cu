@@ -5,6 +5,7 @@
 // map difference; each block sums its squares in a fixed order (warp shuffles, then shared memory) into one
 // partial, and the glue sums the partials: no atomics, the same result on every run.
 // Backward: one thread per pixel gathers dL/dl for every channel from the map difference of its neighbours.
+#include "block_sum.cuh"
 #include "consistency.h"
 #include "consistency_math.cuh"
 
@@ -13,13 +14,11 @@ namespace FASTKD_KERNELS {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
 
 template <typename T>
 FASTKD_GLOBAL void consistency_forward_kernel(const T* s, consistency::Map s_map, const T* t,
                                               consistency::Map t_map, std::int64_t batch, std::int64_t dilation,
                                               bool valid, double* difference, double* partials) {
-  FASTKD_SHARED(double, warp_sums, kWarps);
   const std::int64_t pixels = s_map.height * s_map.width;
   const std::int64_t index = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   double square = 0.0;
@@ -32,16 +31,8 @@ FASTKD_GLOBAL void consistency_forward_kernel(const T* s, consistency::Map s_map
     difference[index] = d;
     square = d * d;
   }
-  // Block sum in a fixed order: within each warp by shuffles, then the warp sums by warp 0.
-  for (int offset = 16; offset > 0; offset /= 2) square += __shfl_down_sync(0xffffffffu, square, offset);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (lane == 0) warp_sums[warp] = square;
-  __syncthreads();
-  if (warp == 0) {
-    square = lane < kWarps ? static_cast<double>(warp_sums[lane]) : 0.0;
-    for (int offset = 16; offset > 0; offset /= 2) square += __shfl_down_sync(0xffffffffu, square, offset);
-    if (lane == 0) partials[blockIdx.x] = square;
-  }
+  square = block_sum<kThreads>(square);  // in a fixed order
+  if (threadIdx.x == 0) partials[blockIdx.x] = square;
 }
 
 template <typename T>

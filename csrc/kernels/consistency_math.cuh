@@ -6,16 +6,13 @@
 #include <cstdint>
 
 #include "fastkd_cuda.cuh"
+#include "nodes_math.cuh"
 #include "precision.cuh"
 
 namespace fastkd {
 namespace consistency {
 
-// A (B, C, H, W) tensor of any strides.
-struct Map {
-  std::int64_t channels, height, width;
-  std::int64_t stride_b, stride_c, stride_h, stride_w;
-};
+using Map = nodes::Map;  // a (B, C, H, W) tensor of any strides, as every kernel reads it
 
 FASTKD_HOST_DEVICE inline bool inside(const Map& map, std::int64_t y, std::int64_t x) {
   return y >= 0 && y < map.height && x >= 0 && x < map.width;

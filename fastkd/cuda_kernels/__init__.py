@@ -10,4 +10,4 @@ op's ``IMPLEMENTATIONS["cuda"]`` entry. ``fastkd`` imports them when the extensi
 from fastkd import _extension
 
 if _extension.LOAD_ERROR is None:  # importing a kernel module registers its backend
-    from fastkd.cuda_kernels import consistency  # noqa: F401
+    from fastkd.cuda_kernels import affinity_full, affinity_window, consistency  # noqa: F401

@@ -1,0 +1,173 @@
+// Graph nodes of the affinity kernels, full graph (affinity_full.cu) and windowed (affinity_window.cu), per
+// node: the patch geometry, pooling on the fly, the L2 norm, the normalised features, and the backward
+// through both (Liu et al. 2020, sec. 2.1; FORMULAS.md section 1, steps 1-2). Ports
+// fastkd/triton_kernels/nodes.py. Also the tensor layout `Map` every kernel reads (consistency_math.cuh
+// names it consistency::Map).
+//
+// A node is a kernel_h x kernel_w patch of one image, numbered row-major on the grid_h x grid_w node grid
+// (ceil mode: the last patches may be partial). Average pooling averages the pixels that exist; a max over
+// a patch holding NaN or +-Inf is NaN. Nothing pooled or normalised is stored: every kernel pools what it
+// needs, and the node norms (one double per node) are the only thing computed ahead. Everything is in
+// double; indices are 64-bit.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "fastkd_cuda.cuh"
+#include "precision.cuh"
+
+// MACRO(T) for every storage type the kernels are instantiated for (the explicit instantiations of a .cu).
+#define FASTKD_FOR_EACH_STORAGE_TYPE(MACRO) MACRO(float) MACRO(double) MACRO(__half) MACRO(__nv_bfloat16)
+
+namespace fastkd {
+namespace nodes {
+
+// A (B, C, H, W) tensor of any strides.
+struct Map {
+  std::int64_t channels, height, width;
+  std::int64_t stride_b, stride_c, stride_h, stride_w;
+};
+
+// How a map is cut into nodes: the patch (= stride) and the resulting grid.
+struct Grid {
+  std::int64_t kernel_h, kernel_w, grid_h, grid_w;
+  bool max_pool;
+};
+
+// The grid of a height x width map (ceil mode).
+FASTKD_HOST_DEVICE inline Grid make_grid(std::int64_t height, std::int64_t width, std::int64_t kernel_h,
+                                         std::int64_t kernel_w, bool max_pool) {
+  return {kernel_h, kernel_w, (height + kernel_h - 1) / kernel_h, (width + kernel_w - 1) / kernel_w, max_pool};
+}
+
+FASTKD_HOST_DEVICE inline std::int64_t node_count(const Grid& grid) { return grid.grid_h * grid.grid_w; }
+
+// One operand of the affinity kernels: the input, its layout and its node norms ((B, m) double).
+template <typename T>
+struct Nodes {
+  const T* x;
+  Map map;
+  const double* norm;
+};
+
+// The pixels of a node's patch that exist: rows [row0, row0 + rows), columns [col0, col0 + cols).
+struct Patch {
+  std::int64_t row0, col0, rows, cols;
+};
+
+FASTKD_HOST_DEVICE inline Patch patch_of(const Map& map, const Grid& grid, std::int64_t node) {
+  Patch patch;
+  patch.row0 = node / grid.grid_w * grid.kernel_h;
+  patch.col0 = node % grid.grid_w * grid.kernel_w;
+  patch.rows = map.height - patch.row0 < grid.kernel_h ? map.height - patch.row0 : grid.kernel_h;
+  patch.cols = map.width - patch.col0 < grid.kernel_w ? map.width - patch.col0 : grid.kernel_w;
+  return patch;
+}
+
+// The element offset of channel c of image b at the patch's first pixel.
+FASTKD_HOST_DEVICE inline std::int64_t patch_origin(const Map& map, const Patch& patch, std::int64_t b,
+                                                    std::int64_t c) {
+  return b * map.stride_b + c * map.stride_c + patch.row0 * map.stride_h + patch.col0 * map.stride_w;
+}
+
+// The pooled feature f_c of one channel of a node (`origin` from patch_origin). A max over a patch holding
+// NaN or +-Inf is NaN (FORMULAS.md: a max alone would ignore -Inf). With `winner`, max pooling also gives
+// the pixel (py * patch.cols + px) its gradient goes to: the first maximal pixel in row-major patch order,
+// NaN being its own max (the first NaN pixel when f is NaN; -1, no pixel, for +-Inf without NaN).
+template <typename T>
+FASTKD_HOST_DEVICE double pool(const T* origin, const Map& map, const Patch& patch, bool max_pool,
+                               std::int64_t* winner = nullptr) {
+  if (!max_pool) {
+    double sum = 0.0;
+    for (std::int64_t py = 0; py < patch.rows; ++py) {
+      for (std::int64_t px = 0; px < patch.cols; ++px) sum += to_double(origin[py * map.stride_h + px * map.stride_w]);
+    }
+    return sum / static_cast<double>(patch.rows * patch.cols);
+  }
+  double best = to_double(origin[0]);
+  double non_finite = 0.0;  // sum of (pixel - pixel): 0, or NaN once a pixel is NaN or +-Inf
+  std::int64_t best_at = 0, first_nan = -1;
+  for (std::int64_t py = 0; py < patch.rows; ++py) {
+    for (std::int64_t px = 0; px < patch.cols; ++px) {
+      const double pixel = to_double(origin[py * map.stride_h + px * map.stride_w]);
+      if (pixel > best) {
+        best = pixel;
+        best_at = py * patch.cols + px;
+      }
+      if (pixel != pixel && first_nan < 0) first_nan = py * patch.cols + px;
+      non_finite += pixel - pixel;
+    }
+  }
+  const double f = best + non_finite;
+  if (winner != nullptr) *winner = f == f ? best_at : first_nan;
+  return f;
+}
+
+// The pooled feature f_c of `node` in image b (channel and node in range).
+template <typename T>
+FASTKD_HOST_DEVICE double pooled(const T* x, const Map& map, const Grid& grid, std::int64_t b, std::int64_t c,
+                                 std::int64_t node) {
+  const Patch patch = patch_of(map, grid, node);
+  return pool(x + patch_origin(map, patch, b, c), map, patch, grid.max_pool);
+}
+
+// ||f||_2 of `node` in image b.
+template <typename T>
+FASTKD_HOST_DEVICE double node_norm(const T* x, const Map& map, const Grid& grid, std::int64_t b,
+                                    std::int64_t node) {
+  double squares = 0.0;
+  for (std::int64_t c = 0; c < map.channels; ++c) {
+    const double f = pooled(x, map, grid, b, c, node);
+    squares += f * f;
+  }
+  return sqrt(squares);
+}
+
+// f_hat_c = f_c / (||f|| + eps) of `node` in image b; 0 for a channel or node out of range (tile padding).
+template <typename T>
+FASTKD_HOST_DEVICE double normalized(const Nodes<T>& operand, const Grid& grid, double eps, std::int64_t b,
+                                     std::int64_t c, std::int64_t node) {
+  const std::int64_t m = node_count(grid);
+  if (c >= operand.map.channels || node >= m) return 0.0;
+  return pooled(operand.x, operand.map, grid, b, c, node) / (operand.norm[b * m + node] + eps);
+}
+
+// dL/dx for every pixel of `node` in image b from g = dL/df_hat (grad_hat: (B, C, m) contiguous double;
+// norms: (B, m)). Normalisation: with k = 1 / (n + eps) and n = ||f||, dL/df = k g - k^2 (f . g) f / n (only
+// k g when the norm is detached; f = 0 has n = 0 and a zero second term). Pooling: an average spreads dL/df
+// over the patch's existing pixels, a max sends it to the first maximal pixel in row-major patch order (NaN
+// is its own max; see pool). Patches do not overlap: the caller's thread writes every pixel of this node,
+// and no other.
+template <typename T>
+FASTKD_HOST_DEVICE void node_backward(const double* grad_hat, const T* x, const Map& map, const double* norms,
+                                      const Grid& grid, double eps, bool detach_norm, std::int64_t b,
+                                      std::int64_t node, T* grad, const Map& grad_map) {
+  const std::int64_t m = node_count(grid);
+  const double norm = norms[b * m + node];
+  const double scale = 1.0 / (norm + eps);
+  const double* g = grad_hat + b * map.channels * m + node;
+  double radial = 0.0;  // k^2 (f . g) / n, the norm's share of the gradient
+  if (!detach_norm && norm > 0) {
+    for (std::int64_t c = 0; c < map.channels; ++c) radial += g[c * m] * pooled(x, map, grid, b, c, node);
+    radial = radial * scale * scale / norm;
+  }
+  const Patch patch = patch_of(map, grid, node);
+  const double count = static_cast<double>(patch.rows * patch.cols);
+  for (std::int64_t c = 0; c < map.channels; ++c) {
+    std::int64_t winner = -1;
+    const double f = pool(x + patch_origin(map, patch, b, c), map, patch, grid.max_pool, &winner);
+    const double grad_pooled = g[c * m] * scale - radial * f;
+    T* out = grad + patch_origin(grad_map, patch, b, c);
+    for (std::int64_t py = 0; py < patch.rows; ++py) {
+      for (std::int64_t px = 0; px < patch.cols; ++px) {
+        const double value =
+            grid.max_pool ? (py * patch.cols + px == winner ? grad_pooled : 0.0) : grad_pooled / count;
+        out[py * grad_map.stride_h + px * grad_map.stride_w] = from_double<T>(value);
+      }
+    }
+  }
+}
+
+}  // namespace nodes
+}  // namespace fastkd
