@@ -1,8 +1,8 @@
-"""Backend selection: ``backend="auto" | "torch" | "triton" | "cuda"``.
+"""Backend selection: ``backend="auto" | "torch" | "triton" | "cuda" | "cpp"``.
 
 Every op module keeps a table ``{backend name: implementation}``. The ``torch`` implementation exists for
-every op and runs on any device; ``triton`` and ``cuda`` implementations are added to the tables by the
-kernel modules as they land. ``auto`` takes the first available backend in :data:`AUTO_PREFERENCE` for the
+every op and runs on any device; ``triton`` and ``cuda`` (GPU kernels) and ``cpp`` (parallel C++ for CPU
+tensors, in ``fastkd._C``) implementations are added to the tables by the kernel modules as they land. ``auto`` takes the first available backend in :data:`AUTO_PREFERENCE` for the
 tensor's device type.
 
 An unknown name is a ``ValueError`` when the loss is built; a backend that cannot run is a
@@ -20,11 +20,12 @@ import torch
 
 from fastkd import _extension
 
-BACKENDS = ("auto", "torch", "triton", "cuda")
+BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
 
 # The order ``auto`` tries, per device type. The fused kernels are faster than the torch path wherever
-# they can run; ``torch`` is always last and always available.
-AUTO_PREFERENCE = {"cuda": ("cuda", "triton", "torch")}
+# they can run (on CPU: the cpp consistency loss took 0.14-0.6x the torch backend's time and a fifth of its
+# memory in benchmarks/cpu_consistency.py); ``torch`` is always last and always available.
+AUTO_PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
 DEFAULT_PREFERENCE = ("torch",)
 
 
@@ -43,7 +44,7 @@ def _machine_reason(backend: str, op: str, implementations: Dict[str, Callable])
             return TRITON_ERROR
     if backend not in implementations:
         return f"fastkd has no {backend} implementation of {op} yet"
-    if backend == "cuda" and _extension.LOAD_ERROR is not None:
+    if backend in ("cuda", "cpp") and _extension.LOAD_ERROR is not None:
         return _extension.LOAD_ERROR
     return None
 
@@ -55,6 +56,8 @@ def _device_reason(backend: str, device: torch.device) -> Optional[str]:
             f"Triton kernels run on CUDA tensors and the input is on {device.type} "
             f"(set TRITON_INTERPRET=1 to run them on CPU tensors through the Triton interpreter)"
         )
+    if backend == "cpp" and device.type != "cpu":
+        return f"the cpp backend runs on CPU tensors and the input is on {device.type}"
     if backend == "cuda":
         if device.type == "cuda" and not _extension.build_info()["cuda"]:
             return "fastkd._C was built without CUDA (reinstall with nvcc present, or FASTKD_FORCE_CUDA=1)"

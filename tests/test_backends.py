@@ -14,14 +14,19 @@ MODULES = [fastkd.PairwiseAffinityLoss, fastkd.AffinityDistillationLoss, fastkd.
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)
 def test_auto_and_torch_run_on_cpu(module):
+    """auto takes the cpp implementation where there is one (the consistency loss), else torch; both agree."""
     s = torch.randn(2, 3, 6, 7)
-    assert torch.equal(module(backend="auto")(s, s + 1), module(backend="torch")(s, s + 1))
+    has_cpp = module is fastkd.ConsistencyLoss and _extension.LOAD_ERROR is None
+    expected = module(backend="cpp" if has_cpp else "torch")(s, s + 1)
+    assert torch.equal(module(backend="auto")(s, s + 1), expected)
+    torch.testing.assert_close(module(backend="torch")(s, s + 1), expected, rtol=1e-6, atol=0)
 
 
-# The per-pixel losses are a softmax and a sum: no fused kernel is planned for them. Of the CUDA kernels only
-# the consistency loss's has landed.
+# The per-pixel losses are a softmax and a sum: no fused kernel is planned for them.
 WITHOUT_KERNELS = [(module, "triton") for module in (fastkd.ProbabilityLoss, fastkd.PixelwiseKDLoss)]
-WITHOUT_KERNELS += [(module, "cuda") for module in MODULES if module is not fastkd.ConsistencyLoss]
+WITHOUT_KERNELS += [(module, "cuda") for module in (fastkd.ProbabilityLoss, fastkd.PixelwiseKDLoss)]
+# The C++ CPU implementations: only the consistency loss's has landed.
+WITHOUT_KERNELS += [(module, "cpp") for module in MODULES if module is not fastkd.ConsistencyLoss]
 
 
 @pytest.mark.parametrize("module,backend", WITHOUT_KERNELS, ids=lambda x: getattr(x, "__name__", x))
@@ -34,10 +39,25 @@ def test_unavailable_backend_is_refused_with_a_reason(module, backend):
     assert issubclass(fastkd.BackendUnavailableError, ValueError)
 
 
-def test_the_cuda_backend_is_registered_where_the_extension_loads():
-    from fastkd.ops import consistency as op
+@pytest.mark.parametrize("op,backends", [("consistency", ("cuda", "cpp")), ("pairwise_affinity", ("cuda",)),
+                                        ("affinity_distillation", ("cuda",))])
+def test_the_compiled_backends_are_registered_where_the_extension_loads(op, backends):
+    import importlib
 
-    assert ("cuda" in op.IMPLEMENTATIONS) == (_extension.LOAD_ERROR is None)
+    implementations = importlib.import_module(f"fastkd.ops.{op}").IMPLEMENTATIONS
+    for backend in backends:
+        assert (backend in implementations) == (_extension.LOAD_ERROR is None)
+
+
+@pytest.mark.skipif(_extension.LOAD_ERROR is not None, reason="fastkd._C is not loaded")
+def test_auto_takes_the_cpp_consistency_loss_on_cpu_tensors_and_torch_for_the_others():
+    from fastkd.ops import consistency, pairwise_affinity
+
+    cpu = torch.device("cpu")
+    assert _backends.resolve_backend("auto", "Op", consistency.IMPLEMENTATIONS, cpu)[0] == "cpp"
+    assert _backends.resolve_backend("auto", "Op", pairwise_affinity.IMPLEMENTATIONS, cpu)[0] == "torch"
+    with pytest.raises(fastkd.BackendUnavailableError, match=r"the cpp backend runs on CPU tensors"):
+        _backends.resolve_backend("cpp", "Op", consistency.IMPLEMENTATIONS, torch.device("cuda"))
 
 
 @pytest.mark.parametrize("op", ["pairwise_affinity", "affinity_distillation", "consistency"])

@@ -86,7 +86,7 @@ def affinity_distillation_loss(s: torch.Tensor, t: torch.Tensor, eps=1e-8, reduc
         eps: ``f_hat = f / (||f||_2 + eps)``.
         reduction: "mean" gives ``sum_b L_b / B``, "sum" gives ``sum_b L_b``, with
             ``L_b = sum_i ||A_s[i,:] - A_t[i,:]||_2`` and ``A_ij = f_hat_i . f_hat_j / (H W)``.
-        backend: "auto", "torch", "triton" or "cuda".
+        backend: "auto", "torch", "triton", "cuda" or "cpp" (see README, Backends).
         algorithm: "gram", "direct" or "auto" (keyword only), as for
             :func:`fastkd.ops.pairwise_affinity.pairwise_affinity_loss`.
 

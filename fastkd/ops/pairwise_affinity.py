@@ -178,7 +178,7 @@ def pairwise_affinity_loss(s: torch.Tensor, t: torch.Tensor, patch=1, pool="avg"
         eps: ``f_hat = f / (||f||_2 + eps)``. detach_norm: treat ``||f||`` as a constant in backward.
         reduction: "sum" over (b, i, connected j) of ``(a_s_ij - a_t_ij)^2``, or "mean" over those terms
             (``B * m^2`` for the full graph).
-        backend: "auto", "torch", "triton" or "cuda".
+        backend: "auto", "torch", "triton", "cuda" or "cpp" (see README, Backends).
         algorithm: how the full graph is summed (keyword only; results agree to rounding): "gram", the
             C x C Gram identity, O(m C^2); "direct", tiles of the m x m affinities, O(m^2 C), for maps with
             few nodes next to the channels; "auto" picks the cheaper.
