@@ -27,7 +27,7 @@ default
     pyproject.toml provides in the isolated build environment).
 
 Compiler flags: ``-O3`` for both host compiler and nvcc, ``-Wall -Wextra`` for the C++ files (which compile
-warning-free), ``-fopenmp`` at compile time on Linux when torch itself uses OpenMP (not at link time: the
+warning-free; torch's headers are included as system headers), ``-fopenmp`` at compile time on Linux when torch itself uses OpenMP (not at link time: the
 OpenMP runtime torch already loaded is used). The C++ standard is the one torch's BuildExtension passes
 (``-std=c++17`` up to some 2.x release, ``-std=c++20`` since; torch 2.13's headers warn under C++17);
 fastkd's own code only needs C++17. ``torch.ops.fastkd.build_info()`` reports what was built.
@@ -144,6 +144,9 @@ def _extensions():
     # No -std flag: torch's BuildExtension adds the standard its headers need (c++17 for older torch,
     # c++20 for recent releases, whose headers warn under c++17). fastkd's own code is C++17.
     cxx_flags = ["-O3", "-Wall", "-Wextra"]
+    # torch's headers as system headers, so that -Wall -Wextra report fastkd's own code only (torch 2.13's
+    # headers have unused parameters). GCC ignores the -I of a directory that is also an -isystem one.
+    cxx_flags += ["-isystem" + path for path in cpp_extension.include_paths()]
     if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
         cxx_flags.append("-fopenmp")
     defines = [_define("FASTKD_TORCH_VERSION", torch.__version__)]
