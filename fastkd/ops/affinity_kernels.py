@@ -16,7 +16,7 @@ import torch
 
 from fastkd.ops import affinity_distillation as distillation_op
 from fastkd.ops import pairwise_affinity as pairwise_op
-from fastkd.ops.nodes import NodeGrid, node_grid
+from fastkd.ops.nodes import NodeGrid, node_grid, pool_kernel
 
 _NO_TENSOR = (0,)  # shape of the placeholders the Gram-only outputs have on the direct path
 
@@ -89,3 +89,61 @@ def add_backend(name: str, forward_op, backward_op, window_graph_sum) -> None:
     register(forward_op, backward_op)
     pairwise_op.IMPLEMENTATIONS[name] = functools.partial(pairwise_loss, forward_op, window_graph_sum)
     distillation_op.IMPLEMENTATIONS[name] = functools.partial(distillation_loss, forward_op)
+
+
+# ------------------------------------------------------------------------------------- the windowed graph
+# The C++ backends (cuda, cpp) share one pair of schemas: ``forward(s, t, kernel_h, kernel_w, max_pool,
+# window, eps, detach_norm) -> (total, difference, s_norms, t_norms)``, with D = a_s - a_t of every node and
+# every offset of the stored half window (B, half, m), and ``backward(grad_total, x, norms, difference,
+# kernel_h, kernel_w, max_pool, window, eps, detach_norm, sign) -> dL/dx`` (sign +1 student, -1 teacher).
+
+
+def _fake_window_forward(s, t, kernel_h, kernel_w, max_pool, window, eps, detach_norm):
+    rows, cols = -(-s.shape[2] // kernel_h), -(-s.shape[3] // kernel_w)  # ceil mode: partial last patches
+    # The stored half of the window (affinity_window_math.cuh): the offsets dy > 0 or (dy = 0, dx >= 0)
+    # within the reach min(r, rows - 1) x min(r, cols - 1), the diagonal included.
+    reach_h, reach_w = min(window, max(rows - 1, 0)), min(window, max(cols - 1, 0))
+    half = reach_h * (2 * reach_w + 1) + reach_w + 1
+    batch, nodes = s.shape[0], rows * cols
+    return (s.new_empty((), dtype=torch.float64), s.new_empty((batch, half, nodes), dtype=torch.float64),
+            s.new_empty((batch, nodes), dtype=torch.float64), s.new_empty((batch, nodes), dtype=torch.float64))
+
+
+def _fake_window_backward(grad_total, x, norms, difference, kernel_h, kernel_w, max_pool, window, eps, detach_norm,
+                          sign):
+    return torch.empty_like(x)
+
+
+def window_ops(forward_name: str, backward_name: str):
+    """Registers fake implementations and autograd for a C++ backend's window ops (qualified names) and
+    returns its ``window_graph_sum(s, t, config)``: ``sum_b sum_i sum_{j: cheb(i, j) <= config.window}
+    (a_s_ij - a_t_ij)^2`` as a float64 0-dim tensor. Only the inputs, the norms and D are saved."""
+    torch.library.register_fake(forward_name, _fake_window_forward)
+    torch.library.register_fake(backward_name, _fake_window_backward)
+    forward = getattr(torch.ops.fastkd, forward_name.split("::")[1]).default
+    backward = getattr(torch.ops.fastkd, backward_name.split("::")[1]).default
+
+    def setup_context(ctx, inputs, output):
+        s, t, *settings = inputs
+        _, difference, s_norms, t_norms = output
+        ctx.mark_non_differentiable(difference, s_norms, t_norms)
+        ctx.save_for_backward(s, t, s_norms, t_norms, difference)
+        ctx.settings = settings  # kernel_h, kernel_w, max_pool, window, eps, detach_norm
+
+    def backward_fn(ctx, grad_total, _grad_difference, _grad_s_norms, _grad_t_norms):
+        s, t, s_norms, t_norms, difference = ctx.saved_tensors
+        grad_s = grad_t = None
+        if ctx.needs_input_grad[0]:
+            grad_s = backward(grad_total, s, s_norms, difference, *ctx.settings, 1.0)
+        if ctx.needs_input_grad[1]:
+            grad_t = backward(grad_total, t, t_norms, difference, *ctx.settings, -1.0)
+        return (grad_s, grad_t) + (None,) * len(ctx.settings)
+
+    torch.library.register_autograd(forward_name, backward_fn, setup_context=setup_context)
+
+    def window_graph_sum(s: torch.Tensor, t: torch.Tensor, config) -> torch.Tensor:
+        kernel_h, kernel_w = pool_kernel(s.shape[2], s.shape[3], config.patch, config.pool_scale)
+        max_pool = config.pool == "max" or config.pool_scale is not None
+        return forward(s, t, kernel_h, kernel_w, max_pool, config.window, config.eps, config.detach_norm)[0]
+
+    return window_graph_sum
