@@ -3,7 +3,8 @@
 Every op module keeps a table ``{backend name: implementation}``. The ``torch`` implementation exists for
 every op and runs on any device; ``triton`` and ``cuda`` (GPU kernels) and ``cpp`` (parallel C++ for CPU
 tensors, in ``fastkd._C``) implementations are added to the tables by the kernel modules as they land. ``auto`` takes the first available backend in :data:`AUTO_PREFERENCE` for the
-tensor's device type.
+tensor's device type, skipping implementations marked ``auto = False`` (not faster than the next one: they
+run only when asked for by name).
 
 An unknown name is a ``ValueError`` when the loss is built; a backend that cannot run is a
 :class:`BackendUnavailableError` (a ``ValueError``) that says why: at construction when the reason does not
@@ -85,7 +86,8 @@ def resolve_backend(backend: str, op: str, implementations: Dict[str, Callable],
     check_backend(backend, op, implementations)
     if backend == "auto":
         for name in AUTO_PREFERENCE.get(device.type, DEFAULT_PREFERENCE):
-            if _machine_reason(name, op, implementations) is None and _device_reason(name, device) is None:
+            if _machine_reason(name, op, implementations) is None and _device_reason(name, device) is None \
+                    and getattr(implementations[name], "auto", True):  # auto = False: by name only
                 return name, implementations[name]
         raise AssertionError(f"{op}: the torch backend must always be available")  # unreachable
     reason = _device_reason(backend, device)

@@ -25,8 +25,9 @@ def test_auto_and_torch_run_on_cpu(module):
 # The per-pixel losses are a softmax and a sum: no fused kernel is planned for them.
 WITHOUT_KERNELS = [(module, "triton") for module in (fastkd.ProbabilityLoss, fastkd.PixelwiseKDLoss)]
 WITHOUT_KERNELS += [(module, "cuda") for module in (fastkd.ProbabilityLoss, fastkd.PixelwiseKDLoss)]
-# The C++ CPU implementations: only the consistency loss's has landed.
-WITHOUT_KERNELS += [(module, "cpp") for module in MODULES if module is not fastkd.ConsistencyLoss]
+# The C++ CPU implementations: the consistency loss and the windowed graph have landed.
+WITHOUT_KERNELS += [(module, "cpp") for module in MODULES
+                    if module not in (fastkd.ConsistencyLoss, fastkd.PairwiseAffinityLoss)]
 
 
 @pytest.mark.parametrize("module,backend", WITHOUT_KERNELS, ids=lambda x: getattr(x, "__name__", x))
@@ -39,7 +40,7 @@ def test_unavailable_backend_is_refused_with_a_reason(module, backend):
     assert issubclass(fastkd.BackendUnavailableError, ValueError)
 
 
-@pytest.mark.parametrize("op,backends", [("consistency", ("cuda", "cpp")), ("pairwise_affinity", ("cuda",)),
+@pytest.mark.parametrize("op,backends", [("consistency", ("cuda", "cpp")), ("pairwise_affinity", ("cuda", "cpp")),
                                         ("affinity_distillation", ("cuda",))])
 def test_the_compiled_backends_are_registered_where_the_extension_loads(op, backends):
     import importlib
@@ -50,12 +51,15 @@ def test_the_compiled_backends_are_registered_where_the_extension_loads(op, back
 
 
 @pytest.mark.skipif(_extension.LOAD_ERROR is not None, reason="fastkd._C is not loaded")
-def test_auto_takes_the_cpp_consistency_loss_on_cpu_tensors_and_torch_for_the_others():
+def test_auto_takes_the_cpp_consistency_loss_on_cpu_tensors_and_torch_for_the_affinity_losses():
     from fastkd.ops import consistency, pairwise_affinity
 
     cpu = torch.device("cpu")
     assert _backends.resolve_backend("auto", "Op", consistency.IMPLEMENTATIONS, cpu)[0] == "cpp"
+    # the windowed graph's cpp implementation is not reliably faster: by name only
+    assert not pairwise_affinity.IMPLEMENTATIONS["cpp"].auto
     assert _backends.resolve_backend("auto", "Op", pairwise_affinity.IMPLEMENTATIONS, cpu)[0] == "torch"
+    assert _backends.resolve_backend("cpp", "Op", pairwise_affinity.IMPLEMENTATIONS, cpu)[0] == "cpp"
     with pytest.raises(fastkd.BackendUnavailableError, match=r"the cpp backend runs on CPU tensors"):
         _backends.resolve_backend("cpp", "Op", consistency.IMPLEMENTATIONS, torch.device("cuda"))
 

@@ -10,4 +10,4 @@ op's ``IMPLEMENTATIONS["cpp"]`` entry. ``fastkd`` imports them when the extensio
 from fastkd import _extension
 
 if _extension.LOAD_ERROR is None:  # importing a kernel module registers its backend
-    from fastkd.cpp_kernels import consistency  # noqa: F401
+    from fastkd.cpp_kernels import affinity_window, consistency  # noqa: F401
