@@ -21,16 +21,10 @@
 // to double, which gives exactly what widening to the common dtype first would (float16/bfloat16 ->
 // float32 -> float64 are exact).
 
-// torch 2.13's ATen headers have unused parameters that -Wextra reports in every file including
-// ATen/ATen.h; they are silenced for those headers only, fastkd's own code below is compiled with all
-// warnings.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wunused-parameter"
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#pragma GCC diagnostic pop
 
 #include <algorithm>
 #include <cstdint>
@@ -100,17 +94,8 @@ void forward_blocks(const S* s, const Map& s_map, const double* s_norms, const T
       const std::int64_t first = block * kBlockNodes, last = std::min(first + kBlockNodes, nodes_total);
       double squares = 0.0;
       for (std::int64_t index = first; index < last; ++index) {
-        const std::int64_t b = index / m, i = index % m;
-        for (std::int64_t k = 0; k < half; ++k) {
-          const std::int64_t j = affinity_window::half_partner(grid, i, k);
-          double d = 0.0;  // a missing partner is no term (and must not pass on a NaN node)
-          if (j >= 0) {
-            d = affinity_window::affinity(s, s_map, s_norms + b * m, grid, b, i, j, eps) -
-                affinity_window::affinity(t, t_map, t_norms + b * m, grid, b, i, j, eps);
-          }
-          difference[(b * half + k) * m + i] = d;
-          squares += (k == 0 ? 1.0 : 2.0) * d * d;  // (i, j) and its mirror (j, i) are one stored offset
-        }
+        squares += affinity_window::half_window_row(s, s_map, s_norms, t, t_map, t_norms, grid, index / m, index % m,
+                                                    eps, difference);
       }
       partials[block] = squares;
     }

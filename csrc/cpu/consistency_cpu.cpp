@@ -14,16 +14,10 @@
 // converted either: each is read in its own dtype and widened per element to double, which gives exactly
 // what widening to the common dtype first would (float16/bfloat16 -> float32 -> float64 are exact).
 
-// torch 2.13's ATen headers have unused parameters (c10/core/CachingDeviceAllocator.h,
-// ATen/detail/MTIAHooksInterface.h) that -Wextra reports in every file including ATen/ATen.h; they are
-// silenced for those headers only, fastkd's own code below is compiled with all warnings.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wunused-parameter"
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#pragma GCC diagnostic pop
 
 #include <algorithm>
 #include <cstdint>

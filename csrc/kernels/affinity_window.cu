@@ -37,21 +37,12 @@ template <typename T>
 FASTKD_GLOBAL void affinity_window_forward_kernel(const T* s, Map s_map, const double* s_norms, const T* t,
                                                   Map t_map, const double* t_norms, Grid grid, std::int64_t batch,
                                                   double eps, double* difference, double* partials) {
-  const std::int64_t m = nodes::node_count(grid), half = affinity_window::half_window(grid);
+  const std::int64_t m = nodes::node_count(grid);
   const std::int64_t index = thread_index();
   double squares = 0.0;
   if (index < batch * m) {
-    const std::int64_t b = index / m, i = index % m;
-    for (std::int64_t k = 0; k < half; ++k) {
-      const std::int64_t j = affinity_window::half_partner(grid, i, k);
-      double d = 0.0;  // a missing partner is no term (and must not pass on a NaN node)
-      if (j >= 0) {
-        d = affinity_window::affinity(s, s_map, s_norms + b * m, grid, b, i, j, eps) -
-            affinity_window::affinity(t, t_map, t_norms + b * m, grid, b, i, j, eps);
-      }
-      difference[(b * half + k) * m + i] = d;
-      squares += (k == 0 ? 1.0 : 2.0) * d * d;  // (i, j) and its mirror (j, i) are one stored offset
-    }
+    squares = affinity_window::half_window_row(s, s_map, s_norms, t, t_map, t_norms, grid, index / m, index % m, eps,
+                                               difference);
   }
   squares = block_sum<kThreads>(squares);  // in a fixed order
   if (threadIdx.x == 0) partials[blockIdx.x] = squares;
