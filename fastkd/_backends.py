@@ -70,6 +70,12 @@ def _device_reason(backend: str, device: torch.device) -> Optional[str]:
     return None
 
 
+def availability(op: str, implementations: Dict[str, Callable], device: torch.device) -> Dict[str, Optional[str]]:
+    """``{backend: None if it can run op on tensors of device, else the reason}`` for every backend but auto."""
+    return {name: _machine_reason(name, op, implementations) or _device_reason(name, device)
+            for name in BACKENDS if name != "auto"}
+
+
 def check_backend(backend, op: str, implementations: Dict[str, Callable]) -> str:
     """Validates ``backend`` when a loss is built; returns it."""
     if backend not in BACKENDS:

@@ -1,0 +1,221 @@
+"""What the benchmarks compare: for each op, the implementations a user could pick instead of fastkd, and
+fastkd's own backends, all computing the same loss (tests/test_benchmark_providers.py checks each against
+``fastkd.reference``, forward and gradient).
+
+- ``naive``: the formulation as public distillation code writes it, in the input's precision (float32 for
+  16-bit inputs): the B x m x m affinity matrices materialised; the consistency map from eight shifted
+  copies of the logits; the windowed graph from ``F.unfold`` copies of every node's neighbourhood.
+- ``naive+compile``: ``torch.compile`` of ``naive`` (inductor, one graph per shape).
+- ``gram-fp32`` / ``gram-fp64``: what an expert writes in plain PyTorch for the full graph, the C x C Gram
+  identity ``sum_ij (a_s_ij - a_t_ij)^2 = ||S'S||^2 - 2||S'T||^2 + ||T'T||^2`` (and its per-row quadratic
+  forms for the distillation loss), in float32 or float64.
+- ``keops``: the all-pairs reduction as a pykeops LazyTensor, where pykeops is installed.
+- ``fastkd-<backend>``: ``fastkd.functional`` with ``backend=<backend>``, for every backend that has its own
+  implementation of the op and can run on the device.
+
+A provider is a function ``(s, t) -> 0-dim loss`` differentiable in ``s`` (and ``t``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+import fastkd
+from fastkd import reference
+
+EPS = 1e-8  # the losses' default eps
+WINDOW = 2  # the windowed graph's radius: 5 x 5 neighbourhoods
+
+
+class Unavailable(Exception):
+    """A provider that cannot run here; the message says why."""
+
+
+def _working_precision(x: torch.Tensor) -> torch.Tensor:
+    """16-bit inputs are computed in float32, as public code does with ``.float()``."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _normalised_nodes(f: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, m), every column divided by its norm + eps."""
+    f = _working_precision(f).flatten(2)
+    return f / (f.norm(dim=1, keepdim=True) + EPS)
+
+
+def _affinity(f: torch.Tensor) -> torch.Tensor:
+    f_hat = _normalised_nodes(f)
+    return f_hat.transpose(1, 2) @ f_hat  # B x m x m
+
+
+# ---------------------------------------------------------------- naive formulations (materialised)
+
+def naive_pairwise_full(s, t):
+    return ((_affinity(s) - _affinity(t)) ** 2).mean()
+
+
+def naive_distillation(s, t):
+    m = s.shape[2] * s.shape[3]
+    difference = (_affinity(s) - _affinity(t)) / m
+    return difference.norm(dim=2).sum() / s.shape[0]
+
+
+def _window_affinities(f: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, K, m): node i's affinity with each of its K = (2r+1)^2 window neighbours, 0 outside
+    the image, from an ``F.unfold`` copy of every node's neighbourhood (K copies of the features)."""
+    batch, channels, height, width = f.shape
+    f_hat = _normalised_nodes(f).view(batch, channels, height, width)
+    size = 2 * WINDOW + 1
+    neighbours = F.unfold(f_hat, size, padding=WINDOW).view(batch, channels, size * size, height * width)
+    return (neighbours * f_hat.flatten(2).unsqueeze(2)).sum(dim=1)
+
+
+def naive_pairwise_window(s, t):
+    height, width = s.shape[2:]
+    size = 2 * WINDOW + 1
+    inside = torch.ones(1, 1, height, width, dtype=torch.float32, device=s.device)
+    connected_pairs = F.unfold(inside, size, padding=WINDOW).sum()  # pairs with both ends in the image
+    squares = (_window_affinities(s) - _window_affinities(t)) ** 2
+    return squares.sum() / (s.shape[0] * connected_pairs)
+
+
+def _neighbour_map(logits: torch.Tensor) -> torch.Tensor:
+    """c(x) = sum over the 8 neighbours of ||l(y) - l(x)||^2 on the interior pixels, from 8 shifted copies."""
+    logits = _working_precision(logits)
+    height, width = logits.shape[2:]
+    centre = logits[:, :, 1:height - 1, 1:width - 1]
+    shifted = torch.stack([logits[:, :, 1 + dy:height - 1 + dy, 1 + dx:width - 1 + dx]
+                           for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)])
+    return ((shifted - centre) ** 2).sum(dim=(0, 2))
+
+
+def naive_consistency(s, t):
+    return ((_neighbour_map(s) - _neighbour_map(t)) ** 2).mean()
+
+
+# ---------------------------------------------------------------- the expert's Gram identity
+
+def gram_pairwise_full(s, t, dtype):
+    """``(||S'S||^2 - 2||S'T||^2 + ||T'T||^2) / (B m^2)`` with C x C Grams in ``dtype``."""
+    s_hat, t_hat = _normalised_nodes(s.to(dtype)), _normalised_nodes(t.to(dtype))
+    ss = s_hat @ s_hat.transpose(1, 2)
+    st = s_hat @ t_hat.transpose(1, 2)
+    tt = t_hat @ t_hat.transpose(1, 2)
+    total = (ss**2).sum() - 2 * (st**2).sum() + (tt**2).sum()
+    return (total / (s.shape[0] * s_hat.shape[2] ** 2)).to(_loss_dtype(s))
+
+
+def gram_distillation(s, t, dtype):
+    """Row i of a_s - a_t has squared norm ``s_i'(SS')s_i - 2 s_i'(ST')t_i + t_i'(TT')t_i``."""
+    s_hat, t_hat = _normalised_nodes(s.to(dtype)), _normalised_nodes(t.to(dtype))
+    m = s_hat.shape[2]
+    rows = ((s_hat * ((s_hat @ s_hat.transpose(1, 2)) @ s_hat)).sum(dim=1)
+            - 2 * (s_hat * ((s_hat @ t_hat.transpose(1, 2)) @ t_hat)).sum(dim=1)
+            + (t_hat * ((t_hat @ t_hat.transpose(1, 2)) @ t_hat)).sum(dim=1))
+    return (rows.clamp_min(0).sqrt().sum() / (m * s.shape[0])).to(_loss_dtype(s))
+
+
+def _loss_dtype(s: torch.Tensor) -> torch.dtype:
+    return torch.float64 if s.dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------- KeOps
+
+def _keops_rows(s, t):
+    """``r_i = sum_j (a_s_ij - a_t_ij)^2`` as a KeOps reduction over j, never stored: (B, m)."""
+    from pykeops.torch import LazyTensor
+
+    s_hat = _normalised_nodes(s).transpose(1, 2).contiguous()  # (B, m, C)
+    t_hat = _normalised_nodes(t).transpose(1, 2).contiguous()
+    s_i, s_j = LazyTensor(s_hat[:, :, None, :]), LazyTensor(s_hat[:, None, :, :])
+    t_i, t_j = LazyTensor(t_hat[:, :, None, :]), LazyTensor(t_hat[:, None, :, :])
+    return (((s_i | s_j) - (t_i | t_j)) ** 2).sum(dim=2).squeeze(-1)
+
+
+def keops_pairwise_full(s, t):
+    rows = _keops_rows(s, t)
+    return rows.sum() / (rows.shape[0] * rows.shape[1] ** 2)
+
+
+def keops_distillation(s, t):
+    rows = _keops_rows(s, t)
+    return rows.clamp_min(0).sqrt().sum() / (rows.shape[1] * rows.shape[0])
+
+
+# ---------------------------------------------------------------- the ops and their providers
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    name: str
+    title: str
+    loss_class: type  # the fastkd loss
+    loss_kwargs: Dict
+    reference: Callable  # fastkd.reference's literal float64 definition, (s, t) -> loss
+    naive: Callable
+    naive_cost_exponent: int  # the naive time grows like m ** this at fixed B and C
+    gram: Optional[Callable] = None  # (s, t, dtype) -> loss
+    keops: Optional[Callable] = None
+    # fastkd backends that would only run another backend's implementation of this op: {backend: why}
+    borrowed_backends: Dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+OPS = {
+    "pairwise_full": Op(
+        "pairwise_full", "PairwiseAffinityLoss, full graph (Liu et al. eq. 2)", fastkd.PairwiseAffinityLoss, {},
+        reference.pairwise_affinity_loss, naive_pairwise_full, 2, gram_pairwise_full, keops_pairwise_full,
+        {"cpp": "fastkd has no C++ full-graph kernel: backend='cpp' runs the torch backend's"}),
+    "pairwise_window": Op(
+        "pairwise_window", f"PairwiseAffinityLoss, window={WINDOW} ({2 * WINDOW + 1}x{2 * WINDOW + 1} neighbourhoods)",
+        fastkd.PairwiseAffinityLoss, {"window": WINDOW},
+        functools.partial(reference.pairwise_affinity_loss, window=WINDOW), naive_pairwise_window, 1),
+    "affinity_distillation": Op(
+        "affinity_distillation", "AffinityDistillationLoss (He et al. eqs. 3-4)", fastkd.AffinityDistillationLoss, {},
+        reference.affinity_distillation_loss, naive_distillation, 2, gram_distillation, keops_distillation),
+    "consistency": Op(
+        "consistency", "ConsistencyLoss, 8-neighbour map (Xie et al. sec. 3.1)", fastkd.ConsistencyLoss, {},
+        reference.consistency_loss, naive_consistency, 1),
+}
+
+
+PROVIDER_NAMES = ("naive", "naive+compile", "gram-fp32", "gram-fp64", "keops",
+                  *(f"fastkd-{backend}" for backend in fastkd.BACKENDS if backend != "auto"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Provider:
+    name: str
+    kind: str  # naive | compiled | expert | keops | fastkd
+    cost_exponent: int  # the per-call time grows like m ** this at fixed B and C
+    loss: Callable  # (s, t) -> 0-dim loss
+
+
+def _fastkd_loss(op: Op, backend: str) -> Callable:
+    return op.loss_class(**op.loss_kwargs, backend=backend)
+
+
+def providers(op: Op, device: torch.device):
+    """``(providers that can run here, {provider name: why not})`` for ``op`` on ``device``."""
+    runnable = [Provider("naive", "naive", op.naive_cost_exponent, op.naive),
+                Provider("naive+compile", "compiled", op.naive_cost_exponent, torch.compile(op.naive, dynamic=False))]
+    unavailable = {}
+    if op.gram is not None:
+        runnable += [Provider("gram-fp32", "expert", 1, functools.partial(op.gram, dtype=torch.float32)),
+                     Provider("gram-fp64", "expert", 1, functools.partial(op.gram, dtype=torch.float64))]
+    if op.keops is not None:
+        if importlib.util.find_spec("pykeops") is None:
+            unavailable["keops"] = "pykeops is not installed (`pip install pykeops`)"
+        else:
+            runnable.append(Provider("keops", "keops", 2, op.keops))
+    for backend, reason in op.loss_class.available_backends(device).items():
+        name = f"fastkd-{backend}"
+        reason = op.borrowed_backends.get(backend, reason)
+        if reason is None:
+            runnable.append(Provider(name, "fastkd", 1, _fastkd_loss(op, backend)))
+        else:
+            unavailable[name] = reason
+    return runnable, unavailable
