@@ -182,6 +182,9 @@ OPS = {
 }
 
 
+# On CPU tensors these run through an interpreter or emulator that checks correctness, not speed.
+EMULATED_ON_CPU = {"triton": "on CPU tensors it runs in Triton's interpreter (TRITON_INTERPRET=1), not timed",
+                   "cuda": "on CPU tensors it runs in fastkd's CUDA emulator (FASTKD_EMULATE_CUDA=1), not timed"}
 PROVIDER_NAMES = ("naive", "naive+compile", "gram-fp32", "gram-fp64", "keops",
                   *(f"fastkd-{backend}" for backend in fastkd.BACKENDS if backend != "auto"))
 
@@ -192,6 +195,7 @@ class Provider:
     kind: str  # naive | compiled | expert | keops | fastkd
     cost_exponent: int  # the per-call time grows like m ** this at fixed B and C
     loss: Callable  # (s, t) -> 0-dim loss
+    compiles: bool = False  # its first call at a new shape compiles code (torch.compile, KeOps)
 
 
 def _fastkd_loss(op: Op, backend: str) -> Callable:
@@ -201,7 +205,8 @@ def _fastkd_loss(op: Op, backend: str) -> Callable:
 def providers(op: Op, device: torch.device):
     """``(providers that can run here, {provider name: why not})`` for ``op`` on ``device``."""
     runnable = [Provider("naive", "naive", op.naive_cost_exponent, op.naive),
-                Provider("naive+compile", "compiled", op.naive_cost_exponent, torch.compile(op.naive, dynamic=False))]
+                Provider("naive+compile", "compiled", op.naive_cost_exponent, torch.compile(op.naive, dynamic=False),
+                         compiles=True)]
     unavailable = {}
     if op.gram is not None:
         runnable += [Provider("gram-fp32", "expert", 1, functools.partial(op.gram, dtype=torch.float32)),
@@ -210,10 +215,12 @@ def providers(op: Op, device: torch.device):
         if importlib.util.find_spec("pykeops") is None:
             unavailable["keops"] = "pykeops is not installed (`pip install pykeops`)"
         else:
-            runnable.append(Provider("keops", "keops", 2, op.keops))
+            runnable.append(Provider("keops", "keops", 2, op.keops, compiles=True))
     for backend, reason in op.loss_class.available_backends(device).items():
         name = f"fastkd-{backend}"
         reason = op.borrowed_backends.get(backend, reason)
+        if reason is None and device.type == "cpu" and backend in EMULATED_ON_CPU:
+            reason = EMULATED_ON_CPU[backend]
         if reason is None:
             runnable.append(Provider(name, "fastkd", 1, _fastkd_loss(op, backend)))
         else:

@@ -11,7 +11,7 @@ Inputs are near convergence, where the Gram identity cancels: correlated post-Re
 for the consistency loss) and a teacher equal to the student times ``1 + mismatch * noise``. The student
 requires grad, the teacher does not. Modes: ``forward`` (building the autograd graph), ``backward`` (the
 gradient of the student, after an untimed forward) and ``forward+backward``. Each provider is warmed up
-(compiled, for ``naive+compile``) before it is timed; the providers then take turns, every repetition
+(compiled, for ``naive+compile`` and ``keops``) before it is timed; the providers then take turns, every repetition
 timing each of them in each mode, so that a busy machine slows all alike; rows give the median and the
 quartiles. A provider that runs out of memory, or would take longer than ``--time-limit`` seconds for one
 forward+backward (measured, or predicted from the last size it ran), is recorded as ``oom`` or ``timeout``
@@ -200,8 +200,8 @@ class Sweep:
         """Warm-up, then one forward+backward measuring peak memory and accuracy: a dict with status, note,
         the row fields measured here, and ``call_seconds``."""
         try:
-            first = measure.timed(self.device, lambda: self.step(provider, s, t))  # compiles, caches
-            if first > self.args.time_limit and provider.kind != "compiled":
+            first = measure.timed(self.device, lambda: self.step(provider, s, t))
+            if first > self.args.time_limit and not provider.compiles:
                 return {"status": "timeout", "note": f"one forward+backward took {first:.3g} s "
                                                      f"(limit {self.args.time_limit:g} s)"}
             seconds = measure.timed(self.device, lambda: self.step(provider, s, t))
