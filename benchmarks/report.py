@@ -55,7 +55,14 @@ def first_failure(rows: List[dict], provider: str) -> Optional[dict]:
 
 
 def _mib(value: Optional[float]) -> str:
-    return "n/a" if value is None else f"{value / 2**20:.3g}"
+    if value is None:
+        return "n/a"
+    mib = value / 2**20
+    return f"{mib:.0f}" if mib >= 100 else f"{mib:.3g}"
+
+
+def _ms(value: float) -> str:
+    return f"{value:.0f} ms" if value >= 100 else f"{value:.3g} ms"
 
 
 def _cell(row: Optional[dict]) -> str:
@@ -64,11 +71,11 @@ def _cell(row: Optional[dict]) -> str:
     if row["status"] != "ok":
         return row["status"]
     memory = "" if row["peak_bytes"] is None else f" / {_mib(row['peak_bytes'])} MiB"
-    return f"{row['median_ms']:.3g} ms{memory}"
+    return f"{_ms(row['median_ms'])}{memory}"
 
 
 def _error(value: Optional[float]) -> str:
-    return "" if value is None else f"{value:.1e}"
+    return "n/a" if value is None else f"{value:.1e}"
 
 
 def headline(rows: List[dict]) -> List[str]:
@@ -92,9 +99,11 @@ def headline(rows: List[dict]) -> List[str]:
             memory = ""
             if best["peak_bytes"] and other["peak_bytes"]:
                 memory = f", {other['peak_bytes'] / best['peak_bytes']:.3g}x the memory"
-            parts.append(f"{name} takes {other['median_ms'] / best['median_ms']:.3g}x the time{memory}")
+            parts.append(f"{name} takes {other['median_ms'] / best['median_ms']:.3g}x the time{memory}, "
+                         f"loss error {_error(other['loss_rel_error'])}")
         lines.append(f"at {size} (m = {m}, the largest the naive version ran), {best['provider']} "
-                     f"{best['median_ms']:.3g} ms, {_mib(best['peak_bytes'])} MiB: " + "; ".join(parts))
+                     f"{_ms(best['median_ms'])}, {_mib(best['peak_bytes'])} MiB, loss error "
+                     f"{_error(best['loss_rel_error'])}: " + "; ".join(parts))
     reached = []
     for provider in provider_order(table):
         ok = [row["m"] for row in table if row["provider"] == provider and row["status"] == "ok"]

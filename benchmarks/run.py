@@ -151,22 +151,29 @@ class Sweep:
             m = height * width
             base = dict(op=op.name, dtype=self.args.dtype, batch=series.batch, channels=series.channels,
                         height=height, width=width, m=m, mismatch=self.args.mismatch, **self.env)
+            to_try = []
+            for provider in runnable:
+                status = stopped.get(provider.name) or self.predicted_timeout(provider, last_call, m)
+                if status is None:
+                    to_try.append(provider)
+                else:
+                    self.write_skipped(base, provider, *status)
+            if not to_try:
+                print(f"{op.name} B={series.batch} C={series.channels} {height}x{width}: every provider past its "
+                      f"limit", flush=True)
+                continue
             try:
                 s, t = make_inputs(op.name, series, height, width, DTYPES[self.args.dtype], self.device,
                                    self.args.mismatch, self.args.seed)
             except (RuntimeError, MemoryError) as error:
                 if not measure.is_out_of_memory(error):
                     raise
-                for provider in runnable:
+                for provider in to_try:
                     self.write_skipped(base, provider, "oom", "the inputs alone do not fit")
                 continue
             expected_loss, expected_grad, reference_name = reference(op, s, t)
             ready = []
-            for provider in runnable:
-                status = stopped.get(provider.name) or self.predicted_timeout(provider, last_call, m)
-                if status is not None:
-                    self.write_skipped(base, provider, *status)
-                    continue
+            for provider in to_try:
                 outcome = self.prepare(provider, s, t, m, expected_loss, expected_grad, reference_name)
                 if outcome["status"] != "ok":
                     if outcome["status"] in ("oom", "timeout"):

@@ -24,8 +24,8 @@ from fastkd import _extension
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
 
 # The order ``auto`` tries, per device type. The fused kernels are faster than the torch path wherever
-# they can run (on CPU: the cpp consistency loss took 0.14-0.6x the torch backend's time and a fifth of its
-# memory in benchmarks/cpu_consistency.py); ``torch`` is always last and always available.
+# they can run (on CPU: the cpp consistency loss took 0.14-0.65x the torch backend's time and a tenth of its
+# memory in benchmarks/run.py); ``torch`` is always last and always available.
 AUTO_PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
 DEFAULT_PREFERENCE = ("torch",)
 

@@ -133,3 +133,18 @@ def test_every_op_has_a_torch_implementation():
         module = importlib.import_module(f"fastkd.ops.{name}")
         assert "torch" in module.IMPLEMENTATIONS and module.OP.endswith("Loss")
     assert pairwise_affinity.IMPLEMENTATIONS is not consistency.IMPLEMENTATIONS
+
+
+@pytest.mark.parametrize("loss_class", [fastkd.PairwiseAffinityLoss, fastkd.AffinityDistillationLoss,
+                                        fastkd.ConsistencyLoss, fastkd.ProbabilityLoss, fastkd.PixelwiseKDLoss])
+def test_available_backends_says_which_run_here_and_why_the_others_do_not(loss_class):
+    availability = loss_class.available_backends("cpu")
+    assert set(availability) == set(fastkd.BACKENDS) - {"auto"}
+    assert availability["torch"] is None
+    for backend, reason in availability.items():
+        if reason is None:
+            loss_class(backend=backend)  # can be built
+        else:
+            assert isinstance(reason, str) and reason
+    if "cpp" not in loss_class._op_module.IMPLEMENTATIONS:
+        assert "no cpp implementation" in availability["cpp"]

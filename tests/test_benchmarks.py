@@ -38,17 +38,20 @@ def _provider(op_name: str, name: str):
 def test_provider_matches_the_reference_loss_and_gradient(gen, op_name, name):
     op = providers.OPS[op_name]
     batch, channels, height, width = 2, 5, 7, 9  # odd, and wider than the 5 x 5 window
-    s = randn((batch, channels, height, width), gen, torch.float64).relu_().requires_grad_()
-    t = randn((batch, channels, height, width), gen, torch.float64).relu_()
+    # no ReLU: a node of zeros in both maps makes a row difference 0, where sqrt (gram, keops) has no gradient
+    s = randn((batch, channels, height, width), gen, torch.float64).requires_grad_()
+    t = randn((batch, channels, height, width), gen, torch.float64)
     provider = _provider(op_name, name)
     loss = provider.loss(s, t)
     expected = op.reference(s, t)
-    # gram-fp32 computes in float32 whatever the input; the others keep float64 inputs in float64
-    rtol, atol = (1e-4, 1e-7) if name == "gram-fp32" else (1e-9, 1e-13)
-    torch.testing.assert_close(loss, expected, rtol=rtol, atol=0)
     grad, = torch.autograd.grad(loss, s)
     expected_grad, = torch.autograd.grad(expected, s)
-    torch.testing.assert_close(grad, expected_grad, rtol=rtol, atol=atol * expected_grad.abs().max().item())
+    if name == "gram-fp32":  # gram-fp64's formula in float32 (tested exactly above): float32 rounding only
+        torch.testing.assert_close(loss, expected, rtol=1e-4, atol=0)
+        assert (grad - expected_grad).norm() <= 1e-3 * expected_grad.norm()
+    else:
+        torch.testing.assert_close(loss, expected, rtol=1e-9, atol=0)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-13 * expected_grad.abs().max().item())
 
 
 @pytest.mark.parametrize("op_name", sorted(providers.OPS))
@@ -132,7 +135,8 @@ def test_out_of_memory_is_recorded_and_the_sweep_goes_on(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("the memory budget is a CPU address-space limit; on a GPU the device's own memory is the limit")
     out = _run_benchmarks(tmp_path, "--quick", "--ops", "pairwise_full", "--providers", "naive", "fastkd-torch",
-                          "--sizes", "16x16", "128x128", "160x160", "--memory-budget-gib", "0.5")
+                          "--sizes", "16x16", "128x128", "160x160", "--memory-budget-gib", "0.5",
+                          "--time-limit", "1000")  # no predicted time-outs on a busy machine
     status = {(row["provider"], row["m"], row["mode"]): row for row in _rows(out)}
     for mode in run.MODES:
         assert status["naive", "256", mode]["status"] == "ok"
@@ -178,8 +182,8 @@ def test_report_ratios_and_failures(tmp_path):
                                      q1_ms=median if ok else "", q3_ms=median if ok else "",
                                      peak_bytes=peak if ok else "", note="" if ok else "RuntimeError: out of memory"))
     summary = open(report.write_report(str(tmp_path))).read()
-    assert ("at 8x8 (m = 64, the largest the naive version ran), fastkd-cpp 2 ms, 2 MiB: "
-            "naive takes 5x the time, 2x the memory") in summary
+    assert ("at 8x8 (m = 64, the largest the naive version ran), fastkd-cpp 2 ms, 2 MiB, loss error 1.0e-08: "
+            "naive takes 5x the time, 2x the memory, loss error 1.0e-08") in summary
     assert "naive: largest m 64 (oom from m = 256)" in summary
     assert "| 16x16 (256) | oom | 8 ms / 2 MiB | 3 ms / 3 MiB |" in summary
     assert "- naive at 16x16: oom, RuntimeError: out of memory" in summary

@@ -34,7 +34,7 @@ def _pairwise_affinity(s, t, config):
     return pairwise_op.reduce_total(window_graph_sum(s, t, config), config, s.shape[0], grid.grid_h, grid.grid_w)
 
 
-# Not for auto: on a 2-core CPU it took 0.76-0.85x the torch backend's time on 128x128 node grids but
-# 1.4-1.9x on 64x64 ones (benchmarks/cpu_affinity_window.py); backend="cpp" asks for it by name.
+# Not for auto: on a 2-core CPU (benchmarks/run.py, window=2, C=64) it took 1.9-2.1x the torch backend's
+# time up to 64x128 node grids and 0.68x only from 256x512 on; backend="cpp" asks for it by name.
 _pairwise_affinity.auto = False
 pairwise_op.IMPLEMENTATIONS["cpp"] = _pairwise_affinity
