@@ -1,0 +1,174 @@
+"""The reference trainer of fastkd: train a teacher, then distil a compact student with any of its losses.
+
+    python examples/train.py                                   # Liu et al.'s terms on the embedded shapes data
+    python examples/train.py --losses ce,probability,consistency,unlabelled   # Xie et al.
+    python examples/train.py --losses ce,adaptation,affinity   # He et al. (autoencoder stage, then student)
+    python examples/train.py --student-model multipath         # Zhuang et al.'s multi-path student
+    python examples/train.py --ablation                        # the papers' ablation in miniature
+    torchrun --nproc_per_node=2 examples/train.py              # data parallel (gloo on CPU, nccl on GPU)
+    python examples/train.py --data voc --data-root VOCdevkit/VOC2012 --image-size 256 ...
+
+Interrupt with Ctrl-C (or SIGTERM): a checkpoint is written; rerun the same command to resume exactly.
+Outputs in --out: checkpoint.pt, teacher.pt, metrics.json, loss_curves.png, predictions.png (and
+ablation.md with --ablation). The modules of kdtrain/ are the trainer's parts; see kdtrain/__init__.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # kdtrain/ sits beside this file
+
+from kdtrain.ablation import ABLATION_ROWS, run_ablation  # noqa: E402
+from kdtrain.distill import PAPER_WEIGHTS, TERMS  # noqa: E402
+from kdtrain.trainer import Interrupted, main_guarded  # noqa: E402
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = nonnegative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def loss_list(text: str) -> list:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in TERMS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown loss {', '.join(unknown) or '(none given)'}; "
+                                         f"choose among {','.join(TERMS)}")
+    return list(dict.fromkeys(names))
+
+
+def seed_list(text: str) -> list:
+    return [nonnegative_int(part) for part in text.split(",")]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--data", choices=("shapes", "voc", "cityscapes"), default="shapes",
+                      help="shapes: the embedded procedural dataset (default); voc/cityscapes: a folder")
+    data.add_argument("--data-root", help="the dataset folder for --data voc or cityscapes")
+    data.add_argument("--image-size", type=positive_int, default=32, help="images are resized to this square")
+    data.add_argument("--teacher-images", type=positive_int, default=512, help="labelled images of the teacher")
+    data.add_argument("--labelled-images", type=positive_int, default=24,
+                      help="labelled images of the student (the first of the teacher's)")
+    data.add_argument("--unlabelled-images", type=positive_int, default=512)
+    data.add_argument("--val-images", type=positive_int, default=256)
+    data.add_argument("--data-seed", type=nonnegative_int, default=0)
+
+    models = p.add_argument_group("models")
+    choices = ("encoder-decoder", "multipath")
+    models.add_argument("--teacher-model", choices=choices, default="encoder-decoder")
+    models.add_argument("--student-model", choices=choices, default="encoder-decoder")
+    models.add_argument("--teacher-width", type=positive_int, default=32)
+    models.add_argument("--student-width", type=positive_int, default=8)
+    models.add_argument("--teacher", help="weights of a trained teacher (a teacher.pt); skips the teacher stage")
+    models.add_argument("--latent-channels", type=positive_int, default=16, help="autoencoder code channels")
+    models.add_argument("--critic-width", type=positive_int, default=16, help="holistic critic base channels")
+
+    losses = p.add_argument_group("losses (weights default to the papers' values)")
+    losses.add_argument("--losses", type=loss_list, default=["ce", "pixel", "pairwise", "holistic"],
+                        help=f"comma-separated, among {','.join(TERMS)} (default: ce,pixel,pairwise,holistic)")
+    for term, weight in PAPER_WEIGHTS.items():
+        flag = "--unlabelled-lambda" if term == "unlabelled" else f"--{term}-weight"
+        losses.add_argument(flag, type=nonnegative_float, default=weight, dest=f"weight_{term}",
+                            help=f"default {weight}")
+    losses.add_argument("--temperature", type=positive_float, default=1.0, help="pixel-wise KD temperature")
+    losses.add_argument("--pairwise-patch", type=positive_int, default=1, help="nodes of patch x patch pixels")
+    losses.add_argument("--pairwise-window", type=nonnegative_int, default=None,
+                        help="connect nodes within this Chebyshev distance (default: the full graph)")
+    losses.add_argument("--pairwise-pool", choices=("avg", "max"), default="avg")
+    losses.add_argument("--pseudo-threshold", type=probability, default=0.7,
+                        help="teacher confidence needed for a pseudo-label (Xie et al.: 0.7)")
+    losses.add_argument("--distill-on", choices=("all", "labelled"), default="all",
+                        help="images the distillation terms see: labelled + unlabelled (default) or labelled")
+
+    training = p.add_argument_group("training")
+    training.add_argument("--steps", type=positive_int, default=150, help="student steps")
+    training.add_argument("--teacher-steps", type=positive_int, default=400)
+    training.add_argument("--autoencoder-steps", type=positive_int, default=100)
+    training.add_argument("--batch-size", type=positive_int, default=8, help="labelled images per step, all ranks")
+    training.add_argument("--unlabelled-batch-size", type=positive_int, default=8)
+    training.add_argument("--lr", type=positive_float, default=5e-3, help="Adam learning rate, poly decay")
+    training.add_argument("--weight-decay", type=nonnegative_float, default=1e-4)
+    training.add_argument("--seed", type=nonnegative_int, default=0)
+    training.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
+    run = p.add_argument_group("run")
+    run.add_argument("--out", default="runs/kd", help="output folder (a checkpoint there is resumed)")
+    run.add_argument("--checkpoint-every", type=positive_int, default=100, help="steps between checkpoints")
+    run.add_argument("--stop-after", type=positive_int, default=None,
+                     help="checkpoint and stop after this many steps of this invocation (time-boxed jobs)")
+    run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress output")
+    run.add_argument("--ablation", action="store_true", help="run the ablation (ignores --losses and --teacher)")
+    run.add_argument("--seeds", type=seed_list, default=[0, 1, 2], help="ablation seeds, comma-separated")
+    run.add_argument("--ablation-rows", type=lambda text: text.split("|"), default=None,
+                     help=f"ablation rows to run, '|'-separated labels among: {'; '.join(r for r, _ in ABLATION_ROWS)}")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.data != "shapes" and args.data_root is None:
+        parser.error(f"--data-root is required with --data {args.data}")
+    if args.data_root is not None and not Path(args.data_root).is_dir():
+        parser.error(f"--data-root {args.data_root} is not a folder")
+    if args.data == "shapes" and args.labelled_images > args.teacher_images:
+        parser.error(f"--labelled-images ({args.labelled_images}) must be <= --teacher-images ({args.teacher_images})")
+    if args.ablation and len(args.seeds) < 2:
+        parser.error("--seeds: the ablation needs at least 2 seeds for a spread")
+    labels = [label for label, _ in ABLATION_ROWS]
+    if args.ablation_rows is not None and not set(args.ablation_rows) <= set(labels):
+        parser.error(f"--ablation-rows: unknown rows {sorted(set(args.ablation_rows) - set(labels))}")
+    if args.pairwise_pool == "max" and args.pairwise_patch == 1:
+        parser.error("--pairwise-pool max needs --pairwise-patch > 1 (a 1-pixel node has nothing to pool)")
+    args.weights = {term: getattr(args, f"weight_{term}") for term in TERMS}
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not args.ablation:
+        return main_guarded(args)
+    try:
+        run_ablation(args)
+    except Interrupted as stop:
+        print(stop, file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
