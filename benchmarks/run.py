@@ -45,8 +45,7 @@ import measure
 import providers as providers_module
 import report
 from providers import OPS, PROVIDER_NAMES
-
-MODES = ("forward", "backward", "forward+backward")
+from report import MODES
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 # the literal reference materialises about this many B x m x m float64 matrices (or B x C x H x W maps for
 # the consistency loss, which its shifted copies and gradient multiply); above REFERENCE_BUDGET bytes the
