@@ -15,10 +15,9 @@
 #include <cuda.h>  // CUDA_VERSION of the toolkit the extension was compiled with
 #endif
 
-// setup.py passes plain tokens (-DFASTKD_TORCH_VERSION=2.13.0+cpu, -DFASTKD_CUDA_ARCHS=8.0,9.0): string
-// literals in -D flags do not survive both the ninja and the plain setuptools build paths.
-#define FASTKD_STRINGIFY_IMPL(...) #__VA_ARGS__
-#define FASTKD_STRINGIFY(...) FASTKD_STRINGIFY_IMPL(__VA_ARGS__)
+// FASTKD_BUILD_TORCH_VERSION and FASTKD_BUILD_CUDA_ARCHS ("8.0,9.0+PTX", empty without CUDA) as string
+// literals, written by setup.py into its build folder (-D values would be split at commas by nvcc).
+#include "fastkd_build_config.h"
 
 namespace fastkd {
 namespace {
@@ -39,21 +38,13 @@ std::string build_info() {
 #else
   add("cuda", "0");
 #endif
-#ifdef FASTKD_TORCH_VERSION
-  add("torch", FASTKD_STRINGIFY(FASTKD_TORCH_VERSION));
-#else
-  add("torch", "");
-#endif
+  add("torch", FASTKD_BUILD_TORCH_VERSION);
 #if defined(FASTKD_WITH_CUDA) && defined(CUDA_VERSION)
   add("cuda_version", std::to_string(CUDA_VERSION / 1000) + "." + std::to_string(CUDA_VERSION % 1000 / 10));
 #else
   add("cuda_version", "");
 #endif
-#if defined(FASTKD_WITH_CUDA) && defined(FASTKD_CUDA_ARCHS)
-  add("archs", FASTKD_STRINGIFY(FASTKD_CUDA_ARCHS));
-#else
-  add("archs", "");
-#endif
+  add("archs", FASTKD_BUILD_CUDA_ARCHS);
 #ifdef _OPENMP
   add("openmp", "1");
 #else
