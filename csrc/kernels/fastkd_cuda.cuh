@@ -3,7 +3,9 @@
 //
 //   FASTKD_GLOBAL / FASTKD_DEVICE / FASTKD_HOST_DEVICE   __global__ / __device__ / __host__ __device__
 //   FASTKD_SHARED(T, name, N)                             a __shared__ T name[N] (race-checked when emulated)
-//   FASTKD_LAUNCH(kernel, grid, block, stream, args...)   kernel<<<grid, block, 0, stream>>>(args...)
+//   FASTKD_LAUNCH(kernel, grid, block, stream, args...)   kernel<<<grid, block, 0, stream>>>(args...), then a
+//                                                         check of the launch that throws std::runtime_error
+//                                                         naming the kernel and its configuration
 //   fastkd_stream_t                                       cudaStream_t
 //   FASTKD_KERNELS                                        the namespace of the kernels: fastkd::cuda, or
 //                                                         fastkd::emulated when emulated (both can be linked)
@@ -22,11 +24,36 @@
 #include <cuda_runtime.h>
 
 #if defined(__CUDACC__)
+#include <stdexcept>
+#include <string>
+
 #define FASTKD_GLOBAL __global__
 #define FASTKD_DEVICE __device__
 #define FASTKD_HOST_DEVICE __host__ __device__
 #define FASTKD_SHARED(T, name, N) __shared__ T name[N]
-#define FASTKD_LAUNCH(kernel, grid, block, stream, ...) kernel<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__)
+#define FASTKD_LAUNCH(kernel, grid, block, stream, ...)                               \
+  do {                                                                                \
+    const dim3 fastkd_launch_grid = (grid), fastkd_launch_block = (block);            \
+    kernel<<<fastkd_launch_grid, fastkd_launch_block, 0, (stream)>>>(__VA_ARGS__);    \
+    ::fastkd::check_launch(cudaGetLastError(), #kernel, fastkd_launch_grid, fastkd_launch_block); \
+  } while (0)
+
+namespace fastkd {
+
+// The status of the launch just made (cudaGetLastError, which also clears it): a bad configuration, too
+// many resources or no kernel image for this GPU raises here, at the op that launched, instead of at torch's
+// next CUDA call or not at all (leaving the outputs uninitialised). Errors while the kernel runs surface at
+// the next synchronisation, as with C10_CUDA_KERNEL_LAUNCH_CHECK.
+inline void check_launch(cudaError_t status, const char* kernel, dim3 grid, dim3 block) {
+  if (status == cudaSuccess) return;
+  const auto triple = [](dim3 d) {
+    return "(" + std::to_string(d.x) + ", " + std::to_string(d.y) + ", " + std::to_string(d.z) + ")";
+  };
+  throw std::runtime_error(std::string("fastkd: launching ") + kernel + " with grid " + triple(grid) + " and block " +
+                           triple(block) + " failed: " + cudaGetErrorName(status) + ": " + cudaGetErrorString(status));
+}
+
+}  // namespace fastkd
 #else
 #define FASTKD_HOST_DEVICE
 #endif

@@ -112,6 +112,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& s, const at::Tensor& t, int64_t kernel_h, int64_t kernel_w, int64_t grid_h, int64_t grid_w,
     bool max_pool, double eps, bool use_gram, bool per_row, bool /*detach_norm*/) {
   const nodes::Grid grid = affinity_full_grid(s, t, kernel_h, kernel_w, grid_h, grid_w, max_pool);
+  glue::check_same_device("cuda_affinity_forward", {{"s", s}, {"t", t}});
   FASTKD_GLUE_GUARD(s);
   const at::Tensor s_norm = affinity_full_norms(s, grid), t_norm = affinity_full_norms(t, grid);
   // Mixed dtypes are widened to the common one (exact: float16/bfloat16 -> float32 -> float64).
@@ -162,6 +163,9 @@ std::tuple<at::Tensor, at::Tensor> affinity_full_backward_op(
     int64_t kernel_h, int64_t kernel_w, int64_t grid_h, int64_t grid_w, bool max_pool, double eps, bool use_gram,
     bool detach_norm, bool need_s, bool need_t) {
   const nodes::Grid grid = affinity_full_grid(s, t, kernel_h, kernel_w, grid_h, grid_w, max_pool);
+  glue::check_same_device("cuda_affinity_backward",
+                          {{"s", s}, {"t", t}, {"grad_terms", grad_terms}, {"s_norm", s_norm_in}, {"t_norm", t_norm_in},
+                           {"gram_ss", gram_ss}, {"gram_st", gram_st}, {"gram_tt", gram_tt}});
   FASTKD_GLUE_GUARD(s);
   const int64_t batch = s.size(0), m = nodes::node_count(grid);
   TORCH_CHECK(grad_terms.dim() == 1 || (grad_terms.dim() == 2 && grad_terms.size(1) == m),

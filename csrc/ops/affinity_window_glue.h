@@ -32,6 +32,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> affinity_window_forwa
     const at::Tensor& s, const at::Tensor& t, int64_t kernel_h, int64_t kernel_w, bool max_pool, int64_t window,
     double eps, bool /*detach_norm*/) {
   glue::check_pair(s, t);
+  glue::check_same_device("cuda_affinity_window_forward", {{"s", s}, {"t", t}});
   const affinity_window::Grid grid = checked_grid(s, kernel_h, kernel_w, max_pool, window);
   FASTKD_GLUE_GUARD(s);
   // Mixed dtypes are widened to the common one (exact: float16/bfloat16 -> float32 -> float64).
@@ -73,8 +74,8 @@ at::Tensor affinity_window_backward_op(const at::Tensor& grad_total, const at::T
               "`difference` must be (B, half window, m) = (", batch, ", ", affinity_window::half_window(grid), ", ",
               m, "), got ", difference.sizes());
   TORCH_CHECK(grad_total.numel() == 1, "`grad_total` must hold one element, got ", grad_total.numel());
-  TORCH_CHECK(grad_total.device() == x.device() && norms.device() == x.device() && difference.device() == x.device(),
-              "`grad_total`, `x`, `norms` and `difference` must be on one device");
+  glue::check_same_device("cuda_affinity_window_backward",
+                          {{"x", x}, {"grad_total", grad_total}, {"norms", norms}, {"difference", difference}});
   FASTKD_GLUE_GUARD(x);
   at::Tensor grad = at::empty_like(x);
   if (x.numel() == 0) return grad.zero_();

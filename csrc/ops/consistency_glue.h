@@ -20,6 +20,7 @@ using glue::map_of;
 std::tuple<at::Tensor, at::Tensor> consistency_forward_op(const at::Tensor& s, const at::Tensor& t, bool valid,
                                                           int64_t dilation) {
   glue::check_pair(s, t);
+  glue::check_same_device("cuda_consistency_forward", {{"s", s}, {"t", t}});
   TORCH_CHECK(dilation >= 1, "`dilation` must be >= 1");
   FASTKD_GLUE_GUARD(s);
   // Mixed dtypes are widened to the common one (exact: float16/bfloat16 -> float32 -> float64).
@@ -44,6 +45,11 @@ std::tuple<at::Tensor, at::Tensor> consistency_forward_op(const at::Tensor& s, c
 at::Tensor consistency_backward_op(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& difference,
                                    int64_t dilation, double sign) {
   glue::check_input(x, "x");
+  glue::check_same_device("cuda_consistency_backward", {{"x", x}, {"grad_loss", grad_loss}, {"difference", difference}});
+  TORCH_CHECK(grad_loss.numel() == 1, "`grad_loss` must hold one element, got ", grad_loss.numel());
+  TORCH_CHECK(difference.sizes() == at::IntArrayRef({x.size(0), x.size(2), x.size(3)}),
+              "`difference` must be (B, H, W) = (", x.size(0), ", ", x.size(2), ", ", x.size(3), "), got ",
+              difference.sizes());
   FASTKD_GLUE_GUARD(x);
   at::Tensor grad = at::empty_like(x);
   if (x.numel() == 0) return grad.zero_();

@@ -5,6 +5,8 @@
 
 #include <ATen/ATen.h>
 
+#include <initializer_list>
+
 #include "../kernels/fastkd_cuda.cuh"
 #include "../kernels/nodes_math.cuh"
 
@@ -22,13 +24,34 @@ inline void check_input(const at::Tensor& x, const char* name) {
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "`", name, "` must be floating point, got ", x.scalar_type());
 }
 
-// The inputs s and t of a loss: checked alone, then one B, H and W (their channels may differ), one device.
+// The inputs s and t of a loss: checked alone, then one B, H and W (their channels may differ).
 inline void check_pair(const at::Tensor& s, const at::Tensor& t) {
   check_input(s, "s");
   check_input(t, "t");
   TORCH_CHECK(s.size(0) == t.size(0) && s.size(2) == t.size(2) && s.size(3) == t.size(3),
               "`s` and `t` must share B, H and W");
-  TORCH_CHECK(s.device() == t.device(), "`s` and `t` must be on one device");
+}
+
+// A tensor argument and its name in the op's schema.
+struct Named {
+  const char* name;
+  const at::Tensor& tensor;
+};
+
+// Every defined tensor argument of `op` lies on one device. The dispatcher takes the CUDA implementation when
+// any argument is a CUDA tensor, so a CPU tensor beside them would reach a kernel as a host pointer.
+inline void check_same_device(const char* op, std::initializer_list<Named> arguments) {
+  const Named* first = nullptr;
+  for (const Named& argument : arguments) {
+    if (!argument.tensor.defined()) continue;
+    if (first == nullptr) {
+      first = &argument;
+      continue;
+    }
+    TORCH_CHECK(argument.tensor.device() == first->tensor.device(), "fastkd::", op, ": `", argument.name, "` is on ",
+                argument.tensor.device(), " but `", first->name, "` is on ", first->tensor.device(),
+                "; every tensor argument must be on one device");
+  }
 }
 
 }  // namespace glue
