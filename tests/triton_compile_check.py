@@ -1,111 +1,172 @@
-"""Compiles every Triton kernel of fastkd for sm_80 and sm_90 with Triton's own compiler (to PTX and a cubin
-through the ptxas that ships with triton); no GPU is needed. Run by test_triton_compile.py in a process
-without TRITON_INTERPRET (under the interpreter ``triton.jit`` returns functions that cannot be compiled).
+"""Compiles every Triton kernel of fastkd as a GPU would get it, for sm_80, sm_89 and sm_90, with Triton's own
+compiler and the ptxas that ships with triton; no GPU is needed. Fails on a compile error, on a kernel that
+spills (any stack frame or local memory), on float64 ``tl.dot`` that does not lower to FP64 MMA, and on a
+float scalar (``eps``, ``sign``) that does not reach the kernel as float64 (a plain Python float would be
+passed as float32 on a GPU, though not under the interpreter).
 
-    python tests/triton_compile_check.py        prints one line per compiled variant, exits 1 on a failure
+    python tests/triton_compile_check.py       one line per compiled variant (registers, spills), exit 1 on a failure
+
+The variants are the launches the losses really make: every public loss is run with ``backend="triton"`` on
+CPU tensors, and each kernel launch is recorded instead of run. Each recorded launch is then specialised the
+way Triton's launcher specialises it on a GPU (an integer 1 becomes a constant, integers and pointers divisible
+by 16 get that alignment; so contiguous inputs, 1 x 1 patches and sizes divisible by 16 compile to other code
+than odd shapes) and compiled per architecture. A 64-bit variant of each kernel (tensors past 2^31 elements)
+is compiled too. Run by test_triton_compile.py in a process without TRITON_INTERPRET.
 """
 
-import itertools
+from __future__ import annotations
+
+import argparse
+import multiprocessing
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
-assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET"
+assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET: interpreted kernels do not compile"
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
-from fastkd.triton_kernels import affinity, affinity_window, consistency, nodes  # noqa: E402
+import fastkd  # noqa: E402
+from fastkd.triton_kernels import TRITON_ERROR  # noqa: E402
 
-ARCHS = (80, 90)
-INPUT_TYPES = ("*fp16", "*bf16", "*fp32", "*fp64")
-FLOAT_SCALARS = ("eps", "sign")  # Python floats: the JIT passes them as fp32
+ARCHS = (80, 89, 90)
 FP64_MMA = "mma.sync.aligned.m8n8k4.row.col.f64"
-
-# kernel: (pointers holding the caller's dtype (inputs and gradients), constexpr flags (values to combine, or
-# the list of combinations that are launched), the block sizes the launchers use, whether it multiplies
-# float64 tiles with tl.dot)
-KERNELS = {
-    nodes.node_norm_kernel: (("x_ptr",), dict(MAX_POOL=(False, True)),
-                             dict(BLOCK_C=nodes.BLOCK_CHANNELS, BLOCK_N=nodes.BLOCK_NODES), False),
-    nodes.node_backward_kernel: (("x_ptr", "grad_x_ptr"), dict(DETACH_NORM=(False, True), MAX_POOL=(False, True)),
-                                 dict(BLOCK_C=nodes.BLOCK_CHANNELS, BLOCK_N=nodes.BLOCK_NODES), False),
-    affinity.gram_kernel: (("x_ptr", "y_ptr"), dict(HAS_WEIGHT=(False, True), MAX_POOL=(False, True)),
-                           dict(BLOCK_X=affinity.BLOCK_CHANNELS, BLOCK_Y=affinity.BLOCK_CHANNELS,
-                                BLOCK_N=affinity.BLOCK_NODES), True),
-    affinity.gram_apply_kernel: (("p_ptr", "q_ptr"),  # the launches of gram_rows and affinity_backward
-                                 [dict(HAS_Q=q, HAS_WEIGHTED=weighted, STORE=store, DOTS=not store, MAX_POOL=pool)
-                                  for q, weighted, store in ((True, False, False), (False, False, False),
-                                                             (True, False, True), (True, True, True))
-                                  for pool in (False, True)],
-                                 dict(BLOCK_C=affinity.BLOCK_CHANNELS, BLOCK_N=affinity.BLOCK_NODES), True),
-    affinity.direct_rows_kernel: (("s_ptr", "t_ptr"), dict(MAX_POOL=(False, True)),
-                                  dict(BLOCK_I=affinity.BLOCK_NODES, BLOCK_J=affinity.BLOCK_NODES,
-                                       BLOCK_C=affinity.BLOCK_CHANNELS), True),
-    affinity.direct_backward_kernel: (("s_ptr", "t_ptr"), dict(NEED_S=(True,), NEED_T=(False, True),
-                                                              MAX_POOL=(False, True)),
-                                      dict(BLOCK_I=affinity.BLOCK_NODES, BLOCK_J=affinity.BLOCK_NODES,
-                                           BLOCK_C=affinity.BLOCK_CHANNELS), True),
-    affinity_window._window_forward_kernel: (("s_ptr", "t_ptr"), dict(MAX_POOL=(False, True)),
-                                             dict(BLOCK_C=affinity_window.BLOCK_CHANNELS,
-                                                  BLOCK_N=affinity_window.BLOCK_N), False),
-    affinity_window._window_backward_kernel: (("x_ptr",), dict(MAX_POOL=(False, True)),
-                                              dict(BLOCK_C=affinity_window.BLOCK_CHANNELS,
-                                                   BLOCK_N=affinity_window.BLOCK_N), False),
-    consistency._consistency_forward_kernel: (("s_ptr", "t_ptr"), dict(VALID=(False, True)),
-                                              dict(BLOCK_C=consistency.BLOCK_C, BLOCK_P=consistency.BLOCK_P), False),
-    consistency._consistency_backward_kernel: (("x_ptr", "out_ptr"), dict(),
-                                               dict(BLOCK_C=consistency.BLOCK_C, BLOCK_P=consistency.BLOCK_P), False),
-}
+FP64_MMA_ARCHS = (80, 90)  # sm_89 (and sm_86) have no FP64 tensor cores: float64 tl.dot is FMAs there
+FLOAT64_SCALARS = ("eps", "sign")
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def signature(kernel, caller_pointers, input_type, constexprs, int_type):
-    types = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            types[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            types[name] = input_type if name in caller_pointers else "*fp64"
-        else:
-            types[name] = "fp32" if name in FLOAT_SCALARS else int_type
-    return types
+def record_launches():
+    """Every Triton kernel launch of the losses' forward and backward passes, as (kernel, args, kwargs)."""
+    launches = []
+
+    def record(kernel, *args, grid, warmup, **kwargs):
+        launches.append((kernel, args, kwargs))
+
+    # The kernels were decorated for compiling (TRITON_INTERPRET unset when triton was imported); fastkd only
+    # asks for TRITON_INTERPRET to accept CPU tensors, and the recorder runs nothing.
+    os.environ["TRITON_INTERPRET"] = "1"
+    original_run, JITFunction.run = JITFunction.run, record
+    try:
+        generator = torch.Generator().manual_seed(0)
+        for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            for shape in ((2, 32, 32, 48), (2, 19, 13, 21)):  # sizes divisible by 16 and odd ones
+                s = torch.randn(*shape, generator=generator).to(dtype).requires_grad_()
+                t = torch.randn(*shape, generator=generator).to(dtype).requires_grad_()
+                losses = [fastkd.ConsistencyLoss(border="valid", backend="triton"),
+                          fastkd.ConsistencyLoss(border="same", dilation=2, backend="triton")]
+                for algorithm in ("gram", "direct"):
+                    losses += [fastkd.PairwiseAffinityLoss(algorithm=algorithm, backend="triton"),
+                               fastkd.PairwiseAffinityLoss(patch=2, pool="max", algorithm=algorithm, backend="triton"),
+                               fastkd.AffinityDistillationLoss(algorithm=algorithm, backend="triton")]
+                losses += [fastkd.PairwiseAffinityLoss(window=2, backend="triton"),
+                           fastkd.PairwiseAffinityLoss(window=1, patch=2, pool="max", detach_norm=True,
+                                                       backend="triton")]
+                for loss in losses:
+                    loss(s, t).backward()
+    finally:
+        JITFunction.run = original_run
+        del os.environ["TRITON_INTERPRET"]
+    return launches
 
 
-def variants():
-    """Every flag combination in float32 with 32-bit sizes, every input dtype with the first combination,
-    and 64-bit sizes (tensors past 2^31 elements) with the first combination."""
-    for kernel, (pointers, flags, blocks, uses_dot) in KERNELS.items():
-        if isinstance(flags, dict):  # every combination of the values
-            flags = [dict(zip(flags, values)) for values in itertools.product(*flags.values())]
-        combinations = flags
-        for arch in ARCHS:
-            for combination in combinations:
-                yield kernel, pointers, {**combination, **blocks}, "*fp32", "i32", arch, uses_dot
-            for input_type in INPUT_TYPES:
-                if input_type != "*fp32":
-                    yield kernel, pointers, {**combinations[0], **blocks}, input_type, "i32", arch, uses_dot
-            yield kernel, pointers, {**combinations[0], **blocks}, "*fp32", "i64", arch, uses_dot
+def specialise(kernel, args, kwargs, backend):
+    """(signature, constexprs, attrs, options) as Triton's launcher computes them for this backend."""
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    return signature, constexprs, attrs, options
+
+
+def resources(cubin: bytes):
+    """(registers, stack bytes, local bytes) of the one kernel in a cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", file.name], capture_output=True, text=True,
+                               check=True).stdout
+    values = {key: int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage)}
+    return values["REG"], values["STACK"], values["LOCAL"]
+
+
+def variants(launches):
+    """(label, kernel, signature, constexprs, attrs, options, target) for each architecture: every distinct
+    specialisation of the float32 launches; for the other dtypes, one per kernel and alignment; and one 64-bit
+    variant per kernel (sizes and strides past 2^31, nothing known about alignment)."""
+    chosen = []
+    for arch in ARCHS:
+        target = GPUTarget("cuda", arch, 32)
+        backend = make_backend(target)
+        seen = set()
+        for kernel, args, kwargs in launches:
+            signature, constexprs, attrs, options = specialise(kernel, args, kwargs, backend)
+            dtype = next((ty for name, ty in signature.items() if name.endswith("_ptr") and ty != "*fp64"), "*fp64")
+            flags = ",".join(f"{kernel.arg_names[path[0]]}={value}" for path, value in sorted(constexprs.items())
+                             if not kernel.arg_names[path[0]].startswith("BLOCK"))
+            aligned = sum(1 for value in attrs.values() if value)  # arguments known divisible by 16
+            key = (kernel.__name__, dtype, aligned, flags if dtype == "*fp32" else None)
+            if key in seen:
+                continue
+            seen.add(key)
+            label = f"{kernel.__name__} sm_{arch} {dtype[1:]} aligned={aligned} {flags}"
+            chosen.append((label, kernel, signature, constexprs, attrs, options, target))
+            if (kernel.__name__, "i64") not in seen:
+                seen.add((kernel.__name__, "i64"))
+                wide = {name: "i64" if ty == "i32" else ty for name, ty in signature.items()}
+                chosen.append((f"{label} i64", kernel, wide, constexprs, {}, options, target))
+    return chosen
+
+
+CHOSEN = []  # the variants, set before the worker processes fork (kernels do not pickle)
+
+
+def compile_variant(index):
+    """(ok, line) for variant CHOSEN[index]."""
+    label, kernel, signature, constexprs, attrs, options, target = CHOSEN[index]
+    problems = [f"{name} is {signature[name]}, not fp64" for name in FLOAT64_SCALARS
+                if name in signature and signature[name] != "fp64"]
+    try:
+        result = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                                options=options.__dict__)
+    except Exception as error:
+        return False, f"FAIL {label}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    registers, stack, local = resources(result.asm["cubin"])
+    mma = FP64_MMA in result.asm["ptx"]
+    if stack or local:
+        problems.append(f"spills: {stack} bytes stack, {local} bytes local memory")
+    if "tt.dot" in result.asm["ttir"] and target.arch in FP64_MMA_ARCHS and not mma:
+        problems.append(f"float64 tl.dot did not lower to FP64 MMA ({FP64_MMA})")  # fastkd's dots are float64
+    line = (f"{label} warps {options.num_warps} registers {registers} stack {stack} local {local}"
+            f"{' fp64-mma' if mma else ''}")
+    return not problems, f"FAIL {line}: {'; '.join(problems)}" if problems else f"ok {line}"
 
 
 def main() -> int:
-    failures = 0
-    for kernel, pointers, constexprs, input_type, int_type, arch, uses_dot in variants():
-        flags = ",".join(f"{k}={v}" for k, v in constexprs.items() if not k.startswith("BLOCK"))
-        label = f"{kernel.__name__} sm_{arch} {input_type[1:]} {int_type} {flags}"
-        try:
-            compiled = triton.compile(ASTSource(kernel, signature(kernel, pointers, input_type, constexprs, int_type),
-                                                constexprs), target=GPUTarget("cuda", arch, 32))
-        except Exception as error:  # report every failing variant, not only the first
-            failures += 1
-            print(f"FAIL {label}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
-            continue
-        ptx = compiled.asm["ptx"]
-        mma = FP64_MMA in ptx
-        if uses_dot and not mma:
-            failures += 1
-            print(f"FAIL {label}: float64 tl.dot did not lower to FP64 MMA ({FP64_MMA})")
-            continue
-        print(f"ok {label} cubin {len(compiled.asm['cubin'])} bytes{' fp64-mma' if mma else ''}")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernel", help="only the kernels whose name contains this")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="compiles in parallel (default: cores)")
+    arguments = parser.parse_args()
+    if TRITON_ERROR is not None:
+        print(f"FAIL triton: {TRITON_ERROR}")
+        return 1
+    launches = [launch for launch in record_launches()
+                if arguments.kernel is None or arguments.kernel in launch[0].__name__]
+    kernels = sorted({kernel.__name__ for kernel, _, _ in launches})
+    print(f"recorded {len(launches)} launches of {len(kernels)} kernels: {', '.join(kernels)}", flush=True)
+    CHOSEN[:] = variants(launches)
+    # fork: the workers inherit CHOSEN; each compile is single-threaded MLIR plus ptxas
+    with multiprocessing.get_context("fork").Pool(max(1, arguments.jobs)) as pool:
+        results = list(pool.imap(compile_variant, range(len(CHOSEN))))
+    for _, line in results:
+        print(line)
+    failures = sum(1 for ok, _ in results if not ok)
+    print(f"{len(results)} variants for {', '.join(f'sm_{arch}' for arch in ARCHS)}: {failures} failed")
     return 1 if failures else 0
 
 

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from fastkd.ops import affinity_kernels
-from fastkd.triton_kernels._launch import on_device, strides
+from fastkd.triton_kernels._launch import KERNEL_OPTIONS, on_device, strides
 from fastkd.triton_kernels.affinity_window import window_graph_sum
 from fastkd.triton_kernels.nodes import NodeGrid, load_normalized, node_backward, node_norms
 
@@ -42,12 +42,19 @@ BLOCK_CHANNELS = 32
 # Gram programs split the node range so that small batches still fill the GPU; each split writes its own
 # partial matrix and the partials are summed in a fixed order (no atomics).
 TARGET_PROGRAMS = 1024
+# direct_backward_kernel's partner and channel steps: at 32 it needs more than 255 registers on GPUs whose
+# float64 tl.dot is FMAs (no FP64 tensor cores: sm_86, sm_89), and spilled 0.7-1 KB per thread there.
+BACKWARD_BLOCK = 16
+# A 1 x 1 patch is not made a compile-time constant in the kernels with tl.dot: with it, Triton (3.8) moves
+# the float16/bfloat16 -> float64 conversion of the loaded tile into the MMA operand layout and fails to
+# compile them (an assertion in its MMAv2 lowering); a runtime patch size keeps the conversion before it.
+UNSPECIALISED = ["kernel_h", "kernel_w"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALISED)
 def gram_kernel(x_ptr, x_norm_ptr, y_ptr, y_norm_ptr, weight_ptr, out_ptr, x_channels, y_channels, num_nodes,
-                height, width, grid_w, x_sb, x_sc, x_sh, x_sw, y_sb, y_sc, y_sh, y_sw, kernel_h, kernel_w, eps,
-                nodes_per_split, HAS_WEIGHT: tl.constexpr, MAX_POOL: tl.constexpr,
+                height, width, grid_w, x_sb, x_sc, x_sh, x_sw, y_sb, y_sc, y_sh, y_sw, kernel_h, kernel_w,
+                eps: tl.float64, nodes_per_split, HAS_WEIGHT: tl.constexpr, MAX_POOL: tl.constexpr,
                 BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_N: tl.constexpr):
     """One (BLOCK_X x BLOCK_Y) tile of ``X W Y'`` summed over one split of the nodes; grid
     (tiles, splits, B). Writes out[b, split] (B, splits, Cx, Cy) float64."""
@@ -91,10 +98,10 @@ def _matrix_times_nodes(acc, matrix_ptr, b, out_rows, out_channels, x_ptr, x_nor
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALISED)
 def gram_apply_kernel(p_ptr, p_norm_ptr, q_ptr, q_norm_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr, weight_ptr,
                       out_ptr, dot_a_ptr, dot_b_ptr, p_channels, q_channels, num_nodes, height, width, grid_w,
-                      p_sb, p_sc, p_sh, p_sw, q_sb, q_sc, q_sh, q_sw, kernel_h, kernel_w, eps,
+                      p_sb, p_sc, p_sh, p_sw, q_sb, q_sc, q_sh, q_sw, kernel_h, kernel_w, eps: tl.float64,
                       HAS_Q: tl.constexpr, HAS_WEIGHTED: tl.constexpr, STORE: tl.constexpr, DOTS: tl.constexpr,
                       MAX_POOL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
     """For a block of nodes of one image; grid (node blocks, B):
@@ -173,10 +180,10 @@ def _difference_tile(s_ptr, s_norm_ptr, t_ptr, t_norm_ptr, b, nodes_i, nodes_j, 
     return a_s - a_t
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALISED)
 def direct_rows_kernel(s_ptr, s_norm_ptr, t_ptr, t_norm_ptr, rows_ptr, s_channels, t_channels, num_nodes,
                        height, width, grid_w, s_sb, s_sc, s_sh, s_sw, t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w,
-                       eps, MAX_POOL: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+                       eps: tl.float64, MAX_POOL: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
                        BLOCK_C: tl.constexpr):
     """``r_i = sum_j D_ij^2`` for a block of rows i of one image, sweeping j in tiles; grid (row blocks, B)."""
     b = tl.program_id(1).to(tl.int64)
@@ -206,10 +213,10 @@ def _accumulate_rows(out_ptr, b, nodes_i, weighted, x_ptr, x_norm_ptr, x_channel
         tl.store(out, tl.load(out, mask=ok, other=0.0) + tl.dot(x_j, tl.trans(weighted)), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALISED)
 def direct_backward_kernel(s_ptr, s_norm_ptr, t_ptr, t_norm_ptr, weight_ptr, grad_s_ptr, grad_t_ptr,
                            s_channels, t_channels, num_nodes, height, width, grid_w, s_sb, s_sc, s_sh, s_sw,
-                           t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w, eps, NEED_S: tl.constexpr,
+                           t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w, eps: tl.float64, NEED_S: tl.constexpr,
                            NEED_T: tl.constexpr, MAX_POOL: tl.constexpr, BLOCK_I: tl.constexpr,
                            BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
     """dL/ds_hat_i = 2 sum_j (w_i + w_j) D_ij s_j and dL/dt_hat_i = -2 sum_j (w_i + w_j) D_ij t_j for a
@@ -256,7 +263,7 @@ def gram(x, x_norm, y, y_norm, grid: NodeGrid, eps: float, weight: Optional[torc
             x, x_norm, y, y_norm, x_norm if weight is None else weight, partials, x_channels, y_channels,
             *_geometry(x, grid), *strides(x), *strides(y), grid.kernel_h, grid.kernel_w, eps, nodes_per_split,
             HAS_WEIGHT=weight is not None, MAX_POOL=grid.max_pool, BLOCK_X=BLOCK_CHANNELS,
-            BLOCK_Y=BLOCK_CHANNELS, BLOCK_N=BLOCK_NODES)
+            BLOCK_Y=BLOCK_CHANNELS, BLOCK_N=BLOCK_NODES, **KERNEL_OPTIONS)
     return partials.sum(dim=1)
 
 
@@ -280,7 +287,7 @@ def gram_apply(p, p_norm, q, q_norm, grid: NodeGrid, eps: float, a1, b1=None, we
             dummy if dot_a is None else dot_a, dummy if dot_b is None else dot_b, p_channels, q_channels,
             *_geometry(p, grid), *strides(p), *strides(p if q is None else q), grid.kernel_h, grid.kernel_w, eps,
             HAS_Q=q is not None, HAS_WEIGHTED=weighted is not None, STORE=store, DOTS=dots,
-            MAX_POOL=grid.max_pool, BLOCK_C=BLOCK_CHANNELS, BLOCK_N=BLOCK_NODES)
+            MAX_POOL=grid.max_pool, BLOCK_C=BLOCK_CHANNELS, BLOCK_N=BLOCK_NODES, **KERNEL_OPTIONS)
     return out, dot_a, dot_b
 
 
@@ -291,7 +298,7 @@ def direct_rows(s, s_norm, t, t_norm, grid: NodeGrid, eps: float) -> torch.Tenso
         direct_rows_kernel[(triton.cdiv(grid.nodes, BLOCK_NODES), s.shape[0])](
             s, s_norm, t, t_norm, rows, s.shape[1], t.shape[1], *_geometry(s, grid), *strides(s), *strides(t),
             grid.kernel_h, grid.kernel_w, eps, MAX_POOL=grid.max_pool, BLOCK_I=BLOCK_NODES, BLOCK_J=BLOCK_NODES,
-            BLOCK_C=BLOCK_CHANNELS)
+            BLOCK_C=BLOCK_CHANNELS, **KERNEL_OPTIONS)
     return rows
 
 
@@ -305,7 +312,8 @@ def direct_backward(s, s_norm, t, t_norm, weight, grid: NodeGrid, eps: float, ne
             s, s_norm, t, t_norm, weight, s_norm if grad_s is None else grad_s,
             s_norm if grad_t is None else grad_t, s.shape[1], t.shape[1], *_geometry(s, grid), *strides(s),
             *strides(t), grid.kernel_h, grid.kernel_w, eps, NEED_S=need_s, NEED_T=need_t,
-            MAX_POOL=grid.max_pool, BLOCK_I=BLOCK_NODES, BLOCK_J=BLOCK_NODES, BLOCK_C=BLOCK_CHANNELS)
+            MAX_POOL=grid.max_pool, BLOCK_I=BLOCK_NODES, BLOCK_J=BACKWARD_BLOCK, BLOCK_C=BACKWARD_BLOCK,
+            **KERNEL_OPTIONS)
     return grad_s, grad_t
 
 

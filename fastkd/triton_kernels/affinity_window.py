@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from fastkd.triton_kernels._launch import fixed_order_sum, on_device, strides
+from fastkd.triton_kernels._launch import KERNEL_OPTIONS, fixed_order_sum, on_device, strides
 from fastkd.triton_kernels.nodes import (
     BLOCK_CHANNELS,
     BLOCK_NODES,
@@ -75,7 +75,8 @@ def _affinities(x_ptr, norm_ptr, b, nodes, partners, num_channels, num_nodes, he
 @triton.jit
 def _window_forward_kernel(
     s_ptr, t_ptr, s_norm_ptr, t_norm_ptr, difference_ptr, partial_ptr,
-    s_channels, t_channels, num_nodes, height, width, grid_h, grid_w, kernel_h, kernel_w, reach_h, reach_w, eps,
+    s_channels, t_channels, num_nodes, height, width, grid_h, grid_w, kernel_h, kernel_w, reach_h, reach_w,
+    eps: tl.float64,
     s_stride_b, s_stride_c, s_stride_h, s_stride_w,
     t_stride_b, t_stride_c, t_stride_h, t_stride_w,
     MAX_POOL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -106,8 +107,9 @@ def _window_forward_kernel(
 
 @triton.jit
 def _window_backward_kernel(
-    grad_ptr, x_ptr, norm_ptr, difference_ptr, grad_hat_ptr, sign,
-    num_channels, num_nodes, height, width, grid_h, grid_w, kernel_h, kernel_w, reach_h, reach_w, eps,
+    grad_ptr, x_ptr, norm_ptr, difference_ptr, grad_hat_ptr, sign: tl.float64,
+    num_channels, num_nodes, height, width, grid_h, grid_w, kernel_h, kernel_w, reach_h, reach_w,
+    eps: tl.float64,
     stride_b, stride_c, stride_h, stride_w,
     MAX_POOL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -183,7 +185,7 @@ def triton_affinity_window_forward(
     with on_device(s):
         _window_forward_kernel[(blocks, batch)](
             s, t, s_norms, t_norms, difference, partials, s.shape[1], t.shape[1], *_grid_args(s, grid, window, eps),
-            *strides(s), *strides(t), MAX_POOL=max_pool, BLOCK_C=BLOCK_CHANNELS, BLOCK_N=BLOCK_N)
+            *strides(s), *strides(t), MAX_POOL=max_pool, BLOCK_C=BLOCK_CHANNELS, BLOCK_N=BLOCK_N, **KERNEL_OPTIONS)
     return fixed_order_sum(partials), difference, s_norms, t_norms
 
 
@@ -205,7 +207,7 @@ def _input_gradient(grad: torch.Tensor, x: torch.Tensor, norms: torch.Tensor, di
     with on_device(x):
         _window_backward_kernel[(triton.cdiv(grid.nodes, BLOCK_N), batch)](
             grad, x, norms, difference, grad_hat, sign, channels, *_grid_args(x, grid, window, eps), *strides(x),
-            MAX_POOL=grid.max_pool, BLOCK_C=BLOCK_CHANNELS, BLOCK_N=BLOCK_N)
+            MAX_POOL=grid.max_pool, BLOCK_C=BLOCK_CHANNELS, BLOCK_N=BLOCK_N, **KERNEL_OPTIONS)
     return node_backward(grad_hat, x, norms, grid, eps, detach_norm)
 
 

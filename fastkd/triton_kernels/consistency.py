@@ -22,10 +22,10 @@ import triton
 import triton.language as tl
 
 from fastkd.triton_kernels._convert import to_element_type
-from fastkd.triton_kernels._launch import fixed_order_sum, on_device, strides
+from fastkd.triton_kernels._launch import KERNEL_OPTIONS, fixed_order_sum, on_device, strides
 
 BLOCK_P = 128  # pixels per program (a tile of the flattened H x W map of one image)
-BLOCK_C = 32  # channels per step of a program's channel loop
+BLOCK_C = 4  # channels per step of a program's channel loop
 
 
 @triton.jit
@@ -91,7 +91,7 @@ def _consistency_forward_kernel(
 @triton.jit
 def _consistency_backward_kernel(
     grad_ptr, x_ptr, difference_ptr, out_ptr,
-    channels, height, width, pixels, tiles, dilation, sign,
+    channels, height, width, pixels, tiles, dilation, sign: tl.float64,
     difference_stride_b, difference_stride_h, difference_stride_w,
     x_stride_b, x_stride_c, x_stride_h, x_stride_w,
     out_stride_b, out_stride_c, out_stride_h, out_stride_w,
@@ -150,7 +150,7 @@ def triton_consistency_forward(s: torch.Tensor, t: torch.Tensor, valid: bool,
     with on_device(s):
         _consistency_forward_kernel[(programs,)](
             s, t, difference, partials, s.shape[1], t.shape[1], height, width, height * width, tiles, dilation,
-            *strides(s), *strides(t), VALID=valid, BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P)
+            *strides(s), *strides(t), VALID=valid, BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, **KERNEL_OPTIONS)
     return fixed_order_sum(partials), difference
 
 
@@ -165,7 +165,8 @@ def triton_consistency_backward(grad_sum: torch.Tensor, x: torch.Tensor, differe
     with on_device(x):
         _consistency_backward_kernel[(programs,)](
             grad_sum, x, difference, out, x.shape[1], x.shape[2], x.shape[3], x.shape[2] * x.shape[3], tiles,
-            dilation, sign, *difference.stride(), *strides(x), *strides(out), BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P)
+            dilation, sign, *difference.stride(), *strides(x), *strides(out), BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P,
+            **KERNEL_OPTIONS)
     return out
 
 

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from fastkd.ops.nodes import NodeGrid, node_grid  # noqa: F401  (node_grid: for the kernel modules)
 from fastkd.triton_kernels._convert import to_element_type
-from fastkd.triton_kernels._launch import on_device, strides
+from fastkd.triton_kernels._launch import KERNEL_OPTIONS, on_device, strides
 
 BLOCK_NODES = 32
 BLOCK_CHANNELS = 32
@@ -88,8 +88,8 @@ def node_norm_kernel(x_ptr, norm_ptr, num_channels, num_nodes, height, width, gr
 @triton.jit
 def node_backward_kernel(grad_hat_ptr, x_ptr, norm_ptr, grad_x_ptr, num_channels, num_nodes, height, width,
                          grid_w, stride_b, stride_c, stride_h, stride_w,
-                         grad_stride_b, grad_stride_c, grad_stride_h, grad_stride_w, kernel_h, kernel_w, eps,
-                         DETACH_NORM: tl.constexpr, MAX_POOL: tl.constexpr,
+                         grad_stride_b, grad_stride_c, grad_stride_h, grad_stride_w, kernel_h, kernel_w,
+                         eps: tl.float64, DETACH_NORM: tl.constexpr, MAX_POOL: tl.constexpr,
                          BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
     """dL/dx from dL/df_hat (B, C, m float64, contiguous); grid (node blocks, B).
 
@@ -159,7 +159,7 @@ def node_norms(x: torch.Tensor, grid: NodeGrid) -> torch.Tensor:
     with on_device(x):
         node_norm_kernel[(triton.cdiv(grid.nodes, BLOCK_NODES), batch)](
             x, norms, channels, grid.nodes, height, width, grid.grid_w, *strides(x), grid.kernel_h, grid.kernel_w,
-            MAX_POOL=grid.max_pool, BLOCK_C=BLOCK_CHANNELS, BLOCK_N=BLOCK_NODES)
+            MAX_POOL=grid.max_pool, BLOCK_C=BLOCK_CHANNELS, BLOCK_N=BLOCK_NODES, **KERNEL_OPTIONS)
     return norms
 
 
@@ -172,5 +172,5 @@ def node_backward(grad_hat: torch.Tensor, x: torch.Tensor, norms: torch.Tensor, 
         node_backward_kernel[(triton.cdiv(grid.nodes, BLOCK_NODES), batch)](
             grad_hat, x, norms, grad_x, channels, grid.nodes, height, width, grid.grid_w, *strides(x),
             *strides(grad_x), grid.kernel_h, grid.kernel_w, eps, DETACH_NORM=detach_norm,
-            MAX_POOL=grid.max_pool, BLOCK_C=BLOCK_CHANNELS, BLOCK_N=BLOCK_NODES)
+            MAX_POOL=grid.max_pool, BLOCK_C=BLOCK_CHANNELS, BLOCK_N=BLOCK_NODES, **KERNEL_OPTIONS)
     return grad_x
