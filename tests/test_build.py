@@ -128,3 +128,12 @@ def test_extension_built_against_another_torch_counts_as_not_loaded(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, stdin=subprocess.DEVNULL,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "OK", result.stderr
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and _extension.build_info()["cuda"]),
+                    reason="needs a GPU and the CUDA build of fastkd._C")
+def test_cuda_ops_refuse_a_tensor_on_another_device():
+    s = torch.randn(1, 3, 8, 8, device="cuda", requires_grad=True)
+    _, difference = torch.ops.fastkd.cuda_consistency_forward(s, s.detach().flip(0), True, 1)
+    with pytest.raises(RuntimeError, match="`grad_loss` is on cpu"):
+        torch.ops.fastkd.cuda_consistency_backward(torch.ones((), dtype=torch.float64), s, difference, 1, 1.0)
