@@ -25,7 +25,7 @@ from fastkd.triton_kernels._convert import to_element_type
 from fastkd.triton_kernels._launch import KERNEL_OPTIONS, fixed_order_sum, on_device, strides
 
 BLOCK_P = 128  # pixels per program (a tile of the flattened H x W map of one image)
-BLOCK_C = 4  # channels per step of a program's channel loop
+BLOCK_C = 8  # channels per step of a program's channel loop
 
 
 @triton.jit
