@@ -9,7 +9,7 @@ What gets built is chosen by environment variables (``1/true/yes/on`` or ``0/fal
 default
     A CUDA extension (``CUDAExtension``: every ``csrc/**/*.cu`` plus the C++ files, ``-DFASTKD_WITH_CUDA``)
     when the installed torch was built with CUDA (``torch.version.cuda``) and a CUDA toolkit is found (see
-    ``_find_cuda_toolkit``: ``$CUDA_HOME`` or ``$CUDA_PATH``; else the toolkit of the ``nvcc`` on ``PATH``,
+    ``cuda_toolkit.py``: ``$CUDA_HOME`` or ``$CUDA_PATH``; else the toolkit of the ``nvcc`` on ``PATH``,
     followed through symlinks and, for a wrapper script, asked of nvcc itself; else ``/usr/local/cuda``,
     ``/usr/local/cuda-*``, ``/opt/cuda``). A toolkit counts only with ``bin/nvcc`` and ``include/cuda.h``;
     where nvcc exists but no folder has the headers, the build stops before compiling and says what it

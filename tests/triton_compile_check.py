@@ -62,9 +62,11 @@ def record_launches():
                 losses = [fastkd.ConsistencyLoss(border="valid", backend="triton"),
                           fastkd.ConsistencyLoss(border="same", dilation=2, backend="triton")]
                 for algorithm in ("gram", "direct"):
-                    losses += [fastkd.PairwiseAffinityLoss(algorithm=algorithm, backend="triton"),
-                               fastkd.PairwiseAffinityLoss(patch=2, pool="max", algorithm=algorithm, backend="triton"),
-                               fastkd.AffinityDistillationLoss(algorithm=algorithm, backend="triton")]
+                    options = dict(algorithm=algorithm, backend="triton")
+                    losses += [fastkd.PairwiseAffinityLoss(**options),
+                               fastkd.PairwiseAffinityLoss(patch=2, **options),
+                               fastkd.PairwiseAffinityLoss(patch=2, pool="max", detach_norm=True, **options),
+                               fastkd.AffinityDistillationLoss(**options)]
                 losses += [fastkd.PairwiseAffinityLoss(window=2, backend="triton"),
                            fastkd.PairwiseAffinityLoss(window=1, patch=2, pool="max", detach_norm=True,
                                                        backend="triton")]
