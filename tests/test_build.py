@@ -4,6 +4,7 @@ These tests check the INSTALLED fastkd (run ``pytest tests`` from the repository
 ``pip install .``; ``python -m pytest`` would import the source tree instead, which has no ``_C``).
 """
 
+import os
 import re
 import subprocess
 import sys
@@ -111,6 +112,25 @@ def test_import_fastkd_without_triton_and_extension(tmp_path, how):
     )
     assert result.returncode == 0, f"import fastkd failed without triton and fastkd._C:\n{result.stderr}"
     assert result.stdout.startswith("OK fastkd "), result.stdout
+
+
+def test_import_fastkd_with_triton_but_without_numpy(tmp_path):
+    """A CUDA torch installs triton but not numpy: fastkd (compiled Triton kernels, no interpreter) imports."""
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["numpy"] = None  # not installed
+        import fastkd
+        from fastkd.triton_kernels import TRITON_ERROR
+        assert TRITON_ERROR is None, TRITON_ERROR
+        assert fastkd.PairwiseAffinityLoss.available_backends("cuda")["triton"] is None
+        print("OK")
+        """
+    )
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "OK", result.stderr
 
 
 def test_extension_built_against_another_torch_counts_as_not_loaded(tmp_path):

@@ -31,7 +31,8 @@ from typing import Tuple
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+# Not triton.runtime.interpreter: that imports numpy, which a CUDA torch and its triton do not install.
+from triton.runtime.jit import JITFunction
 
 from fastkd.triton_kernels._launch import KERNEL_OPTIONS, fixed_order_sum, on_device, strides
 from fastkd.triton_kernels.nodes import (
@@ -142,8 +143,8 @@ def _window_backward_kernel(
 
 # Nodes per program. Under the Triton interpreter (CPU tensors) an op costs about the same Python overhead
 # whatever the tile size, so wide tiles (fewer programs) run much faster; on a GPU, 32 x 32 float64 tiles stay
-# in registers (no spills on sm_90) and give more programs.
-BLOCK_N = 256 if isinstance(_window_forward_kernel, InterpretedFunction) else BLOCK_NODES
+# in registers (no spills on sm_80, sm_89 or sm_90) and give more programs.
+BLOCK_N = BLOCK_NODES if isinstance(_window_forward_kernel, JITFunction) else 256  # else: interpreted
 
 
 def _node_grid(x: torch.Tensor, kernel_h: int, kernel_w: int, max_pool: bool) -> NodeGrid:
