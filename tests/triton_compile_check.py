@@ -36,7 +36,9 @@ import fastkd  # noqa: E402
 from fastkd.triton_kernels import TRITON_ERROR  # noqa: E402
 
 ARCHS = (80, 89, 90)
-FP64_MMA = "mma.sync.aligned.m8n8k4.row.col.f64"
+# FP64 tensor-core MMA: m8n8k4 (sm_80 and up; triton 3.8 and 3.9 use it on sm_90 too) or the sm_90 shapes
+# m16n8k{4,8,16} (triton 3.6 uses m16n8k16 there)
+FP64_MMA = re.compile(r"mma\.sync\.aligned\.m\d+n\d+k\d+\.row\.col\.f64")
 FP64_MMA_ARCHS = (80, 90)  # sm_89 (and sm_86) have no FP64 tensor cores: float64 tl.dot is FMAs there
 FLOAT64_SCALARS = ("eps", "sign")
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -139,11 +141,11 @@ def compile_variant(index):
     except Exception as error:
         return False, f"FAIL {label}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     registers, stack, local = resources(result.asm["cubin"])
-    mma = FP64_MMA in result.asm["ptx"]
+    mma = FP64_MMA.search(result.asm["ptx"]) is not None
     if stack or local:
         problems.append(f"spills: {stack} bytes stack, {local} bytes local memory")
-    if "tt.dot" in result.asm["ttir"] and target.arch in FP64_MMA_ARCHS and not mma:
-        problems.append(f"float64 tl.dot did not lower to FP64 MMA ({FP64_MMA})")  # fastkd's dots are float64
+    if "tt.dot" in result.asm["ttir"] and target.arch in FP64_MMA_ARCHS and not mma:  # fastkd's dots are float64
+        problems.append(f"float64 tl.dot did not lower to FP64 MMA ({FP64_MMA.pattern})")
     line = (f"{label} warps {options.num_warps} registers {registers} stack {stack} local {local}"
             f"{' fp64-mma' if mma else ''}")
     return not problems, f"FAIL {line}: {'; '.join(problems)}" if problems else f"ok {line}"
