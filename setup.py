@@ -216,7 +216,7 @@ ext_modules, cmdclass = _extensions()
 
 setup(
     packages=find_packages(include=["fastkd", "fastkd.*"]),
-    package_data={"fastkd.triton_kernels": ["NOTES.md"]},
+    package_data={"fastkd.ops": ["NOTES.md"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

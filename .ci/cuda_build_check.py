@@ -2,9 +2,10 @@
 a venv where `pip install .` built against a CUDA torch.
 
 - build_info() says cuda=1 with the default architectures of setup.py (CI sets no TORCH_CUDA_ARCH_LIST);
-- every `fastkd::cuda_*` op declared in csrc/ has a CUDA kernel in the dispatcher;
+- every op schema declared in csrc/<op>/<op>_schema.cpp has a CUDA kernel in the dispatcher under fastkd::, and a
+  CPU implementation exactly where csrc/<op>/<op>_cpu.cpp exists; its fastkd_emulated:: twin has a CPU kernel;
 - cuobjdump (shipped inside triton) lists SASS for every default architecture and PTX for the one marked
-  +PTX, for every csrc/kernels/*.cu;
+  +PTX, for every csrc/**/*.cu;
 - no kernel uses a stack frame or local memory (spills fail), and the registers per kernel are printed.
 
     python .ci/cuda_build_check.py
@@ -40,20 +41,31 @@ def main() -> None:
         fail(f"build_info archs {info['archs']!r}, expected the default {default!r}")
     print(f"build_info: {torch.ops.fastkd.build_info()}")
 
-    declared = sorted({name for path in glob.glob("csrc/**/*.cpp", recursive=True)
-                       for name in re.findall(r'm\.def\(\s*"(cuda_\w+)\(', open(path).read())})
+    declared = {}  # op schema name -> whether its op has a C++ CPU implementation
+    for path in sorted(glob.glob("csrc/*/*_schema.cpp")):
+        folder = os.path.dirname(path)
+        with open(path) as source:
+            for name in re.findall(r'"(\w+)\(Tensor', source.read()):
+                declared[name] = os.path.exists(os.path.join(folder, f"{os.path.basename(folder)}_cpu.cpp"))
     if not declared:
-        fail("no fastkd::cuda_* op is declared in csrc/")
-    missing = [name for name in declared
-               if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fastkd::{name}", "CUDA")]
-    if missing:
-        fail(f"ops without a CUDA kernel in the dispatcher: {missing}")
-    print(f"dispatcher: all {len(declared)} fastkd::cuda_* ops have a CUDA kernel: {', '.join(declared)}")
+        fail("no op schema is declared in csrc/*/*_schema.cpp")
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+    wrong = [f"fastkd::{name}: CUDA kernel missing" for name in declared if not has_kernel(f"fastkd::{name}", "CUDA")]
+    wrong += [f"fastkd::{name}: CPU kernel {'missing' if cpu else 'unexpected'}"
+              for name, cpu in declared.items() if has_kernel(f"fastkd::{name}", "CPU") != cpu]
+    wrong += [f"fastkd_emulated::{name}: CPU kernel missing" for name in declared
+              if not has_kernel(f"fastkd_emulated::{name}", "CPU")]
+    if wrong:
+        fail("dispatcher: " + "; ".join(wrong))
+    print(f"dispatcher: {len(declared)} fastkd:: op schemas, each with a CUDA kernel, a CPU kernel for "
+          f"{', '.join(name for name, cpu in declared.items() if cpu)}, and an emulated twin: "
+          f"{', '.join(declared)}")
 
     library = _extension._C.__file__
     elves = subprocess.run([CUOBJDUMP, "--list-elf", library], capture_output=True, text=True, check=True).stdout
     ptxs = subprocess.run([CUOBJDUMP, "--list-ptx", library], capture_output=True, text=True, check=True).stdout
-    for source in sorted(glob.glob("csrc/kernels/*.cu")):
+    sources = sorted(glob.glob("csrc/**/*.cu", recursive=True))
+    for source in sources:
         name = os.path.basename(source)[:-3]
         for arch in archs:
             number = arch.replace("+PTX", "").replace(".", "")
@@ -63,7 +75,7 @@ def main() -> None:
                 fail(f"no compute_{number} PTX for {source} in {library}:\n{ptxs}")
     print(f"cuobjdump: SASS for {', '.join(a.replace('+PTX', '') for a in archs)} and PTX for "
           f"{', '.join(a[:-4] for a in archs if a.endswith('+PTX'))}, in each of "
-          f"{len(glob.glob('csrc/kernels/*.cu'))} kernel files")
+          f"{len(sources)} kernel files")
 
     usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", library], capture_output=True, text=True,
                            check=True).stdout

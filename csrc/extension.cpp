@@ -56,12 +56,16 @@ std::string build_info() {
 }  // namespace
 }  // namespace fastkd
 
-// The one TORCH_LIBRARY block of the fastkd namespace: every operator schema is declared here (or in a
-// TORCH_LIBRARY_FRAGMENT); implementations are registered per backend with TORCH_LIBRARY_IMPL.
+// The one TORCH_LIBRARY block of the fastkd namespace. Every op declares its schema in csrc/<op>/<op>_schema.cpp
+// (TORCH_LIBRARY_FRAGMENT), in both: fastkd holds the real implementations (CUDA kernels on the CUDA key,
+// C++ CPU implementations on the CPU key, registered with TORCH_LIBRARY_IMPL in <op>_cuda.cpp and
+// <op>_cpu.cpp); fastkd_emulated runs the same CUDA kernel sources on CPU tensors (<op>_emulated.cpp; its
+// TORCH_LIBRARY block is in emulator/selftest.cpp).
 TORCH_LIBRARY(fastkd, m) {
   // A plain function, not a per-dispatch-key kernel: it is the same for every device (and takes no tensor).
   m.def("build_info() -> str", &fastkd::build_info);
 }
+
 
 // The module init function Python looks up when importing fastkd._C; it returns an empty module.
 PyMODINIT_FUNC PyInit__C(void) {

@@ -2,9 +2,11 @@
 
 Every loss is an ``nn.Module`` here and a function in :mod:`fastkd.functional`; :mod:`fastkd.reference`
 holds their literal float64 definitions. ``backend="auto" | "torch" | "triton" | "cuda" | "cpp"`` selects
-the implementation of the memory-heavy ops.
+the implementation of the memory-heavy ops; :mod:`fastkd._backends` is the registry of which backends
+implement which op, and ``fastkd/ops/<op>/`` holds each op's implementations.
 """
 
+from fastkd import _backends
 from fastkd._backends import BACKENDS, BackendUnavailableError
 from fastkd._extension import build_info
 from fastkd.adaptation import AdaptationLoss, FeatureAdapter, FeatureAutoencoder
@@ -18,9 +20,8 @@ from fastkd.losses import (
 )
 from fastkd.unlabelled import pseudo_labels
 from fastkd import functional, reference
-from fastkd import triton_kernels  # noqa: F401  (adds the triton backend to the ops' tables where triton imports)
-from fastkd import cuda_kernels  # noqa: F401  (adds the cuda backend where fastkd._C is loaded)
-from fastkd import cpp_kernels  # noqa: F401  (adds the cpp backend where fastkd._C is loaded)
+
+_backends.load_available()  # the implementations that can run here; torch.compile cannot trace an import
 
 __version__ = "0.1.0"
 

@@ -1,25 +1,38 @@
-"""Backend selection: ``backend="auto" | "torch" | "triton" | "cuda" | "cpp"``.
+"""The backend registry: ``backend="auto" | "torch" | "triton" | "cuda" | "cpp"``, for every op, in one table.
 
-Every op module keeps a table ``{backend name: implementation}``. The ``torch`` implementation exists for
-every op and runs on any device; ``triton`` and ``cuda`` (GPU kernels) and ``cpp`` (parallel C++ for CPU
-tensors, in ``fastkd._C``) implementations are added to the tables by the kernel modules as they land. ``auto`` takes the first available backend in :data:`AUTO_PREFERENCE` for the
-tensor's device type, skipping implementations marked ``auto = False`` (not faster than the next one: they
-run only when asked for by name).
+An *op* is a memory-heavy computation with interchangeable implementations, named the same in Python,
+``csrc/``, tests and benchmarks: ``affinity_full``, ``affinity_window``, ``consistency``, ``pixelwise_kd``,
+``probability``. Each lives in one package, ``fastkd/ops/<op>/``, one module per backend:
+
+* ``torch``: ``torch_backend.py``, plain torch; every op has it and it runs on any device;
+* ``triton``: ``triton_backend.py``, Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``);
+* ``cuda`` and ``cpp``: ``extension_backend.py``, the compiled ops ``torch.ops.fastkd.<op>_forward`` and
+  ``_backward`` of ``fastkd._C``, whose CUDA kernels sit on the CUDA dispatch key and C++ CPU implementation
+  (if any) on the CPU key; ``cuda`` on CPU tensors runs the same CUDA kernel sources through fastkd's emulator
+  (``torch.ops.fastkd_emulated.<op>_*``) when ``FASTKD_EMULATE_CUDA=1``.
+
+:data:`IMPLEMENTATIONS` says which backends implement which op and which of them ``auto`` may take; the
+modules are imported by :func:`load_available` when fastkd is imported (those that can run here), never to
+fill the table. A *loss* runs one or more
+ops (:data:`LOSS_OPS`); it accepts a backend that implements at least one of them, and runs its other ops
+with the torch implementation (today: ``PairwiseAffinityLoss(backend="cpp")`` on a full graph, which has no
+C++ CPU kernel).
 
 An unknown name is a ``ValueError`` when the loss is built; a backend that cannot run is a
 :class:`BackendUnavailableError` (a ``ValueError``) that says why: at construction when the reason does not
-depend on the input (not installed, not built, no kernel for this op), at call time when it does (device).
+depend on the input (not installed, not built, no kernel for this loss), at call time when it does (device).
 """
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
-from typing import Callable, Dict, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from fastkd import _extension
+from fastkd import _extension, _triton
 
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
 
@@ -31,20 +44,90 @@ DEFAULT_PREFERENCE = ("torch",)
 
 
 class BackendUnavailableError(ValueError):
-    """The requested backend exists but cannot run this op here; the message says why."""
+    """The requested backend exists but cannot run this loss here; the message says why."""
 
 
-def _machine_reason(backend: str, op: str, implementations: Dict[str, Callable]) -> Optional[str]:
-    """Why ``backend`` cannot run ``op`` on this machine at all, or None if it might."""
-    if backend == "triton":
-        if importlib.util.find_spec("triton") is None:
-            return "triton is not installed (`pip install triton`)"
-        from fastkd.triton_kernels import TRITON_ERROR  # imports triton
+@dataclass(frozen=True)
+class Implementation:
+    """One backend's implementation of an op: ``function`` of ``fastkd.ops.<op>.<module>``, imported when
+    first run. ``auto``: whether ``backend="auto"`` may take it (False where it was measured slower than the
+    next backend; it then runs only when asked for by name). ``emulated``: for ``cuda``, the function that
+    runs the same kernels on CPU tensors through the emulator."""
 
-        if TRITON_ERROR is not None:
-            return TRITON_ERROR
-    if backend not in implementations:
-        return f"fastkd has no {backend} implementation of {op} yet"
+    op: str
+    module: str
+    function: str
+    auto: bool = True
+    emulated: Optional[str] = None
+
+    def load(self, device: torch.device) -> Callable:
+        name = self.emulated if self.emulated is not None and device.type != "cuda" else self.function
+        module = _LOADED.get(self.module_name)
+        if module is None:
+            module = _LOADED[self.module_name] = importlib.import_module(self.module_name)
+        return getattr(module, name)
+
+    @property
+    def module_name(self) -> str:
+        return f"fastkd.ops.{self.op}.{self.module}"
+
+
+# The implementation modules imported so far. ``load_available`` fills it when fastkd is imported:
+# torch.compile cannot trace an import, so a loss compiled before its first eager call finds its module here.
+_LOADED: Dict[str, object] = {}
+
+
+def _kernels(op: str, function: str, *, cpp: bool, cpp_auto: bool = True) -> Dict[str, Implementation]:
+    """The torch, triton and cuda implementations of an op that has kernels (and cpp where it has a C++ CPU
+    implementation), each module exposing ``function`` (cuda's emulated one: ``emulated_<function>``)."""
+    table = {
+        "torch": Implementation(op, "torch_backend", function),
+        "triton": Implementation(op, "triton_backend", function),
+        "cuda": Implementation(op, "extension_backend", function, emulated=f"emulated_{function}"),
+    }
+    if cpp:
+        table["cpp"] = Implementation(op, "extension_backend", function, auto=cpp_auto)
+    return table
+
+
+IMPLEMENTATIONS: Dict[str, Dict[str, Implementation]] = {
+    "affinity_full": _kernels("affinity_full", "full_graph_terms", cpp=False),
+    # Not for auto: on a 2-core CPU (benchmarks/run.py, window=2, C=64) the C++ windowed graph took 1.9-2.1x
+    # the torch backend's time up to 64x128 node grids and 0.68x only from 256x512 on.
+    "affinity_window": _kernels("affinity_window", "window_graph_sum", cpp=True, cpp_auto=False),
+    "consistency": _kernels("consistency", "consistency_sum", cpp=True),
+    # The per-pixel losses are a softmax and a sum: no fused kernel is planned for them.
+    "pixelwise_kd": {"torch": Implementation("pixelwise_kd", "torch_backend", "pixelwise_kd_terms")},
+    "probability": {"torch": Implementation("probability", "torch_backend", "probability_terms")},
+}
+
+# The ops each loss runs.
+LOSS_OPS: Dict[str, Tuple[str, ...]] = {
+    "PairwiseAffinityLoss": ("affinity_full", "affinity_window"),
+    "AffinityDistillationLoss": ("affinity_full",),
+    "ConsistencyLoss": ("consistency",),
+    "ProbabilityLoss": ("probability",),
+    "PixelwiseKDLoss": ("pixelwise_kd",),
+}
+
+
+def load_available() -> None:
+    """Imports every implementation that can run on this machine (triton importable, ``fastkd._C`` loaded)."""
+    for implementations in IMPLEMENTATIONS.values():
+        for backend, implementation in implementations.items():
+            if backend == "triton" and _triton.TRITON_ERROR is not None:
+                continue
+            if backend in ("cuda", "cpp") and _extension.LOAD_ERROR is not None:
+                continue
+            implementation.load(torch.device("cpu"))
+
+
+def _machine_reason(backend: str, loss: str) -> Optional[str]:
+    """Why ``backend`` cannot run ``loss`` on this machine at all, or None if it might."""
+    if backend == "triton" and _triton.TRITON_ERROR is not None:
+        return _triton.TRITON_ERROR
+    if not any(backend in IMPLEMENTATIONS[op] for op in LOSS_OPS[loss]):
+        return f"fastkd has no {backend} implementation of {loss} yet"
     if backend in ("cuda", "cpp") and _extension.LOAD_ERROR is not None:
         return _extension.LOAD_ERROR
     return None
@@ -70,33 +153,35 @@ def _device_reason(backend: str, device: torch.device) -> Optional[str]:
     return None
 
 
-def availability(op: str, implementations: Dict[str, Callable], device: torch.device) -> Dict[str, Optional[str]]:
-    """``{backend: None if it can run op on tensors of device, else the reason}`` for every backend but auto."""
-    return {name: _machine_reason(name, op, implementations) or _device_reason(name, device)
-            for name in BACKENDS if name != "auto"}
+def availability(loss: str, device: torch.device) -> Dict[str, Optional[str]]:
+    """``{backend: None if it can run loss on tensors of device, else the reason}`` for every backend but auto."""
+    return {name: _machine_reason(name, loss) or _device_reason(name, device) for name in BACKENDS if name != "auto"}
 
 
-def check_backend(backend, op: str, implementations: Dict[str, Callable]) -> str:
+def check_backend(backend, loss: str) -> str:
     """Validates ``backend`` when a loss is built; returns it."""
     if backend not in BACKENDS:
-        raise ValueError(f"{op}: `backend` must be one of {BACKENDS}, got {backend!r}")
+        raise ValueError(f"{loss}: `backend` must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
-        reason = _machine_reason(backend, op, implementations)
+        reason = _machine_reason(backend, loss)
         if reason is not None:
-            raise BackendUnavailableError(f"{op}: backend={backend!r} is not available: {reason}")
+            raise BackendUnavailableError(f"{loss}: backend={backend!r} is not available: {reason}")
     return backend
 
 
-def resolve_backend(backend: str, op: str, implementations: Dict[str, Callable], device: torch.device):
-    """The implementation to run for tensors on ``device``: ``(name, callable)``."""
-    check_backend(backend, op, implementations)
+def resolve(backend: str, loss: str, op: str, device: torch.device) -> Tuple[str, Callable]:
+    """The implementation of ``op`` that ``loss`` runs for tensors on ``device``: ``(backend name, callable)``."""
+    check_backend(backend, loss)
+    implementations = IMPLEMENTATIONS[op]
     if backend == "auto":
         for name in AUTO_PREFERENCE.get(device.type, DEFAULT_PREFERENCE):
-            if _machine_reason(name, op, implementations) is None and _device_reason(name, device) is None \
-                    and getattr(implementations[name], "auto", True):  # auto = False: by name only
-                return name, implementations[name]
-        raise AssertionError(f"{op}: the torch backend must always be available")  # unreachable
+            if name in implementations and implementations[name].auto and _machine_reason(name, loss) is None \
+                    and _device_reason(name, device) is None:
+                return name, implementations[name].load(device)
+        raise AssertionError(f"{loss}: the torch backend must always be available")  # unreachable
     reason = _device_reason(backend, device)
     if reason is not None:
-        raise BackendUnavailableError(f"{op}: backend={backend!r} is not available: {reason}")
-    return backend, implementations[backend]
+        raise BackendUnavailableError(f"{loss}: backend={backend!r} is not available: {reason}")
+    if backend not in implementations:  # another op of the loss has this backend: torch runs this one
+        return "torch", implementations["torch"].load(device)
+    return backend, implementations[backend].load(device)

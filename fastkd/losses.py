@@ -7,24 +7,30 @@ import torch
 from torch import nn
 
 from fastkd._backends import availability, check_backend
-from fastkd.ops import affinity_distillation, consistency, pairwise_affinity, pixelwise_kd, probability
+from fastkd.ops import (
+    affinity_distillation_loss as affinity_distillation,
+    consistency_loss as consistency,
+    pairwise_affinity_loss as pairwise_affinity,
+    pixelwise_kd_loss as pixelwise_kd,
+    probability_loss as probability,
+)
 
 
 class _Loss(nn.Module):
-    """Holds a validated configuration and the backend checked for the op's ``IMPLEMENTATIONS``."""
+    """Holds a validated configuration and the backend checked against the registry (``fastkd._backends``)."""
 
     _op_module = None  # each loss's module in fastkd.ops
 
     def __init__(self, config, backend):
         super().__init__()
         self.config = config
-        self.backend = check_backend(backend, self._op_module.OP, self._op_module.IMPLEMENTATIONS)
+        self.backend = check_backend(backend, self._op_module.OP)
 
     @classmethod
     def available_backends(cls, device="cpu") -> dict:
         """``{backend: None if it can run this loss on tensors of `device` here, else the reason why not}``
         for every backend but ``auto``."""
-        return availability(cls._op_module.OP, cls._op_module.IMPLEMENTATIONS, torch.device(device))
+        return availability(cls._op_module.OP, torch.device(device))
 
     def extra_repr(self) -> str:
         return f"{self.config}, backend={self.backend!r}"

@@ -1,13 +1,17 @@
-"""Shared test helpers: inputs, layouts and the dtype tolerance table."""
+"""Shared test helpers: the backend fixture, inputs, layouts and the dtype tolerance table."""
 
 import importlib
 import os
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Sequence, Tuple
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastkd.triton_kernels import TRITON_ERROR
+from fastkd import _extension
+from fastkd._triton import TRITON_ERROR
+from fastkd.ops._graph import pool_kernel
 
 # The Triton kernels run on the GPU when there is one, else on CPU tensors under TRITON_INTERPRET=1 (set in
 # conftest.py). Without triton their tests are skipped, except where FASTKD_REQUIRE_TRITON=1 (.ci/run sets
@@ -18,13 +22,80 @@ TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CUDA_DEVICE = TRITON_DEVICE
 
 
-def triton_kernels(name: str, skip_module: bool = True):
-    """``fastkd.triton_kernels.<name>`` for a Triton test. Where triton cannot be imported the module (or, with
-    ``skip_module=False``, the calling test) is skipped, or, with FASTKD_REQUIRE_TRITON=1, fails with the
-    import error."""
-    if TRITON_ERROR is not None and os.environ.get("FASTKD_REQUIRE_TRITON") != "1":
-        pytest.skip(f"the triton backend is unavailable: {TRITON_ERROR}", allow_module_level=skip_module)
-    return importlib.import_module(f"fastkd.triton_kernels.{name}")
+
+# Block sizes the boundary tests straddle, per (op, backend), as the kernels define them.
+BLOCKS: Dict[Tuple[str, str], Dict[str, int]] = {
+    # fastkd/ops/_triton_nodes.py BLOCK_NODES, BLOCK_CHANNELS; csrc/affinity_full/affinity_full.h kAffinityFullTile
+    ("affinity_full", "triton"): dict(nodes=32, channels=32),
+    ("affinity_full", "cuda"): dict(nodes=16, channels=16),
+    # triton: affinity_window/triton_backend.py BLOCK_N (256 under the interpreter, 32 compiled) and
+    # BLOCK_CHANNELS; cuda: kThreads in csrc/affinity_window/affinity_window.cu (nodes per block);
+    # cpp: kBlockNodes in csrc/affinity_window/affinity_window_cpu.cpp (nodes per partial sum)
+    ("affinity_window", "triton"): dict(nodes=256 if TRITON_DEVICE.type == "cpu" else 32, channels=32),
+    ("affinity_window", "cuda"): dict(nodes=256, channels=1),
+    ("affinity_window", "cpp"): dict(nodes=64, channels=1),
+    # consistency/triton_backend.py BLOCK_P, BLOCK_C; kThreads in csrc/consistency/consistency.cu (one
+    # thread per pixel, channels one at a time)
+    ("consistency", "triton"): dict(pixels=128, channels=8),
+    ("consistency", "cuda"): dict(pixels=256, channels=1),
+}
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend as the tests run it: its ``backend=`` name, the device its inputs go to, whether its CUDA
+    kernels run on the emulator, the ``torch.ops`` namespace of its custom ops (None for torch) and the
+    tolerance table its results are held to."""
+
+    name: str
+    device: torch.device
+    emulated: bool = False
+    namespace: Optional[str] = None
+    tolerances: Dict[torch.dtype, Tuple[float, float]] = field(default_factory=lambda: TOLERANCES)
+
+    def ops(self, op: str):
+        """The forward and backward custom ops of ``op`` (registering their autograd and fakes first)."""
+        module = {"triton": "triton_backend", "cuda": "extension_backend", "cpp": "extension_backend"}[self.name]
+        importlib.import_module(f"fastkd.ops.{op}.{module}")
+        namespace = getattr(torch.ops, self.namespace)
+        return getattr(namespace, f"{op}_forward").default, getattr(namespace, f"{op}_backward").default
+
+    def blocks(self, op: str) -> Dict[str, int]:
+        return BLOCKS[(op, self.name)]
+
+    def to(self, *tensors):
+        return [x.to(self.device) for x in tensors]
+
+
+def make_backend(name: str, monkeypatch) -> Backend:
+    """The :class:`Backend` ``name``. Where it cannot run here the test is skipped (triton not importable, the
+    extension not built), except that with FASTKD_REQUIRE_TRITON=1 (.ci/run) a missing triton fails it."""
+    if name == "torch":
+        return Backend("torch", torch.device("cpu"))
+    if name == "triton":
+        if TRITON_ERROR is not None and os.environ.get("FASTKD_REQUIRE_TRITON") != "1":
+            pytest.skip(f"the triton backend is unavailable: {TRITON_ERROR}")
+        return Backend("triton", TRITON_DEVICE, namespace="fastkd_triton")
+    if _extension.LOAD_ERROR is not None:
+        pytest.skip(f"the {name} backend is unavailable: {_extension.LOAD_ERROR}")
+    if name == "cpp":
+        return Backend("cpp", torch.device("cpu"), namespace="fastkd")
+    emulated = CUDA_DEVICE.type == "cpu"
+    if emulated:
+        monkeypatch.setenv("FASTKD_EMULATE_CUDA", "1")
+    return Backend("cuda", CUDA_DEVICE, emulated, "fastkd_emulated" if emulated else "fastkd")
+
+
+def backend_fixture(*names: str):
+    """A ``backend`` fixture over ``names`` for a test module (``backend = helpers.backend_fixture(...)``); one
+    test narrows it with ``@pytest.mark.parametrize("backend", [...], indirect=True)``."""
+
+    @pytest.fixture(params=names)
+    def backend(request, monkeypatch) -> Backend:
+        return make_backend(request.param, monkeypatch)
+
+    return backend
+
 
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -94,3 +165,71 @@ def compare_with_reference(loss_fn, reference_fn, inputs, grad_inputs=(0,), dtyp
         assert grad.dtype == inputs[i].dtype and grad.shape == inputs[i].shape
         assert_close(grad, expected_grad * seed, dtype, scale=2)
     return loss, grads
+
+
+# ------------------------------------------------------------------------------- affinity inputs and checks
+
+def unique_patch_maxima(x, gen, config):
+    """Adds 16 (far above any N(0, 1) sample) to one random pixel of every patch so that max pooling has
+    no ties, even in bfloat16 (tied maxima have many valid subgradients: torch picks one element, the
+    reference's amax splits evenly)."""
+    if config.get("pool") != "max" and config.get("pool_scale") is None:
+        return x
+    patch = config.get("patch", 1)
+    patch = (patch, patch) if isinstance(patch, int) else patch
+    kernel = pool_kernel(x.shape[2], x.shape[3], patch, config.get("pool_scale"))
+    ranks = torch.rand(x.shape, generator=gen, dtype=torch.float64)
+    _, winners = torch.nn.functional.max_pool2d(ranks, kernel, kernel, ceil_mode=True, return_indices=True)
+    bump = torch.zeros(x.shape, dtype=torch.float64).flatten(2).scatter_(2, winners.flatten(2), 16.0)
+    return (x.double() + bump.view(x.shape)).to(x.dtype)
+
+
+def pair(shape, gen, dtype=torch.float64, config=None):
+    """Student (B, Cs, H, W) and teacher (B, Ct, H, W) features, tie-free for max pooling (on CPU)."""
+    batch, cs, ct, height, width = shape
+    s, t = randn((batch, cs, height, width), gen, dtype), randn((batch, ct, height, width), gen, dtype)
+    return unique_patch_maxima(s, gen, config or {}), unique_patch_maxima(t, gen, config or {})
+
+
+def correlated_relu_features(shape, gen):
+    """Spatially smooth, channel-correlated, post-ReLU features, like a backbone's."""
+    batch, channels, height, width = shape
+    z = torch.nn.functional.avg_pool2d(randn(shape, gen, torch.float64), 5, 1, 2, count_include_pad=False)
+    mix = randn((channels, channels), gen, torch.float64) / channels**0.5
+    return torch.relu(torch.einsum("dc,bchw->bdhw", mix, z) + 0.3)
+
+
+def near_converged_pair(shape, gen):
+    """Teacher = student + 1e-3 relative noise, both float32."""
+    s = correlated_relu_features(shape, gen)
+    t = s * (1 + 1e-3 * randn(shape, gen, torch.float64))
+    return s.float(), t.float()
+
+
+def assert_relative_error_below(loss_fn, reference_fn, s, t, bound, **config):
+    """Loss and gradient (norm-wise) within ``bound`` relative of the float64 reference."""
+    s = s.requires_grad_()
+    loss = loss_fn(s, t, **config)
+    (grad,) = torch.autograd.grad(loss, s)
+    exact_s = s.detach().cpu().double().requires_grad_()
+    expected = reference_fn(exact_s, t.detach().cpu().double(), **config)
+    (expected_grad,) = torch.autograd.grad(expected, exact_s)
+    assert expected > 0
+    assert abs(loss.item() - expected.item()) <= bound * expected.item()
+    assert (grad.cpu().double() - expected_grad).norm() <= bound * expected_grad.norm()
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements, and of bytes, of any tensor an op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = self.largest_bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for x in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(x, torch.Tensor):
+                self.largest = max(self.largest, x.numel())
+                self.largest_bytes = max(self.largest_bytes, x.numel() * x.element_size())
+        return out

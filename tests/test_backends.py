@@ -4,10 +4,9 @@ import pytest
 import torch
 
 import fastkd
-from fastkd import _backends, _extension
-from fastkd.ops import consistency, pairwise_affinity
+from fastkd import _backends, _extension, _triton
 
-ALL_OPS = ["pairwise_affinity", "affinity_distillation", "consistency", "probability", "pixelwise_kd"]
+OPS = ["affinity_full", "affinity_window", "consistency", "pixelwise_kd", "probability"]
 MODULES = [fastkd.PairwiseAffinityLoss, fastkd.AffinityDistillationLoss, fastkd.ConsistencyLoss,
            fastkd.ProbabilityLoss, fastkd.PixelwiseKDLoss]
 
@@ -40,99 +39,99 @@ def test_unavailable_backend_is_refused_with_a_reason(module, backend):
     assert issubclass(fastkd.BackendUnavailableError, ValueError)
 
 
-@pytest.mark.parametrize("op,backends", [("consistency", ("cuda", "cpp")), ("pairwise_affinity", ("cuda", "cpp")),
-                                        ("affinity_distillation", ("cuda",))])
-def test_the_compiled_backends_are_registered_where_the_extension_loads(op, backends):
-    import importlib
-
-    implementations = importlib.import_module(f"fastkd.ops.{op}").IMPLEMENTATIONS
+@pytest.mark.parametrize("op,backends", [("consistency", ("cuda", "cpp")), ("affinity_window", ("cuda", "cpp")),
+                                        ("affinity_full", ("cuda",))])
+def test_the_compiled_backends_run_where_the_extension_loads(op, backends):
     for backend in backends:
-        assert (backend in implementations) == (_extension.LOAD_ERROR is None)
+        assert backend in _backends.IMPLEMENTATIONS[op]
+        loss = next(name for name, ops in _backends.LOSS_OPS.items() if op in ops)
+        assert (_backends._machine_reason(backend, loss) is None) == (_extension.LOAD_ERROR is None)
 
 
 @pytest.mark.skipif(_extension.LOAD_ERROR is not None, reason="fastkd._C is not loaded")
 def test_auto_takes_the_cpp_consistency_loss_on_cpu_tensors_and_torch_for_the_affinity_losses():
-    from fastkd.ops import consistency, pairwise_affinity
-
     cpu = torch.device("cpu")
-    assert _backends.resolve_backend("auto", "Op", consistency.IMPLEMENTATIONS, cpu)[0] == "cpp"
+    assert _backends.resolve("auto", "ConsistencyLoss", "consistency", cpu)[0] == "cpp"
     # the windowed graph's cpp implementation is not reliably faster: by name only
-    assert not pairwise_affinity.IMPLEMENTATIONS["cpp"].auto
-    assert _backends.resolve_backend("auto", "Op", pairwise_affinity.IMPLEMENTATIONS, cpu)[0] == "torch"
-    assert _backends.resolve_backend("cpp", "Op", pairwise_affinity.IMPLEMENTATIONS, cpu)[0] == "cpp"
+    assert not _backends.IMPLEMENTATIONS["affinity_window"]["cpp"].auto
+    assert _backends.resolve("auto", "PairwiseAffinityLoss", "affinity_window", cpu)[0] == "torch"
+    assert _backends.resolve("cpp", "PairwiseAffinityLoss", "affinity_window", cpu)[0] == "cpp"
+    # the full graph has no C++ CPU kernel: PairwiseAffinityLoss(backend="cpp") runs torch's there
+    assert "cpp" not in _backends.IMPLEMENTATIONS["affinity_full"]
+    assert _backends.resolve("cpp", "PairwiseAffinityLoss", "affinity_full", cpu)[0] == "torch"
     with pytest.raises(fastkd.BackendUnavailableError, match=r"the cpp backend runs on CPU tensors"):
-        _backends.resolve_backend("cpp", "Op", consistency.IMPLEMENTATIONS, torch.device("cuda"))
+        _backends.resolve("cpp", "ConsistencyLoss", "consistency", torch.device("cuda"))
 
 
-@pytest.mark.parametrize("op", ["pairwise_affinity", "affinity_distillation", "consistency"])
-def test_the_memory_heavy_ops_have_triton_kernels_where_triton_imports(op):
-    import importlib
-
-    from fastkd.triton_kernels import TRITON_ERROR
-
-    implementations = importlib.import_module(f"fastkd.ops.{op}").IMPLEMENTATIONS
-    assert ("triton" in implementations) == (TRITON_ERROR is None)
+@pytest.mark.parametrize("op", ["affinity_full", "affinity_window", "consistency"])
+def test_the_memory_heavy_ops_have_triton_kernels_that_run_where_triton_imports(op):
+    assert "triton" in _backends.IMPLEMENTATIONS[op]
+    loss = next(name for name, ops in _backends.LOSS_OPS.items() if op in ops)
+    assert (_backends._machine_reason("triton", loss) is None) == (_triton.TRITON_ERROR is None)
 
 
-def fake(name):
-    return lambda *args: name
+def fake_registry(monkeypatch, *backends):
+    """Replaces the registry with one op, "op", of one loss, "Loss", implemented by ``backends``."""
+    table = {name: _backends.Implementation("consistency", "torch_backend", "consistency_sum") for name in backends}
+    monkeypatch.setattr(_backends, "IMPLEMENTATIONS", {"op": table})
+    monkeypatch.setattr(_backends, "LOSS_OPS", {"Loss": ("op",)})
+    return table
 
 
 def test_auto_prefers_fused_kernels_on_cuda_tensors_and_torch_elsewhere(monkeypatch):
-    table = {"torch": fake("torch"), "triton": fake("triton"), "cuda": fake("cuda")}
-    monkeypatch.setattr(_backends.importlib.util, "find_spec", lambda name: object())
-    monkeypatch.setattr(fastkd.triton_kernels, "TRITON_ERROR", None)
+    table = fake_registry(monkeypatch, "torch", "triton", "cuda")
+    monkeypatch.setattr(_triton, "TRITON_ERROR", None)
     monkeypatch.setattr(_extension, "LOAD_ERROR", None)
     monkeypatch.setattr(_extension, "build_info", lambda: {"loaded": True, "cuda": True})
-    assert _backends.resolve_backend("auto", "Op", table, torch.device("cuda"))[0] == "cuda"
-    assert _backends.resolve_backend("auto", "Op", table, torch.device("cpu"))[0] == "torch"
+    assert _backends.resolve("auto", "Loss", "op", torch.device("cuda"))[0] == "cuda"
+    assert _backends.resolve("auto", "Loss", "op", torch.device("cpu"))[0] == "torch"
     del table["cuda"]
-    assert _backends.resolve_backend("auto", "Op", table, torch.device("cuda"))[0] == "triton"
+    assert _backends.resolve("auto", "Loss", "op", torch.device("cuda"))[0] == "triton"
 
 
 def test_device_reasons(monkeypatch):
-    table = {"torch": fake("torch"), "triton": fake("triton"), "cuda": fake("cuda")}
-    monkeypatch.setattr(_backends.importlib.util, "find_spec", lambda name: object())
-    monkeypatch.setattr(fastkd.triton_kernels, "TRITON_ERROR", None)
+    fake_registry(monkeypatch, "torch", "triton", "cuda")
+    monkeypatch.setattr(_triton, "TRITON_ERROR", None)
     monkeypatch.setattr(_extension, "LOAD_ERROR", None)
     monkeypatch.setattr(_extension, "build_info", lambda: {"loaded": True, "cuda": False})
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("FASTKD_EMULATE_CUDA", raising=False)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     with pytest.raises(fastkd.BackendUnavailableError, match=r"Triton kernels run on CUDA tensors .* TRITON_INTERPRET=1"):
-        _backends.resolve_backend("triton", "Op", table, cpu)
+        _backends.resolve("triton", "Loss", "op", cpu)
     with pytest.raises(fastkd.BackendUnavailableError, match=r"FASTKD_EMULATE_CUDA=1"):
-        _backends.resolve_backend("cuda", "Op", table, cpu)
+        _backends.resolve("cuda", "Loss", "op", cpu)
     with pytest.raises(fastkd.BackendUnavailableError, match=r"built without CUDA"):
-        _backends.resolve_backend("cuda", "Op", table, cuda)
-    assert _backends.resolve_backend("auto", "Op", table, cuda)[0] == "triton"  # cuda skipped: not built
+        _backends.resolve("cuda", "Loss", "op", cuda)
+    assert _backends.resolve("auto", "Loss", "op", cuda)[0] == "triton"  # cuda skipped: not built
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("FASTKD_EMULATE_CUDA", "1")
-    assert _backends.resolve_backend("triton", "Op", table, cpu)[0] == "triton"
-    assert _backends.resolve_backend("cuda", "Op", table, cpu)[0] == "cuda"
+    assert _backends.resolve("triton", "Loss", "op", cpu)[0] == "triton"
+    assert _backends.resolve("cuda", "Loss", "op", cpu)[0] == "cuda"
 
 
 def test_machine_reasons(monkeypatch):
-    table = {"torch": fake("torch"), "triton": fake("triton"), "cuda": fake("cuda")}
-    monkeypatch.setattr(_backends.importlib.util, "find_spec", lambda name: None)
+    fake_registry(monkeypatch, "torch", "triton", "cuda")
+    monkeypatch.setattr(_triton, "TRITON_ERROR", "triton is not installed (`pip install triton`)")
     monkeypatch.setattr(_extension, "LOAD_ERROR", "fastkd._C is not built (no module)")
     with pytest.raises(fastkd.BackendUnavailableError, match=r"triton is not installed"):
-        _backends.check_backend("triton", "Op", table)
+        _backends.check_backend("triton", "Loss")
     with pytest.raises(fastkd.BackendUnavailableError, match=r"fastkd._C is not built"):
-        _backends.check_backend("cuda", "Op", table)
-    assert _backends.resolve_backend("auto", "Op", table, torch.device("cuda"))[0] == "torch"
-    monkeypatch.setattr(_backends.importlib.util, "find_spec", lambda name: object())
-    monkeypatch.setattr(fastkd.triton_kernels, "TRITON_ERROR", "triton cannot be imported (ImportError: libcuda)")
+        _backends.check_backend("cuda", "Loss")
+    assert _backends.resolve("auto", "Loss", "op", torch.device("cuda"))[0] == "torch"
+    monkeypatch.setattr(_triton, "TRITON_ERROR", "triton cannot be imported (ImportError: libcuda)")
     with pytest.raises(fastkd.BackendUnavailableError, match=r"triton cannot be imported \(ImportError: libcuda\)"):
-        _backends.check_backend("triton", "Op", table)
+        _backends.check_backend("triton", "Loss")
 
 
-def test_every_op_has_a_torch_implementation():
-    import importlib
-    for name in ALL_OPS:
-        module = importlib.import_module(f"fastkd.ops.{name}")
-        assert "torch" in module.IMPLEMENTATIONS and module.OP.endswith("Loss")
-    assert pairwise_affinity.IMPLEMENTATIONS is not consistency.IMPLEMENTATIONS
+def test_every_op_has_a_torch_implementation_and_every_loss_runs_registered_ops():
+    assert sorted(_backends.IMPLEMENTATIONS) == sorted(OPS)
+    for op in OPS:
+        assert "torch" in _backends.IMPLEMENTATIONS[op]
+        for backend, implementation in _backends.IMPLEMENTATIONS[op].items():
+            assert backend in fastkd.BACKENDS and implementation.op == op
+    assert sorted({op for ops in _backends.LOSS_OPS.values() for op in ops}) == sorted(OPS)
+    assert all(loss.endswith("Loss") and hasattr(fastkd, loss) for loss in _backends.LOSS_OPS)
 
 
 @pytest.mark.parametrize("loss_class", [fastkd.PairwiseAffinityLoss, fastkd.AffinityDistillationLoss,
@@ -146,5 +145,5 @@ def test_available_backends_says_which_run_here_and_why_the_others_do_not(loss_c
             loss_class(backend=backend)  # can be built
         else:
             assert isinstance(reason, str) and reason
-    if "cpp" not in loss_class._op_module.IMPLEMENTATIONS:
+    if not any("cpp" in _backends.IMPLEMENTATIONS[op] for op in _backends.LOSS_OPS[loss_class.__name__]):
         assert "no cpp implementation" in availability["cpp"]

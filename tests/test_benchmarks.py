@@ -68,9 +68,9 @@ def test_gram_fp32_cancels_near_convergence_where_fp64_does_not(gen):
     """Why the benchmarks report accuracy: at a 1e-3 mismatch the float32 Gram identity loses the loss."""
     s = randn((1, 16, 24, 24), gen, torch.float32).relu_()
     t = s * (1 + 1e-3 * randn(s.shape, gen, torch.float32))
-    expected = providers.OPS["pairwise_full"].reference(s, t)
-    fp32 = providers.gram_pairwise_full(s, t, torch.float32)
-    fp64 = providers.gram_pairwise_full(s, t, torch.float64)
+    expected = providers.OPS["affinity_full"].reference(s, t)
+    fp32 = providers.gram_affinity_full(s, t, torch.float32)
+    fp64 = providers.gram_affinity_full(s, t, torch.float64)
     assert abs(fp64.item() / expected.item() - 1) < 1e-6
     assert abs(fp32.item() / expected.item() - 1) > 1e-2
 
@@ -134,7 +134,7 @@ def test_out_of_memory_is_recorded_and_the_sweep_goes_on(tmp_path):
     oom there and at every larger size, while fastkd goes on to the end of the sweep."""
     if torch.cuda.is_available():
         pytest.skip("the memory budget is a CPU address-space limit; on a GPU the device's own memory is the limit")
-    out = _run_benchmarks(tmp_path, "--quick", "--ops", "pairwise_full", "--providers", "naive", "fastkd-torch",
+    out = _run_benchmarks(tmp_path, "--quick", "--ops", "affinity_full", "--providers", "naive", "fastkd-torch",
                           "--sizes", "16x16", "128x128", "160x160", "--memory-budget-gib", "0.5",
                           "--time-limit", "1000")  # no predicted time-outs on a busy machine
     status = {(row["provider"], row["m"], row["mode"]): row for row in _rows(out)}

@@ -121,7 +121,7 @@ def test_import_fastkd_with_triton_but_without_numpy(tmp_path):
         import sys
         sys.modules["numpy"] = None  # not installed
         import fastkd
-        from fastkd.triton_kernels import TRITON_ERROR
+        from fastkd._triton import TRITON_ERROR
         assert TRITON_ERROR is None, TRITON_ERROR
         assert fastkd.PairwiseAffinityLoss.available_backends("cuda")["triton"] is None
         print("OK")

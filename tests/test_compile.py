@@ -11,8 +11,8 @@ import fastkd
 from helpers import randn
 
 CASES = {
-    "pairwise_full": (lambda: fastkd.PairwiseAffinityLoss(), 5),
-    "pairwise_window": (lambda: fastkd.PairwiseAffinityLoss(patch=2, window=1), 5),
+    "affinity_full": (lambda: fastkd.PairwiseAffinityLoss(), 5),
+    "affinity_window": (lambda: fastkd.PairwiseAffinityLoss(patch=2, window=1), 5),
     "affinity_distillation": (lambda: fastkd.AffinityDistillationLoss(), 5),
     "probability": (lambda: fastkd.ProbabilityLoss(), 8),
     "pixelwise_kd": (lambda: fastkd.PixelwiseKDLoss(temperature=2.0), 8),

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.skipif(_extension.LOAD_ERROR is not None, reason=str(_e
 
 
 def run(kernel, values):
-    return torch.ops.fastkd.emulator_selftest(kernel, values)
+    return torch.ops.fastkd_emulated.emulator_selftest(kernel, values)
 
 
 def test_block_reduction_with_barriers_is_exact_and_race_free(gen):

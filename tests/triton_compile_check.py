@@ -33,7 +33,7 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 import fastkd  # noqa: E402
-from fastkd.triton_kernels import TRITON_ERROR  # noqa: E402
+from fastkd._triton import TRITON_ERROR  # noqa: E402
 
 ARCHS = (80, 89, 90)
 # FP64 tensor-core MMA: m8n8k4 (sm_80 and up; triton 3.8 and 3.9 use it on sm_90 too) or the sm_90 shapes

@@ -1,5 +1,5 @@
 // Small kernels that show what the emulator catches, run by tests/test_cuda_emulator.py through the CPU op
-// fastkd::emulator_selftest(kernel, values): a correct block reduction and warp reduction, and the same
+// fastkd_emulated::emulator_selftest(kernel, values): a correct block reduction and warp reduction, and the same
 // reduction with a missing __syncthreads(), a __syncthreads() in divergent code, a shuffle in divergent code,
 // and a shared-memory index out of bounds.
 #define FASTKD_EMULATE_CUDA 1
@@ -8,7 +8,7 @@
 
 #include <string>
 
-#include "../kernels/fastkd_cuda.cuh"
+#include "../common/fastkd_cuda.cuh"
 
 namespace fastkd {
 namespace emulated {
@@ -89,6 +89,8 @@ at::Tensor emulator_selftest(const std::string& kernel, const at::Tensor& values
 }  // namespace emulated
 }  // namespace fastkd
 
-TORCH_LIBRARY_FRAGMENT(fastkd, m) { m.def("emulator_selftest(str kernel, Tensor values) -> Tensor"); }
+// The one TORCH_LIBRARY block of the emulator's namespace; every op adds its schema to it in
+// csrc/<op>/<op>_schema.cpp and its emulated kernels in <op>_emulated.cpp.
+TORCH_LIBRARY(fastkd_emulated, m) { m.def("emulator_selftest(str kernel, Tensor values) -> Tensor"); }
 
-TORCH_LIBRARY_IMPL(fastkd, CPU, m) { m.impl("emulator_selftest", &fastkd::emulated::emulator_selftest); }
+TORCH_LIBRARY_IMPL(fastkd_emulated, CPU, m) { m.impl("emulator_selftest", &fastkd::emulated::emulator_selftest); }

@@ -1,10 +1,10 @@
-"""Pieces every op's public function shares: the compute dtype, empty inputs, non-finite results."""
+"""Pieces the losses share (a leaf: torch only): the compute dtype, empty inputs, non-finite results."""
 
 from __future__ import annotations
 
-import torch
+from typing import Callable
 
-from fastkd._backends import resolve_backend
+import torch
 
 # The torch backend evaluates every loss in float64. Near convergence the student and teacher terms agree
 # to ~1e-3 and the loss is their small difference: float32 intermediates (even a float32 pooled node or
@@ -39,16 +39,14 @@ def finish(loss: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
     return loss.to(result_dtype(*tensors))
 
 
-def dispatch(op: str, implementations, backend: str, s: torch.Tensor, t: torch.Tensor, *args) -> torch.Tensor:
-    """Runs the chosen backend's ``implementation(s, t, *args)`` on validated inputs.
+def evaluate(s: torch.Tensor, t: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``compute()``, the float64 loss of validated inputs, cast to the inputs' promoted dtype.
 
-    Inputs with no terms (B = 0 or an empty map) give 0 without running a kernel; the result is cast to
-    the inputs' promoted dtype.
+    Inputs with no terms (B = 0 or an empty map) give 0 without running a kernel.
     """
-    _, implementation = resolve_backend(backend, op, implementations, s.device)
     if s.numel() == 0 or t.numel() == 0:
         return empty_loss(s, t)
-    return finish(implementation(s, t, *args), s, t)
+    return finish(compute(), s, t)
 
 
 def poison_non_finite_pixels(per_pixel: torch.Tensor, *logits: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,237 @@
+// Torch glue of the CUDA full-graph affinity kernels, included by affinity_full_emulated.cpp (CPU tensors,
+// the emulator) and affinity_full_cuda.cpp (CUDA tensors), each after choosing the launchers' namespace
+// (FASTKD_EMULATE_CUDA or FASTKD_CUDA_HOST) and defining FASTKD_GLUE_STREAM() and FASTKD_GLUE_GUARD(tensor).
+//
+// The ops mirror fastkd_triton::affinity_full_forward / _backward (fastkd/ops/affinity_full/triton_backend.py):
+// the O(B C m) and larger work runs in the kernels; only the C x C matrices and (B, m) vectors see torch
+// arithmetic.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <algorithm>
+#include <limits>
+#include <tuple>
+
+#include "affinity_full.h"
+#include "../common/glue_common.h"
+
+namespace fastkd {
+namespace {  // one copy per including file: the two call different launchers
+
+using glue::map_of;
+
+template <typename scalar_t>
+nodes::Nodes<storage_t<scalar_t>> affinity_full_nodes(const at::Tensor& x, const at::Tensor& norm) {
+  return {storage_data<scalar_t>(x), map_of(x), norm.const_data_ptr<double>()};
+}
+
+const double* affinity_full_pointer(const at::Tensor& x) {
+  return x.defined() ? x.const_data_ptr<double>() : nullptr;
+}
+
+// Checks the inputs and the node grid; returns the grid.
+nodes::Grid affinity_full_grid(const at::Tensor& s, const at::Tensor& t, int64_t kernel_h, int64_t kernel_w,
+                               int64_t grid_h, int64_t grid_w, bool max_pool) {
+  glue::check_pair(s, t);
+  TORCH_CHECK(kernel_h >= 1 && kernel_w >= 1, "the pooling kernel must be at least 1 x 1");
+  TORCH_CHECK(grid_h == (s.size(2) + kernel_h - 1) / kernel_h && grid_w == (s.size(3) + kernel_w - 1) / kernel_w,
+              "the node grid ", grid_h, " x ", grid_w, " does not match a ", s.size(2), " x ", s.size(3),
+              " map pooled by ", kernel_h, " x ", kernel_w);
+  TORCH_CHECK(s.size(0) <= 65535, "at most 65535 images per call, got ", s.size(0));
+  return {kernel_h, kernel_w, grid_h, grid_w, max_pool};
+}
+
+// ||f_i|| (B, m) double of every node of x (in x's own dtype).
+at::Tensor affinity_full_norms(const at::Tensor& x, const nodes::Grid& grid) {
+  at::Tensor norms = at::empty({x.size(0), nodes::node_count(grid)}, x.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "affinity_full_norms", [&] {
+    FASTKD_KERNELS::node_norms(storage_data<scalar_t>(x), map_of(x), grid, x.size(0),
+                                        norms.mutable_data_ptr<double>(), FASTKD_GLUE_STREAM());
+  });
+  return norms;
+}
+
+// X W Y' (B, Cx, Cy) double for the normalised nodes of x and y (one dtype), W = diag(weight) or identity.
+at::Tensor affinity_full_gram(const at::Tensor& x, const at::Tensor& x_norm, const at::Tensor& y,
+                              const at::Tensor& y_norm, const nodes::Grid& grid, double eps,
+                              const at::Tensor& weight = at::Tensor()) {
+  const int64_t batch = x.size(0), m = nodes::node_count(grid);
+  const int64_t tile = FASTKD_KERNELS::kAffinityFullTile;
+  const auto doubles = x.options().dtype(at::kDouble);
+  if (m == 0 || batch == 0) return at::zeros({batch, x.size(1), y.size(1)}, doubles);
+  // The node range is split so that small batches still fill a GPU (one partial matrix per split, about 1024
+  // blocks in all); the emulator splits the same way, so that it runs what a GPU runs.
+  const int64_t tiles = ((x.size(1) + tile - 1) / tile) * ((y.size(1) + tile - 1) / tile);
+  const int64_t node_tiles = (m + tile - 1) / tile;
+  const int64_t splits_wanted = 1024 / std::max<int64_t>(1, tiles * batch);
+  int64_t splits = std::max<int64_t>(1, std::min<int64_t>(node_tiles, splits_wanted));
+  const int64_t nodes_per_split = (node_tiles + splits - 1) / splits * tile;
+  splits = (m + nodes_per_split - 1) / nodes_per_split;
+  at::Tensor partials = at::empty({batch, splits, x.size(1), y.size(1)}, doubles);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "affinity_full_gram", [&] {
+    FASTKD_KERNELS::affinity_full_gram(affinity_full_nodes<scalar_t>(x, x_norm),
+                                       affinity_full_nodes<scalar_t>(y, y_norm), grid, eps,
+                                       affinity_full_pointer(weight), batch, splits, nodes_per_split,
+                                       partials.mutable_data_ptr<double>(), FASTKD_GLUE_STREAM());
+  });
+  return partials.sum(1);  // a fixed-order sum of the per-split partials
+}
+
+// out = A1 P + B1 Q + w (A2 P + B2 Q) (B, Cp, m) when `store`, and with `dots` the per-node forms
+// (p . A1 p, p . B1 q) (B, m). Undefined b1: no Q terms; undefined a2: no weighted terms.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_full_apply(
+    const at::Tensor& p, const at::Tensor& p_norm, const at::Tensor& q, const at::Tensor& q_norm,
+    const nodes::Grid& grid, double eps, const at::Tensor& a1, const at::Tensor& b1, const at::Tensor& a2,
+    const at::Tensor& b2, const at::Tensor& weight, bool store, bool dots) {
+  const int64_t batch = p.size(0), m = nodes::node_count(grid);
+  const auto doubles = p.options().dtype(at::kDouble);
+  at::Tensor out = store ? at::empty({batch, p.size(1), m}, doubles) : at::Tensor();
+  at::Tensor dot_a = dots ? at::empty({batch, m}, doubles) : at::Tensor();
+  at::Tensor dot_b = dots ? at::empty({batch, m}, doubles) : at::Tensor();
+  const at::Tensor a1_c = a1.contiguous();
+  const at::Tensor b1_c = b1.defined() ? b1.contiguous() : b1;
+  const at::Tensor a2_c = a2.defined() ? a2.contiguous() : a2;
+  const at::Tensor b2_c = b2.defined() ? b2.contiguous() : b2;
+  const at::Tensor& q_used = b1.defined() ? q : p;  // not read without B1
+  const at::Tensor& q_norm_used = b1.defined() ? q_norm : p_norm;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "affinity_full_apply", [&] {
+    FASTKD_KERNELS::affinity_full_apply(
+        affinity_full_nodes<scalar_t>(p, p_norm), affinity_full_nodes<scalar_t>(q_used, q_norm_used), grid, eps,
+        affinity_full_pointer(a1_c), affinity_full_pointer(b1_c), affinity_full_pointer(a2_c),
+        affinity_full_pointer(b2_c), affinity_full_pointer(weight), batch,
+        store ? out.mutable_data_ptr<double>() : nullptr, dots ? dot_a.mutable_data_ptr<double>() : nullptr,
+        dots ? dot_b.mutable_data_ptr<double>() : nullptr, FASTKD_GLUE_STREAM());
+  });
+  return {out, dot_a, dot_b};
+}
+
+// (terms, ||s_i||, ||t_i||, SS', ST', TT'): terms are r (B, m) with per_row, else sum_i r_i (B,); the Gram
+// matrices are empty (0,) tensors on the direct path. detach_norm only changes the backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> affinity_full_forward_op(
+    const at::Tensor& s, const at::Tensor& t, int64_t kernel_h, int64_t kernel_w, int64_t grid_h, int64_t grid_w,
+    bool max_pool, double eps, bool use_gram, bool per_row, bool /*detach_norm*/) {
+  const nodes::Grid grid = affinity_full_grid(s, t, kernel_h, kernel_w, grid_h, grid_w, max_pool);
+  glue::check_same_device("affinity_full_forward", {{"s", s}, {"t", t}});
+  FASTKD_GLUE_GUARD(s);
+  const at::Tensor s_norm = affinity_full_norms(s, grid), t_norm = affinity_full_norms(t, grid);
+  // Mixed dtypes are widened to the common one (exact: float16/bfloat16 -> float32 -> float64).
+  const auto common = at::promote_types(s.scalar_type(), t.scalar_type());
+  const at::Tensor s_c = s.to(common), t_c = t.to(common);
+  const auto doubles = s.options().dtype(at::kDouble);
+  const int64_t batch = s.size(0), m = nodes::node_count(grid);
+  if (!use_gram) {
+    at::Tensor rows = at::empty({batch, m}, doubles);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, common, "affinity_full_direct_rows", [&] {
+      FASTKD_KERNELS::affinity_full_direct_rows(affinity_full_nodes<scalar_t>(s_c, s_norm),
+                                                affinity_full_nodes<scalar_t>(t_c, t_norm), grid, eps, batch,
+                                                rows.mutable_data_ptr<double>(), FASTKD_GLUE_STREAM());
+    });
+    return {per_row ? rows : rows.sum(1), s_norm, t_norm, at::empty({0}, doubles), at::empty({0}, doubles),
+            at::empty({0}, doubles)};
+  }
+  at::Tensor gram_ss = affinity_full_gram(s_c, s_norm, s_c, s_norm, grid, eps);
+  at::Tensor gram_st = affinity_full_gram(s_c, s_norm, t_c, t_norm, grid, eps);
+  at::Tensor gram_tt = affinity_full_gram(t_c, t_norm, t_c, t_norm, grid, eps);
+  at::Tensor terms;
+  if (per_row) {
+    // r_i = s_i'(SS')s_i - 2 s_i'(ST')t_i + t_i'(TT')t_i; values within 64 ulps of the forms are rounding
+    // noise and become exactly 0 (as in the torch backend): identical rows have a zero loss and gradient.
+    const at::Tensor none;
+    const auto st_forms = affinity_full_apply(s_c, s_norm, t_c, t_norm, grid, eps, gram_ss, gram_st.neg(), none,
+                                              none, none, false, true);
+    const auto tt_forms =
+        affinity_full_apply(t_c, t_norm, t_c, t_norm, grid, eps, gram_tt, none, none, none, none, false, true);
+    const at::Tensor& form_ss = std::get<1>(st_forms);
+    const at::Tensor& minus_form_st = std::get<2>(st_forms);
+    const at::Tensor& form_tt = std::get<1>(tt_forms);
+    const at::Tensor rows = form_ss + 2 * minus_form_st + form_tt;
+    const at::Tensor noise = 64 * std::numeric_limits<double>::epsilon() * (form_ss + form_tt);
+    terms = at::where(rows <= noise, at::zeros_like(rows), rows);  // NaN stays NaN
+  } else {  // ||SS'||^2 - 2||ST'||^2 + ||TT'||^2, a sum of squares that rounding may leave at -1e-17
+    terms = (gram_ss.square().sum({1, 2}) - 2 * gram_st.square().sum({1, 2}) + gram_tt.square().sum({1, 2}))
+                .clamp_min(0);
+  }
+  return {terms, s_norm, t_norm, gram_ss, gram_st, gram_tt};
+}
+
+// (dL/ds, dL/dt) for grad_terms = dL/dr (B, m) or dL/d(sum_i r_i) (B,); an empty tensor for a gradient
+// that is not needed.
+std::tuple<at::Tensor, at::Tensor> affinity_full_backward_op(
+    const at::Tensor& grad_terms, const at::Tensor& s, const at::Tensor& t, const at::Tensor& s_norm_in,
+    const at::Tensor& t_norm_in, const at::Tensor& gram_ss, const at::Tensor& gram_st, const at::Tensor& gram_tt,
+    int64_t kernel_h, int64_t kernel_w, int64_t grid_h, int64_t grid_w, bool max_pool, double eps, bool use_gram,
+    bool detach_norm, bool need_s, bool need_t) {
+  const nodes::Grid grid = affinity_full_grid(s, t, kernel_h, kernel_w, grid_h, grid_w, max_pool);
+  glue::check_same_device("affinity_full_backward",
+                          {{"s", s}, {"t", t}, {"grad_terms", grad_terms}, {"s_norm", s_norm_in}, {"t_norm", t_norm_in},
+                           {"gram_ss", gram_ss}, {"gram_st", gram_st}, {"gram_tt", gram_tt}});
+  FASTKD_GLUE_GUARD(s);
+  const int64_t batch = s.size(0), m = nodes::node_count(grid);
+  TORCH_CHECK(grad_terms.dim() == 1 || (grad_terms.dim() == 2 && grad_terms.size(1) == m),
+              "`grad_terms` must be (B,) or (B, m)");
+  const at::Tensor s_norm = s_norm_in.to(at::kDouble).contiguous(), t_norm = t_norm_in.to(at::kDouble).contiguous();
+  const bool uniform = grad_terms.dim() == 1;
+  at::Tensor weight = grad_terms.to(at::kDouble).contiguous();  // autograd may hand in an expanded tensor
+  const auto common = at::promote_types(s.scalar_type(), t.scalar_type());
+  const at::Tensor s_c = s.to(common), t_c = t.to(common);
+  const auto doubles = s.options().dtype(at::kDouble);
+  const at::Tensor none;
+  at::Tensor grad_s_hat, grad_t_hat;
+  if (!use_gram) {
+    if (uniform) weight = weight.unsqueeze(1).expand({batch, m}).contiguous();
+    if (need_s) grad_s_hat = at::zeros({batch, s.size(1), m}, doubles);
+    if (need_t) grad_t_hat = at::zeros({batch, t.size(1), m}, doubles);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, common, "affinity_full_direct_backward", [&] {
+      FASTKD_KERNELS::affinity_full_direct_backward(
+          affinity_full_nodes<scalar_t>(s_c, s_norm), affinity_full_nodes<scalar_t>(t_c, t_norm), grid, eps,
+          weight.const_data_ptr<double>(), batch, need_s ? grad_s_hat.mutable_data_ptr<double>() : nullptr,
+          need_t ? grad_t_hat.mutable_data_ptr<double>() : nullptr, FASTKD_GLUE_STREAM());
+    });
+  } else {
+    const at::Tensor ss = gram_ss.to(at::kDouble), st = gram_st.to(at::kDouble), tt = gram_tt.to(at::kDouble);
+    const at::Tensor ts = st.transpose(1, 2);
+    if (uniform) {  // w_k = w: dL/ds = 4 w (SS' s - ST' t), dL/dt = 4 w (TT' t - TS' s)
+      const at::Tensor w = weight.view({-1, 1, 1});
+      if (need_s) {
+        grad_s_hat = std::get<0>(affinity_full_apply(s_c, s_norm, t_c, t_norm, grid, eps, 4 * w * ss, -4 * w * st,
+                                                     none, none, none, true, false));
+      }
+      if (need_t) {
+        grad_t_hat = std::get<0>(affinity_full_apply(t_c, t_norm, s_c, s_norm, grid, eps, 4 * w * tt, -4 * w * ts,
+                                                     none, none, none, true, false));
+      }
+    } else {  // 2 w_k (SS' s_k - ST' t_k) + 2 (S W S' s_k - S W T' t_k), and the same for t
+      const at::Tensor weighted_st = affinity_full_gram(s_c, s_norm, t_c, t_norm, grid, eps, weight);  // S W T'
+      if (need_s) {
+        const at::Tensor weighted_ss = affinity_full_gram(s_c, s_norm, s_c, s_norm, grid, eps, weight);
+        grad_s_hat = std::get<0>(affinity_full_apply(s_c, s_norm, t_c, t_norm, grid, eps, 2 * weighted_ss,
+                                                     -2 * weighted_st, 2 * ss, -2 * st, weight, true, false));
+      }
+      if (need_t) {
+        const at::Tensor weighted_tt = affinity_full_gram(t_c, t_norm, t_c, t_norm, grid, eps, weight);
+        grad_t_hat = std::get<0>(affinity_full_apply(t_c, t_norm, s_c, s_norm, grid, eps, 2 * weighted_tt,
+                                                     -2 * weighted_st.transpose(1, 2), 2 * tt, -2 * ts, weight,
+                                                     true, false));
+      }
+    }
+  }
+  // dL/df_hat -> dL/dx, in each input's own dtype and layout.
+  auto node_backward = [&](const at::Tensor& grad_hat, const at::Tensor& x, const at::Tensor& norm) {
+    at::Tensor grad = at::empty_like(x);
+    if (grad.numel() == 0) return grad;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "affinity_full_node_backward", [&] {
+      FASTKD_KERNELS::node_backward(grad_hat.const_data_ptr<double>(), storage_data<scalar_t>(x), map_of(x),
+                                             norm.const_data_ptr<double>(), grid, eps, detach_norm, batch,
+                                             mutable_storage_data<scalar_t>(grad), map_of(grad), FASTKD_GLUE_STREAM());
+    });
+    return grad;
+  };
+  at::Tensor grad_s = need_s ? node_backward(grad_s_hat, s, s_norm) : at::empty({0}, s.options());
+  at::Tensor grad_t = need_t ? node_backward(grad_t_hat, t, t_norm) : at::empty({0}, t.options());
+  return {grad_s, grad_t};
+}
+
+}  // namespace
+}  // namespace fastkd

@@ -1,0 +1,68 @@
+// CUDA kernels of the graph nodes both affinity ops share, and their launchers (compile with nvcc alone; the
+// emulator runs this same file on the CPU through nodes_emulated.cpp). The per-node math is nodes_math.cuh.
+//
+//   node_norm_kernel       one thread per node: ||f_i||, pooling on the fly
+//   node_backward_kernel   one thread per node: normalisation then pooling backward, writing its own pixels
+//
+// Patches do not overlap, so every output element is written by one thread: no atomics.
+#include "nodes.h"
+#include "nodes_math.cuh"
+
+namespace fastkd {
+namespace FASTKD_KERNELS {
+namespace {
+
+constexpr int kThreads = 256;
+
+using nodes::Grid;
+using nodes::Map;
+
+template <typename T>
+FASTKD_GLOBAL void node_norm_kernel(const T* x, Map map, Grid grid, std::int64_t batch, double* norms) {
+  const std::int64_t m = nodes::node_count(grid);
+  const std::int64_t index = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (index >= batch * m) return;
+  norms[index] = nodes::node_norm(x, map, grid, index / m, index % m);
+}
+
+template <typename T>
+FASTKD_GLOBAL void node_backward_kernel(const double* grad_hat, const T* x, Map map, const double* norms, Grid grid,
+                                        double eps, bool detach_norm, std::int64_t batch, T* grad, Map grad_map) {
+  const std::int64_t m = nodes::node_count(grid);
+  const std::int64_t index = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (index >= batch * m) return;
+  nodes::node_backward(grad_hat, x, map, norms, grid, eps, detach_norm, index / m, index % m, grad, grad_map);
+}
+
+unsigned blocks_for(std::int64_t items) { return static_cast<unsigned>((items + kThreads - 1) / kThreads); }
+
+}  // namespace
+
+template <typename T>
+void node_norms(const T* x, const nodes::Map& map, const nodes::Grid& grid, std::int64_t batch, double* norms,
+                fastkd_stream_t stream) {
+  const std::int64_t items = batch * nodes::node_count(grid);
+  if (items == 0) return;
+  FASTKD_LAUNCH(node_norm_kernel<T>, dim3(blocks_for(items)), dim3(kThreads), stream, x, map, grid, batch, norms);
+}
+
+template <typename T>
+void node_backward(const double* grad_hat, const T* x, const nodes::Map& map, const double* norms,
+                   const nodes::Grid& grid, double eps, bool detach_norm, std::int64_t batch, T* grad,
+                   const nodes::Map& grad_map, fastkd_stream_t stream) {
+  const std::int64_t items = batch * nodes::node_count(grid);
+  if (items == 0) return;
+  FASTKD_LAUNCH(node_backward_kernel<T>, dim3(blocks_for(items)), dim3(kThreads), stream, grad_hat, x, map, norms,
+                grid, eps, detach_norm, batch, grad, grad_map);
+}
+
+#define FASTKD_INSTANTIATE(T)                                                                                   \
+  template void node_norms<T>(const T*, const nodes::Map&, const nodes::Grid&, std::int64_t, double*,           \
+                              fastkd_stream_t);                                                                 \
+  template void node_backward<T>(const double*, const T*, const nodes::Map&, const double*, const nodes::Grid&, \
+                                 double, bool, std::int64_t, T*, const nodes::Map&, fastkd_stream_t);
+FASTKD_FOR_EACH_STORAGE_TYPE(FASTKD_INSTANTIATE)
+#undef FASTKD_INSTANTIATE
+
+}  // namespace FASTKD_KERNELS
+}  // namespace fastkd

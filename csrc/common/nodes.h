@@ -1,0 +1,26 @@
+// Launchers of the node kernels both affinity ops share (nodes.cu): raw pointers, sizes, strides and a stream.
+// Declared for the namespace the including file compiles for (fastkd::cuda or fastkd::emulated).
+#pragma once
+
+#include <cstdint>
+
+#include "fastkd_cuda.cuh"
+#include "nodes_math.cuh"
+
+namespace fastkd {
+namespace FASTKD_KERNELS {
+
+// norms (B, m): ||f_i|| of every node, pooling on the fly.
+template <typename T>
+void node_norms(const T* x, const nodes::Map& map, const nodes::Grid& grid, std::int64_t batch, double* norms,
+                fastkd_stream_t stream);
+
+// grad (x's layout, any strides) = dL/dx from grad_hat = dL/df_hat (B, C, m): the normalisation, then the
+// pooling backward (nodes_math.cuh).
+template <typename T>
+void node_backward(const double* grad_hat, const T* x, const nodes::Map& map, const double* norms,
+                   const nodes::Grid& grid, double eps, bool detach_norm, std::int64_t batch, T* grad,
+                   const nodes::Map& grad_map, fastkd_stream_t stream);
+
+}  // namespace FASTKD_KERNELS
+}  // namespace fastkd

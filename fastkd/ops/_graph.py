@@ -1,0 +1,122 @@
+"""The node and graph math every backend of the affinity ops shares (a leaf: torch and :mod:`fastkd.ops._common` only).
+
+Nodes (Liu et al. 2020, sec. 2.1; FORMULAS.md section 1, steps 1-2): each node is a ``kernel_h x kernel_w``
+patch of pixels aggregated by average or max pooling (ceil mode: the last patches may be partial), then
+L2-normalised. The graph: every node connected to every node (``affinity_full``), or to the nodes within a
+Chebyshev window of radius r on the node grid (``affinity_window``).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from fastkd.ops._common import COMPUTE_DTYPE
+
+
+def pool_kernel(height: int, width: int, patch: Tuple[int, int], pool_scale: Optional[float]) -> Tuple[int, int]:
+    """The pooling kernel (= stride) for a ``height x width`` map.
+
+    ``pool_scale=r`` is the authors' code: ``(max(1, int(H*r)), max(1, int(W*r)))``. A patch larger than
+    the map covers the whole map, so it is clamped to the map size.
+    """
+    if pool_scale is not None:
+        return max(1, int(height * pool_scale)), max(1, int(width * pool_scale))
+    return min(patch[0], max(height, 1)), min(patch[1], max(width, 1))
+
+
+class NodeGrid(NamedTuple):
+    """How a map is cut into nodes: the patch (= stride), the grid, the pooling."""
+
+    kernel_h: int
+    kernel_w: int
+    grid_h: int
+    grid_w: int
+    max_pool: bool
+
+    @property
+    def nodes(self) -> int:
+        return self.grid_h * self.grid_w
+
+
+def node_grid(height: int, width: int, patch: Tuple[int, int], pool: str, pool_scale: Optional[float]) -> NodeGrid:
+    """The node grid of a ``height x width`` map (ceil mode: the last patches may be partial);
+    ``pool_scale`` always max-pools (the authors' code)."""
+    kernel_h, kernel_w = pool_kernel(height, width, patch, pool_scale)
+    return NodeGrid(kernel_h, kernel_w, -(-height // kernel_h), -(-width // kernel_w),
+                    pool == "max" or pool_scale is not None)
+
+
+def pool_nodes(x: torch.Tensor, grid: NodeGrid) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, grid_h, grid_w) node features; ``avg`` averages only the pixels that exist."""
+    kernel = (grid.kernel_h, grid.kernel_w)
+    if kernel == (1, 1):
+        return x
+    if grid.max_pool:
+        # A max ignores -Inf, but FORMULAS.md asks that NaN or Inf in the input give NaN: such patches are NaN.
+        non_finite = F.max_pool2d((~torch.isfinite(x.detach())).to(x.dtype), kernel, kernel, ceil_mode=True)
+        pooled = F.max_pool2d(x, kernel, kernel, ceil_mode=True)
+        return torch.where(non_finite > 0, torch.full_like(pooled, float("nan")), pooled)
+    return F.avg_pool2d(x, kernel, kernel, ceil_mode=True, count_include_pad=False)
+
+
+def normalize_nodes(f: torch.Tensor, eps: float, detach_norm: bool) -> torch.Tensor:
+    """``f / (||f||_2 + eps)`` along the channel dimension 1; ``detach_norm`` treats the norm as a constant."""
+    norm = torch.linalg.vector_norm(f, dim=1, keepdim=True)
+    if detach_norm:
+        norm = norm.detach()
+    return f / (norm + eps)
+
+
+def graph_nodes(x: torch.Tensor, grid: NodeGrid, eps: float, detach_norm: bool) -> torch.Tensor:
+    """(B, C, H, W) input -> (B, C, grid_h, grid_w) pooled, normalised float64 nodes."""
+    return normalize_nodes(pool_nodes(x.to(COMPUTE_DTYPE), grid), eps, detach_norm)
+
+
+# ----------------------------------------------------------------------------------------- the full graph
+
+# How the full graph is summed: "gram" (C x C Gram matrices, O(m C^2)), "direct" (m x m affinities formed
+# tile by tile, O(m^2 C)), or "auto" (the cheaper one by :func:`use_gram`).
+ALGORITHMS = ("auto", "gram", "direct")
+
+
+def use_gram(m: int, cs: int, ct: int) -> bool:
+    """Cost model: multiply-adds of the Gram identity, ``m (Cs^2 + Cs Ct + Ct^2)``, against the direct
+    evaluation, ``m^2 (Cs + Ct + 1)``. The direct path also bounds its m x m memory by the C x C it saves."""
+    return m * (cs * cs + cs * ct + ct * ct) <= m * m * (cs + ct + 1)
+
+
+def choose_gram(algorithm: str, m: int, cs: int, ct: int) -> bool:
+    """Whether the full graph is summed through Gram matrices: the caller's ``algorithm``, or the cost model."""
+    return use_gram(m, cs, ct) if algorithm == "auto" else algorithm == "gram"
+
+
+def covers_full_graph(window: Optional[int], rows: int, cols: int) -> bool:
+    """Whether every node is connected to every node: no window, or one that spans the node grid."""
+    return window is None or window >= max(rows, cols) - 1
+
+
+# ------------------------------------------------------------------------------------- the windowed graph
+
+def window_pairs_1d(n: int, r: int) -> int:
+    """Number of ordered pairs (y, y') in 0..n-1 with |y - y'| <= r."""
+    k = min(r, n - 1)
+    return n + 2 * (k * n - k * (k + 1) // 2)
+
+
+def window_offsets(r: int, rows: int, cols: int) -> Iterator[Tuple[int, int]]:
+    """The offsets (dy, dx) of one half of the Chebyshev window, the diagonal (0, 0) excluded (the other
+    half mirrors them), skipping offsets that leave every node of a rows x cols grid without a partner."""
+    for dy in range(0, min(r, rows - 1) + 1):
+        for dx in range(-min(r, cols - 1), min(r, cols - 1) + 1):
+            if dy > 0 or dx > 0:
+                yield dy, dx
+
+
+def stored_half_window(r: int, rows: int, cols: int) -> int:
+    """How many offsets the kernels store D for: the diagonal and :func:`window_offsets`,
+    ``reach_h (2 reach_w + 1) + reach_w + 1`` with the reach ``min(r, rows - 1) x min(r, cols - 1)``."""
+    reach_h, reach_w = min(r, max(rows - 1, 0)), min(r, max(cols - 1, 0))
+    return reach_h * (2 * reach_w + 1) + reach_w + 1

@@ -1,0 +1,175 @@
+"""Graph nodes for the Triton kernels of both affinity ops: pooled on the fly, normalised by a precomputed norm
+(a leaf: torch, triton and the shared math of :mod:`fastkd.ops._graph`).
+
+A node is a ``kernel_h x kernel_w`` patch of one image (Liu et al. 2020, sec. 2.1; FORMULAS.md section 1,
+steps 1-2), averaged over the pixels that exist or max-pooled. The kernels never store pooled or
+normalised copies of the input: :func:`load_pooled` pools a (channels x nodes) tile in registers whenever
+a kernel needs it, and the node norms ``||f_i||`` (one float64 per node) are the only thing computed ahead.
+
+Nodes are numbered row-major on the ``grid_h x grid_w`` node grid, ``m = grid_h * grid_w``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastkd.ops._graph import NodeGrid
+from fastkd.ops._triton_launch import KERNEL_OPTIONS, on_device, strides, to_element_type
+
+BLOCK_NODES = 32
+BLOCK_CHANNELS = 32
+
+
+@triton.jit
+def load_pooled(x_ptr, b, channels, nodes, num_channels, num_nodes, height, width, grid_w,
+                stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL: tl.constexpr):
+    """The pooled features of ``channels`` (BLOCK_C,) x ``nodes`` (BLOCK_N,) of image ``b`` as a float64
+    (BLOCK_C, BLOCK_N) tile; 0 outside the map. Indices are int64. A max over a patch holding NaN or
+    +-Inf is NaN."""
+    valid = (channels[:, None] < num_channels) & (nodes[None, :] < num_nodes)
+    node_row = nodes // grid_w
+    node_col = nodes % grid_w
+    base = x_ptr + b * stride_b + channels[:, None] * stride_c
+    if MAX_POOL:
+        pooled = tl.full(valid.shape, float("-inf"), tl.float64)
+        non_finite = tl.zeros(valid.shape, tl.int1)
+    else:
+        pooled = tl.zeros(valid.shape, tl.float64)
+        count = tl.zeros(nodes.shape, tl.float64)
+    for dy in range(0, kernel_h):
+        row = node_row * kernel_h + dy
+        for dx in range(0, kernel_w):
+            col = node_col * kernel_w + dx
+            inside = (row < height) & (col < width)
+            pixel = tl.load(base + (row * stride_h + col * stride_w)[None, :], mask=valid & inside[None, :],
+                            other=0.0).to(tl.float64)
+            if MAX_POOL:
+                pooled = tl.where(inside[None, :] & (pixel > pooled), pixel, pooled)
+                non_finite |= inside[None, :] & (pixel - pixel != 0)  # NaN or +-Inf
+            else:
+                pooled += pixel
+                count += inside.to(tl.float64)
+    if MAX_POOL:  # a max ignores -Inf, but FORMULAS.md asks that non-finite input give NaN
+        pooled = tl.where(non_finite, float("nan"), pooled)
+    else:
+        pooled = pooled / tl.maximum(count, 1.0)[None, :]
+    return tl.where(valid, pooled, 0.0)
+
+
+@triton.jit
+def load_normalized(x_ptr, norm_ptr, b, channels, nodes, num_channels, num_nodes, height, width, grid_w,
+                    stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, eps, MAX_POOL: tl.constexpr):
+    """``f_hat = f / (||f|| + eps)`` for a (BLOCK_C, BLOCK_N) tile, from the precomputed node norms."""
+    pooled = load_pooled(x_ptr, b, channels, nodes, num_channels, num_nodes, height, width, grid_w,
+                         stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL)
+    norm = tl.load(norm_ptr + b * num_nodes + nodes, mask=nodes < num_nodes, other=0.0)
+    return pooled / (norm + eps)[None, :]
+
+
+@triton.jit
+def node_norm_kernel(x_ptr, norm_ptr, num_channels, num_nodes, height, width, grid_w,
+                     stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w,
+                     MAX_POOL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``||f_i||_2`` (float64) of every node; grid (node blocks, B)."""
+    b = tl.program_id(1).to(tl.int64)
+    nodes = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    squares = tl.zeros((BLOCK_N,), tl.float64)
+    for c0 in range(0, num_channels, BLOCK_C):
+        channels = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+        pooled = load_pooled(x_ptr, b, channels, nodes, num_channels, num_nodes, height, width, grid_w,
+                             stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL)
+        squares += tl.sum(pooled * pooled, axis=0)
+    tl.store(norm_ptr + b * num_nodes + nodes, tl.sqrt(squares), mask=nodes < num_nodes)
+
+
+@triton.jit
+def node_backward_kernel(grad_hat_ptr, x_ptr, norm_ptr, grad_x_ptr, num_channels, num_nodes, height, width,
+                         grid_w, stride_b, stride_c, stride_h, stride_w,
+                         grad_stride_b, grad_stride_c, grad_stride_h, grad_stride_w, kernel_h, kernel_w,
+                         eps: tl.float64, DETACH_NORM: tl.constexpr, MAX_POOL: tl.constexpr,
+                         BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dL/dx from dL/df_hat (B, C, m float64, contiguous); grid (node blocks, B).
+
+    Normalisation: with k = 1 / (n + eps) and n = ||f||, ``df_hat = k df - k^2 f (f . df) / n``, so
+    ``dL/df = k g - k^2 (f . g) f / n`` (only ``k g`` when the norm is detached; f = 0 has n = 0 and a
+    zero second term). Pooling: an average spreads dL/df over the patch's pixels, a max sends it to the
+    first maximal pixel. Patches do not overlap, so each program writes only its own pixels.
+    """
+    b = tl.program_id(1).to(tl.int64)
+    nodes = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    node_ok = nodes < num_nodes
+    norm = tl.load(norm_ptr + b * num_nodes + nodes, mask=node_ok, other=0.0)
+    scale = 1.0 / (norm + eps)
+    grad_hat_base = grad_hat_ptr + b * num_channels * num_nodes
+    radial = tl.zeros((BLOCK_N,), tl.float64)  # k^2 (f . g) / n, the norm's share of the gradient
+    if not DETACH_NORM:
+        for c0 in range(0, num_channels, BLOCK_C):
+            channels = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+            ok = (channels[:, None] < num_channels) & node_ok[None, :]
+            g = tl.load(grad_hat_base + channels[:, None] * num_nodes + nodes[None, :], mask=ok, other=0.0)
+            pooled = load_pooled(x_ptr, b, channels, nodes, num_channels, num_nodes, height, width, grid_w,
+                                 stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL)
+            radial += tl.sum(g * pooled, axis=0)
+        radial = tl.where(norm > 0, radial * scale * scale / tl.where(norm > 0, norm, 1.0), 0.0)
+    node_row = nodes // grid_w
+    node_col = nodes % grid_w
+    for c0 in range(0, num_channels, BLOCK_C):
+        channels = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+        ok = (channels[:, None] < num_channels) & node_ok[None, :]
+        g = tl.load(grad_hat_base + channels[:, None] * num_nodes + nodes[None, :], mask=ok, other=0.0)
+        pooled = load_pooled(x_ptr, b, channels, nodes, num_channels, num_nodes, height, width, grid_w,
+                             stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL)
+        grad_pooled = g * scale[None, :] - radial[None, :] * pooled
+        if MAX_POOL:  # the first pixel (row-major in the patch) that holds the max; NaN is its own max
+            winner = tl.full(ok.shape, -1, tl.int32)
+            for dy in range(0, kernel_h):
+                row = node_row * kernel_h + dy
+                for dx in range(0, kernel_w):
+                    col = node_col * kernel_w + dx
+                    inside = (row < height) & (col < width)
+                    pixel = tl.load(x_ptr + b * stride_b + channels[:, None] * stride_c
+                                    + (row * stride_h + col * stride_w)[None, :],
+                                    mask=ok & inside[None, :], other=0.0).to(tl.float64)
+                    same = (pixel == pooled) | ((pixel != pixel) & (pooled != pooled))
+                    winner = tl.where((winner < 0) & inside[None, :] & same, dy * kernel_w + dx, winner)
+        else:
+            count = (tl.minimum(height - node_row * kernel_h, kernel_h)
+                     * tl.minimum(width - node_col * kernel_w, kernel_w)).to(tl.float64)
+            grad_pooled = grad_pooled / tl.maximum(count, 1.0)[None, :]  # count < 1 only past the last node
+        for dy in range(0, kernel_h):
+            row = node_row * kernel_h + dy
+            for dx in range(0, kernel_w):
+                col = node_col * kernel_w + dx
+                inside = (row < height) & (col < width)
+                grad_pixel = grad_pooled
+                if MAX_POOL:
+                    grad_pixel = tl.where(winner == dy * kernel_w + dx, grad_pooled, 0.0)
+                target = (grad_x_ptr + b * grad_stride_b + channels[:, None] * grad_stride_c
+                          + (row * grad_stride_h + col * grad_stride_w)[None, :])
+                tl.store(target, to_element_type(grad_pixel, grad_x_ptr), mask=ok & inside[None, :])
+
+
+def node_norms(x: torch.Tensor, grid: NodeGrid) -> torch.Tensor:
+    """``||f_i||_2`` of every node of every image: (B, m) float64."""
+    batch, channels, height, width = x.shape
+    norms = torch.empty(batch, grid.nodes, dtype=torch.float64, device=x.device)
+    with on_device(x):
+        node_norm_kernel[(triton.cdiv(grid.nodes, BLOCK_NODES), batch)](
+            x, norms, channels, grid.nodes, height, width, grid.grid_w, *strides(x), grid.kernel_h, grid.kernel_w,
+            MAX_POOL=grid.max_pool, BLOCK_C=BLOCK_CHANNELS, BLOCK_N=BLOCK_NODES, **KERNEL_OPTIONS)
+    return norms
+
+
+def node_backward(grad_hat: torch.Tensor, x: torch.Tensor, norms: torch.Tensor, grid: NodeGrid, eps: float,
+                  detach_norm: bool) -> torch.Tensor:
+    """dL/dx (x's dtype and layout) from dL/df_hat, a contiguous (B, C, m) float64 tensor."""
+    batch, channels, height, width = x.shape
+    grad_x = torch.empty_like(x)
+    with on_device(x):
+        node_backward_kernel[(triton.cdiv(grid.nodes, BLOCK_NODES), batch)](
+            grad_hat, x, norms, grad_x, channels, grid.nodes, height, width, grid.grid_w, *strides(x),
+            *strides(grad_x), grid.kernel_h, grid.kernel_w, eps, DETACH_NORM=detach_norm,
+            MAX_POOL=grid.max_pool, BLOCK_C=BLOCK_CHANNELS, BLOCK_N=BLOCK_NODES, **KERNEL_OPTIONS)
+    return grad_x

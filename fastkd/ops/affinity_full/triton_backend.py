@@ -1,0 +1,399 @@
+"""The ``triton`` backend of the ``affinity_full`` op, the full graph of ``PairwiseAffinityLoss`` and
+``AffinityDistillationLoss``: fused kernels behind the custom ops ``fastkd_triton::affinity_full_forward`` and
+``_backward`` (the schema of :mod:`fastkd.ops.affinity_full.schema`).
+
+Both losses are built from the same per-row quantity. With f_hat the pooled, normalised nodes of one image
+(S: Cs x m for the student, T: Ct x m for the teacher) and ``D = S'S - T'T`` (m x m, never stored):
+
+    r_i = sum_j D_ij^2                       (Liu et al. 2020, eq. 2: the pair-wise loss is sum_i r_i;
+                                              He et al. 2019, eqs. 3-4: L = sum_i sqrt(r_i) / m)
+
+Two algorithms compute it, chosen by :func:`fastkd.ops._graph.use_gram` unless overridden:
+
+* **Gram** (O(m C^2) work, C x C memory): ``sum_i r_i = ||SS'||^2 - 2 ||ST'||^2 + ||TT'||^2`` and
+  ``r_i = s_i'(SS')s_i - 2 s_i'(ST')t_i + t_i'(TT')t_i``. The terms cancel to ~1e-6 of their size near
+  convergence, so the Gram matrices and everything after them are accumulated in float64.
+* **direct** (O(m^2 C) work, O(m C) memory, flash-style): tiles of D are formed in registers from node
+  tiles and reduced at once; used when m is small next to C.
+
+Backward, for any row weights ``w_i = dL/dr_i`` (uniform for the pair-wise loss):
+
+    dL/ds_k = 2 sum_j (w_k + w_j) D_kj s_j = 2 w_k (SS' s_k - ST' t_k) + 2 (S W S' s_k - S W T' t_k)
+    dL/dt_k = -2 sum_j (w_k + w_j) D_kj t_j = 2 w_k (TT' t_k - TS' s_k) + 2 (T W T' t_k - T W S' s_k)
+
+with W = diag(w): weighted Gram matrices (Gram path) or re-formed tiles of D (direct path). The result,
+dL/df_hat, goes through :func:`fastkd.ops._triton_nodes.node_backward` to the inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from fastkd.ops._graph import NodeGrid
+from fastkd.ops._triton_launch import KERNEL_OPTIONS, on_device, strides
+from fastkd.ops._triton_nodes import load_normalized, node_backward, node_norms
+from fastkd.ops.affinity_full import schema
+
+BLOCK_NODES = 32
+BLOCK_CHANNELS = 32
+# Gram programs split the node range so that small batches still fill the GPU; each split writes its own
+# partial matrix and the partials are summed in a fixed order (no atomics).
+TARGET_PROGRAMS = 1024
+# direct_backward_kernel's partner and channel steps: at 32 it needs more than 255 registers on GPUs whose
+# float64 tl.dot is FMAs (no FP64 tensor cores: sm_86, sm_89), and spilled 0.7-1 KB per thread there.
+BACKWARD_BLOCK = 16
+# A 1 x 1 patch is not made a compile-time constant in the kernels with tl.dot: with it, Triton (3.8) moves
+# the float16/bfloat16 -> float64 conversion of the loaded tile into the MMA operand layout and fails to
+# compile them (an assertion in its MMAv2 lowering); a runtime patch size keeps the conversion before it.
+UNSPECIALISED = ["kernel_h", "kernel_w"]
+
+
+@triton.jit(do_not_specialize=UNSPECIALISED)
+def gram_kernel(x_ptr, x_norm_ptr, y_ptr, y_norm_ptr, weight_ptr, out_ptr, x_channels, y_channels, num_nodes,
+                height, width, grid_w, x_sb, x_sc, x_sh, x_sw, y_sb, y_sc, y_sh, y_sw, kernel_h, kernel_w,
+                eps: tl.float64, nodes_per_split, HAS_WEIGHT: tl.constexpr, MAX_POOL: tl.constexpr,
+                BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One (BLOCK_X x BLOCK_Y) tile of ``X W Y'`` summed over one split of the nodes; grid
+    (tiles, splits, B). Writes out[b, split] (B, splits, Cx, Cy) float64."""
+    tile = tl.program_id(0)
+    split = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    y_tiles = tl.cdiv(y_channels, BLOCK_Y)
+    x_rows = (tile // y_tiles).to(tl.int64) * BLOCK_X + tl.arange(0, BLOCK_X).to(tl.int64)
+    y_rows = (tile % y_tiles).to(tl.int64) * BLOCK_Y + tl.arange(0, BLOCK_Y).to(tl.int64)
+    acc = tl.zeros((BLOCK_X, BLOCK_Y), tl.float64)
+    first = split * nodes_per_split
+    last = tl.minimum(first + nodes_per_split, num_nodes)
+    for n0 in range(first, last, BLOCK_N):
+        nodes = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        nodes = tl.where(nodes < last, nodes, num_nodes)  # past this split: loaded as 0
+        x_hat = load_normalized(x_ptr, x_norm_ptr, b, x_rows, nodes, x_channels, num_nodes, height, width,
+                                grid_w, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, eps, MAX_POOL)
+        y_hat = load_normalized(y_ptr, y_norm_ptr, b, y_rows, nodes, y_channels, num_nodes, height, width,
+                                grid_w, y_sb, y_sc, y_sh, y_sw, kernel_h, kernel_w, eps, MAX_POOL)
+        if HAS_WEIGHT:
+            x_hat = x_hat * tl.load(weight_ptr + b * num_nodes + nodes, mask=nodes < num_nodes, other=0.0)[None, :]
+        acc += tl.dot(x_hat, tl.trans(y_hat))
+    splits = tl.num_programs(1).to(tl.int64)
+    out = out_ptr + ((b * splits + split) * x_channels + x_rows[:, None]) * y_channels + y_rows[None, :]
+    tl.store(out, acc, mask=(x_rows[:, None] < x_channels) & (y_rows[None, :] < y_channels))
+
+
+@triton.jit
+def _matrix_times_nodes(acc, matrix_ptr, b, out_rows, out_channels, x_ptr, x_norm_ptr, x_channels, nodes,
+                        num_nodes, height, width, grid_w, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, eps,
+                        MAX_POOL: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``acc + M[out_rows, :] @ X_hat[:, nodes]`` for a contiguous float64 matrix M (B, out_channels,
+    x_channels)."""
+    for c0 in range(0, x_channels, BLOCK_C):
+        channels = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+        matrix = tl.load(matrix_ptr + (b * out_channels + out_rows[:, None]) * x_channels + channels[None, :],
+                         mask=(out_rows[:, None] < out_channels) & (channels[None, :] < x_channels), other=0.0)
+        x_hat = load_normalized(x_ptr, x_norm_ptr, b, channels, nodes, x_channels, num_nodes, height, width,
+                                grid_w, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, eps, MAX_POOL)
+        acc += tl.dot(matrix, x_hat)
+    return acc
+
+
+@triton.jit(do_not_specialize=UNSPECIALISED)
+def gram_apply_kernel(p_ptr, p_norm_ptr, q_ptr, q_norm_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr, weight_ptr,
+                      out_ptr, dot_a_ptr, dot_b_ptr, p_channels, q_channels, num_nodes, height, width, grid_w,
+                      p_sb, p_sc, p_sh, p_sw, q_sb, q_sc, q_sh, q_sw, kernel_h, kernel_w, eps: tl.float64,
+                      HAS_Q: tl.constexpr, HAS_WEIGHTED: tl.constexpr, STORE: tl.constexpr, DOTS: tl.constexpr,
+                      MAX_POOL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For a block of nodes of one image; grid (node blocks, B):
+
+    ``out = A1 P + B1 Q + w (A2 P + B2 Q)`` (Cp x m, stored when STORE) with P, Q the normalised nodes,
+    and with DOTS the per-node quadratic forms ``dot_a = p . (A1 p)`` and ``dot_b = p . (B1 q)``.
+    """
+    b = tl.program_id(1).to(tl.int64)
+    nodes = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    node_ok = nodes < num_nodes
+    if HAS_WEIGHTED:
+        weight = tl.load(weight_ptr + b * num_nodes + nodes, mask=node_ok, other=0.0)
+    dot_a = tl.zeros((BLOCK_N,), tl.float64)
+    dot_b = tl.zeros((BLOCK_N,), tl.float64)
+    for r0 in range(0, p_channels, BLOCK_C):
+        rows = r0 + tl.arange(0, BLOCK_C).to(tl.int64)
+        from_p = _matrix_times_nodes(tl.zeros((BLOCK_C, BLOCK_N), tl.float64), a1_ptr, b, rows, p_channels,
+                                     p_ptr, p_norm_ptr, p_channels, nodes, num_nodes, height, width, grid_w,
+                                     p_sb, p_sc, p_sh, p_sw, kernel_h, kernel_w, eps, MAX_POOL, BLOCK_C)
+        from_q = tl.zeros((BLOCK_C, BLOCK_N), tl.float64)
+        if HAS_Q:
+            from_q = _matrix_times_nodes(from_q, b1_ptr, b, rows, p_channels, q_ptr, q_norm_ptr, q_channels,
+                                         nodes, num_nodes, height, width, grid_w, q_sb, q_sc, q_sh, q_sw,
+                                         kernel_h, kernel_w, eps, MAX_POOL, BLOCK_C)
+        if DOTS:
+            p_hat = load_normalized(p_ptr, p_norm_ptr, b, rows, nodes, p_channels, num_nodes, height, width,
+                                    grid_w, p_sb, p_sc, p_sh, p_sw, kernel_h, kernel_w, eps, MAX_POOL)
+            dot_a += tl.sum(p_hat * from_p, axis=0)
+            dot_b += tl.sum(p_hat * from_q, axis=0)
+        if STORE:
+            result = from_p + from_q
+            if HAS_WEIGHTED:
+                weighted = tl.zeros((BLOCK_C, BLOCK_N), tl.float64)
+                weighted = _matrix_times_nodes(weighted, a2_ptr, b, rows, p_channels, p_ptr, p_norm_ptr,
+                                               p_channels, nodes, num_nodes, height, width, grid_w,
+                                               p_sb, p_sc, p_sh, p_sw, kernel_h, kernel_w, eps, MAX_POOL, BLOCK_C)
+                if HAS_Q:
+                    weighted = _matrix_times_nodes(weighted, b2_ptr, b, rows, p_channels, q_ptr, q_norm_ptr,
+                                                   q_channels, nodes, num_nodes, height, width, grid_w,
+                                                   q_sb, q_sc, q_sh, q_sw, kernel_h, kernel_w, eps, MAX_POOL,
+                                                   BLOCK_C)
+                result += weight[None, :] * weighted
+            out = out_ptr + (b * p_channels + rows[:, None]) * num_nodes + nodes[None, :]
+            tl.store(out, result, mask=(rows[:, None] < p_channels) & node_ok[None, :])
+    if DOTS:
+        tl.store(dot_a_ptr + b * num_nodes + nodes, dot_a, mask=node_ok)
+        tl.store(dot_b_ptr + b * num_nodes + nodes, dot_b, mask=node_ok)
+
+
+@triton.jit
+def _affinity_tile(x_ptr, x_norm_ptr, b, nodes_i, nodes_j, x_channels, num_nodes, height, width, grid_w,
+                   x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, eps, MAX_POOL: tl.constexpr,
+                   BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``a[i, j] = x_i . x_j`` for a (BLOCK_I, BLOCK_J) tile of normalised nodes, in registers."""
+    affinity = tl.zeros((BLOCK_I, BLOCK_J), tl.float64)
+    for c0 in range(0, x_channels, BLOCK_C):
+        channels = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+        x_i = load_normalized(x_ptr, x_norm_ptr, b, channels, nodes_i, x_channels, num_nodes, height, width,
+                              grid_w, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, eps, MAX_POOL)
+        x_j = load_normalized(x_ptr, x_norm_ptr, b, channels, nodes_j, x_channels, num_nodes, height, width,
+                              grid_w, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, eps, MAX_POOL)
+        affinity += tl.dot(tl.trans(x_i), x_j)
+    return affinity
+
+
+@triton.jit
+def _difference_tile(s_ptr, s_norm_ptr, t_ptr, t_norm_ptr, b, nodes_i, nodes_j, s_channels, t_channels,
+                     num_nodes, height, width, grid_w, s_sb, s_sc, s_sh, s_sw, t_sb, t_sc, t_sh, t_sw,
+                     kernel_h, kernel_w, eps, MAX_POOL: tl.constexpr, BLOCK_I: tl.constexpr,
+                     BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``D[i, j] = s_i . s_j - t_i . t_j`` for a (BLOCK_I, BLOCK_J) tile, in registers."""
+    a_s = _affinity_tile(s_ptr, s_norm_ptr, b, nodes_i, nodes_j, s_channels, num_nodes, height, width, grid_w,
+                         s_sb, s_sc, s_sh, s_sw, kernel_h, kernel_w, eps, MAX_POOL, BLOCK_I, BLOCK_J, BLOCK_C)
+    a_t = _affinity_tile(t_ptr, t_norm_ptr, b, nodes_i, nodes_j, t_channels, num_nodes, height, width, grid_w,
+                         t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w, eps, MAX_POOL, BLOCK_I, BLOCK_J, BLOCK_C)
+    return a_s - a_t
+
+
+@triton.jit(do_not_specialize=UNSPECIALISED)
+def direct_rows_kernel(s_ptr, s_norm_ptr, t_ptr, t_norm_ptr, rows_ptr, s_channels, t_channels, num_nodes,
+                       height, width, grid_w, s_sb, s_sc, s_sh, s_sw, t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w,
+                       eps: tl.float64, MAX_POOL: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
+    """``r_i = sum_j D_ij^2`` for a block of rows i of one image, sweeping j in tiles; grid (row blocks, B)."""
+    b = tl.program_id(1).to(tl.int64)
+    nodes_i = tl.program_id(0).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
+    rows = tl.zeros((BLOCK_I,), tl.float64)
+    for j0 in range(0, num_nodes, BLOCK_J):
+        nodes_j = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
+        difference = _difference_tile(s_ptr, s_norm_ptr, t_ptr, t_norm_ptr, b, nodes_i, nodes_j, s_channels,
+                                      t_channels, num_nodes, height, width, grid_w, s_sb, s_sc, s_sh, s_sw,
+                                      t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w, eps, MAX_POOL,
+                                      BLOCK_I, BLOCK_J, BLOCK_C)
+        rows += tl.sum(difference * difference, axis=1)
+    tl.store(rows_ptr + b * num_nodes + nodes_i, rows, mask=nodes_i < num_nodes)
+
+
+@triton.jit
+def _accumulate_rows(out_ptr, b, nodes_i, weighted, x_ptr, x_norm_ptr, x_channels, nodes_j, num_nodes, height,
+                     width, grid_w, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, eps, MAX_POOL: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
+    """``out[:, i] += sum_j weighted[i, j] x_j`` for the block's own nodes i (out: B, C, m float64)."""
+    for c0 in range(0, x_channels, BLOCK_C):
+        channels = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+        x_j = load_normalized(x_ptr, x_norm_ptr, b, channels, nodes_j, x_channels, num_nodes, height, width,
+                              grid_w, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, eps, MAX_POOL)
+        out = out_ptr + (b * x_channels + channels[:, None]) * num_nodes + nodes_i[None, :]
+        ok = (channels[:, None] < x_channels) & (nodes_i[None, :] < num_nodes)
+        tl.store(out, tl.load(out, mask=ok, other=0.0) + tl.dot(x_j, tl.trans(weighted)), mask=ok)
+
+
+@triton.jit(do_not_specialize=UNSPECIALISED)
+def direct_backward_kernel(s_ptr, s_norm_ptr, t_ptr, t_norm_ptr, weight_ptr, grad_s_ptr, grad_t_ptr,
+                           s_channels, t_channels, num_nodes, height, width, grid_w, s_sb, s_sc, s_sh, s_sw,
+                           t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w, eps: tl.float64, NEED_S: tl.constexpr,
+                           NEED_T: tl.constexpr, MAX_POOL: tl.constexpr, BLOCK_I: tl.constexpr,
+                           BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dL/ds_hat_i = 2 sum_j (w_i + w_j) D_ij s_j and dL/dt_hat_i = -2 sum_j (w_i + w_j) D_ij t_j for a
+    block of nodes i; grid (node blocks, B). Each program owns its columns of the zeroed (B, C, m) outputs."""
+    b = tl.program_id(1).to(tl.int64)
+    nodes_i = tl.program_id(0).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
+    weight_i = tl.load(weight_ptr + b * num_nodes + nodes_i, mask=nodes_i < num_nodes, other=0.0)
+    for j0 in range(0, num_nodes, BLOCK_J):
+        nodes_j = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
+        weight_j = tl.load(weight_ptr + b * num_nodes + nodes_j, mask=nodes_j < num_nodes, other=0.0)
+        difference = _difference_tile(s_ptr, s_norm_ptr, t_ptr, t_norm_ptr, b, nodes_i, nodes_j, s_channels,
+                                      t_channels, num_nodes, height, width, grid_w, s_sb, s_sc, s_sh, s_sw,
+                                      t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w, eps, MAX_POOL,
+                                      BLOCK_I, BLOCK_J, BLOCK_C)
+        weighted = 2.0 * (weight_i[:, None] + weight_j[None, :]) * difference
+        if NEED_S:
+            _accumulate_rows(grad_s_ptr, b, nodes_i, weighted, s_ptr, s_norm_ptr, s_channels, nodes_j, num_nodes,
+                             height, width, grid_w, s_sb, s_sc, s_sh, s_sw, kernel_h, kernel_w, eps, MAX_POOL,
+                             BLOCK_C)
+        if NEED_T:
+            _accumulate_rows(grad_t_ptr, b, nodes_i, -weighted, t_ptr, t_norm_ptr, t_channels, nodes_j,
+                             num_nodes, height, width, grid_w, t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w, eps,
+                             MAX_POOL, BLOCK_C)
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+
+def _geometry(x: torch.Tensor, grid: NodeGrid):
+    return (grid.nodes, x.shape[2], x.shape[3], grid.grid_w)
+
+
+def gram(x, x_norm, y, y_norm, grid: NodeGrid, eps: float, weight: Optional[torch.Tensor] = None):
+    """``X W Y'`` per image for the normalised nodes of x and y (W = diag(weight), or the identity):
+    (B, Cx, Cy) float64."""
+    batch, x_channels, y_channels = x.shape[0], x.shape[1], y.shape[1]
+    tiles = triton.cdiv(x_channels, BLOCK_CHANNELS) * triton.cdiv(y_channels, BLOCK_CHANNELS)
+    node_blocks = triton.cdiv(grid.nodes, BLOCK_NODES)
+    splits = 1 if not x.is_cuda else max(1, min(node_blocks, TARGET_PROGRAMS // max(1, tiles * batch)))
+    nodes_per_split = triton.cdiv(node_blocks, splits) * BLOCK_NODES
+    splits = triton.cdiv(grid.nodes, nodes_per_split)
+    partials = torch.empty(batch, splits, x_channels, y_channels, dtype=torch.float64, device=x.device)
+    with on_device(x):
+        gram_kernel[(tiles, splits, batch)](
+            x, x_norm, y, y_norm, x_norm if weight is None else weight, partials, x_channels, y_channels,
+            *_geometry(x, grid), *strides(x), *strides(y), grid.kernel_h, grid.kernel_w, eps, nodes_per_split,
+            HAS_WEIGHT=weight is not None, MAX_POOL=grid.max_pool, BLOCK_X=BLOCK_CHANNELS,
+            BLOCK_Y=BLOCK_CHANNELS, BLOCK_N=BLOCK_NODES, **KERNEL_OPTIONS)
+    return partials.sum(dim=1)
+
+
+def gram_apply(p, p_norm, q, q_norm, grid: NodeGrid, eps: float, a1, b1=None, weighted=None, store=True,
+               dots=False):
+    """``A1 P + B1 Q + w (A2 P + B2 Q)`` with ``weighted = (A2, B2, w)``, and/or the forms
+    ``(p . A1 p, p . B1 q)`` per node. Returns ``(out or None, dot_a or None, dot_b or None)``."""
+    batch, p_channels = p.shape[0], p.shape[1]
+    q_channels = q.shape[1] if q is not None else 0
+    out = torch.empty(batch, p_channels, grid.nodes, dtype=torch.float64, device=p.device) if store else None
+    dot_a = torch.empty(batch, grid.nodes, dtype=torch.float64, device=p.device) if dots else None
+    dot_b = torch.empty_like(dot_a) if dots else None
+    a2, b2, weight = weighted if weighted is not None else (None, None, None)
+    dummy = p_norm  # stands for an absent operand; never read
+    operands = [a1, b1, a2, b2]
+    a1, b1, a2, b2 = (dummy if m is None else m.contiguous() for m in operands)
+    with on_device(p):
+        gram_apply_kernel[(triton.cdiv(grid.nodes, BLOCK_NODES), batch)](
+            p, p_norm, p if q is None else q, p_norm if q is None else q_norm, a1, b1, a2, b2,
+            dummy if weight is None else weight, dummy if out is None else out,
+            dummy if dot_a is None else dot_a, dummy if dot_b is None else dot_b, p_channels, q_channels,
+            *_geometry(p, grid), *strides(p), *strides(p if q is None else q), grid.kernel_h, grid.kernel_w, eps,
+            HAS_Q=q is not None, HAS_WEIGHTED=weighted is not None, STORE=store, DOTS=dots,
+            MAX_POOL=grid.max_pool, BLOCK_C=BLOCK_CHANNELS, BLOCK_N=BLOCK_NODES, **KERNEL_OPTIONS)
+    return out, dot_a, dot_b
+
+
+def direct_rows(s, s_norm, t, t_norm, grid: NodeGrid, eps: float) -> torch.Tensor:
+    """``r_i = sum_j D_ij^2`` for every node: (B, m) float64."""
+    rows = torch.empty(s.shape[0], grid.nodes, dtype=torch.float64, device=s.device)
+    with on_device(s):
+        direct_rows_kernel[(triton.cdiv(grid.nodes, BLOCK_NODES), s.shape[0])](
+            s, s_norm, t, t_norm, rows, s.shape[1], t.shape[1], *_geometry(s, grid), *strides(s), *strides(t),
+            grid.kernel_h, grid.kernel_w, eps, MAX_POOL=grid.max_pool, BLOCK_I=BLOCK_NODES, BLOCK_J=BLOCK_NODES,
+            BLOCK_C=BLOCK_CHANNELS, **KERNEL_OPTIONS)
+    return rows
+
+
+def direct_backward(s, s_norm, t, t_norm, weight, grid: NodeGrid, eps: float, need_s: bool, need_t: bool):
+    """dL/ds_hat and dL/dt_hat, contiguous (B, C, m) float64, for row weights ``weight`` (B, m)."""
+    batch = s.shape[0]
+    grad_s = torch.zeros(batch, s.shape[1], grid.nodes, dtype=torch.float64, device=s.device) if need_s else None
+    grad_t = torch.zeros(batch, t.shape[1], grid.nodes, dtype=torch.float64, device=s.device) if need_t else None
+    with on_device(s):
+        direct_backward_kernel[(triton.cdiv(grid.nodes, BLOCK_NODES), batch)](
+            s, s_norm, t, t_norm, weight, s_norm if grad_s is None else grad_s,
+            s_norm if grad_t is None else grad_t, s.shape[1], t.shape[1], *_geometry(s, grid), *strides(s),
+            *strides(t), grid.kernel_h, grid.kernel_w, eps, NEED_S=need_s, NEED_T=need_t,
+            MAX_POOL=grid.max_pool, BLOCK_I=BLOCK_NODES, BLOCK_J=BACKWARD_BLOCK, BLOCK_C=BACKWARD_BLOCK,
+            **KERNEL_OPTIONS)
+    return grad_s, grad_t
+
+
+def gram_rows(s, s_norm, t, t_norm, grams, grid: NodeGrid, eps: float) -> torch.Tensor:
+    """``r_i = s_i'(SS')s_i - 2 s_i'(ST')t_i + t_i'(TT')t_i`` (B, m). Values within 64 ulps of the forms are
+    rounding noise and become exactly 0 (as in the torch backend), so identical rows have a zero loss and
+    gradient."""
+    gram_ss, gram_st, gram_tt = grams
+    _, form_ss, minus_form_st = gram_apply(s, s_norm, t, t_norm, grid, eps, gram_ss, -gram_st, store=False,
+                                           dots=True)
+    _, form_tt, _ = gram_apply(t, t_norm, None, None, grid, eps, gram_tt, store=False, dots=True)
+    rows = form_ss + 2 * minus_form_st + form_tt
+    noise = 64 * torch.finfo(torch.float64).eps * (form_ss + form_tt)
+    return torch.where(rows <= noise, torch.zeros_like(rows), rows)  # NaN stays NaN
+
+
+# ------------------------------------------------------------------------------------- custom ops, autograd
+
+@torch.library.custom_op("fastkd_triton::affinity_full_forward", mutates_args=())
+def affinity_full_forward(s: torch.Tensor, t: torch.Tensor, kernel_h: int, kernel_w: int, grid_h: int, grid_w: int,
+                          max_pool: bool, eps: float, use_gram: bool, per_row: bool, detach_norm: bool,
+                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                     torch.Tensor]:
+    """``(terms, ||s_i||, ||t_i||, SS', ST', TT')``: terms are r (B, m) with ``per_row``, else sum_i r_i
+    (B,). The Gram matrices are empty on the direct path. ``detach_norm`` only changes the backward."""
+    grid = NodeGrid(kernel_h, kernel_w, grid_h, grid_w, max_pool)
+    s_norm, t_norm = node_norms(s, grid), node_norms(t, grid)
+    empty = s.new_empty((0,), dtype=torch.float64)
+    if not use_gram:
+        rows = direct_rows(s, s_norm, t, t_norm, grid, eps)
+        return (rows if per_row else rows.sum(dim=1)), s_norm, t_norm, empty, empty.clone(), empty.clone()
+    grams = gram(s, s_norm, s, s_norm, grid, eps), gram(s, s_norm, t, t_norm, grid, eps), \
+        gram(t, t_norm, t, t_norm, grid, eps)
+    if per_row:
+        terms = gram_rows(s, s_norm, t, t_norm, grams, grid, eps)
+    else:  # ||SS'||^2 - 2||ST'||^2 + ||TT'||^2, a sum of squares that rounding may leave at -1e-17
+        terms = (grams[0].square().sum((1, 2)) - 2 * grams[1].square().sum((1, 2))
+                 + grams[2].square().sum((1, 2))).clamp_min(0)
+    return (terms, s_norm, t_norm) + grams
+
+
+@torch.library.custom_op("fastkd_triton::affinity_full_backward", mutates_args=())
+def affinity_full_backward(grad_terms: torch.Tensor, s: torch.Tensor, t: torch.Tensor, s_norm: torch.Tensor,
+                           t_norm: torch.Tensor, gram_ss: torch.Tensor, gram_st: torch.Tensor, gram_tt: torch.Tensor,
+                           kernel_h: int, kernel_w: int, grid_h: int, grid_w: int, max_pool: bool, eps: float,
+                           use_gram: bool, detach_norm: bool, need_s: bool, need_t: bool
+                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dL/ds, dL/dt) for ``grad_terms`` = dL/dr (B, m) or dL/d(sum_i r_i) (B,); an empty tensor for a
+    gradient that is not needed."""
+    grid = NodeGrid(kernel_h, kernel_w, grid_h, grid_w, max_pool)
+    uniform = grad_terms.dim() == 1
+    weight = grad_terms.to(torch.float64).contiguous()  # autograd may hand in an expanded (stride 0) tensor
+    if not use_gram:
+        weight = weight[:, None].expand(-1, grid.nodes).contiguous() if uniform else weight
+        grad_s_hat, grad_t_hat = direct_backward(s, s_norm, t, t_norm, weight, grid, eps, need_s, need_t)
+    else:
+        grad_s_hat = grad_t_hat = None
+        if uniform:  # w_k = w: dL/ds = 4 w (SS' s - ST' t), dL/dt = 4 w (TT' t - TS' s)
+            w = weight[:, None, None]
+            if need_s:
+                grad_s_hat = gram_apply(s, s_norm, t, t_norm, grid, eps, 4 * w * gram_ss, -4 * w * gram_st)[0]
+            if need_t:
+                grad_t_hat = gram_apply(t, t_norm, s, s_norm, grid, eps, 4 * w * gram_tt,
+                                        -4 * w * gram_st.transpose(1, 2))[0]
+        else:
+            weighted_st = gram(s, s_norm, t, t_norm, grid, eps, weight)  # S W T'
+            if need_s:
+                weighted_ss = gram(s, s_norm, s, s_norm, grid, eps, weight)
+                grad_s_hat = gram_apply(s, s_norm, t, t_norm, grid, eps, 2 * weighted_ss, -2 * weighted_st,
+                                        weighted=(2 * gram_ss, -2 * gram_st, weight))[0]
+            if need_t:
+                weighted_tt = gram(t, t_norm, t, t_norm, grid, eps, weight)
+                grad_t_hat = gram_apply(t, t_norm, s, s_norm, grid, eps, 2 * weighted_tt,
+                                        -2 * weighted_st.transpose(1, 2),
+                                        weighted=(2 * gram_tt, -2 * gram_st.transpose(1, 2), weight))[0]
+    empty = s.new_empty((0,))
+    grad_s = node_backward(grad_s_hat, s, s_norm, grid, eps, detach_norm) if need_s else empty
+    grad_t = node_backward(grad_t_hat, t, t_norm, grid, eps, detach_norm) if need_t else empty.to(t.dtype)
+    return grad_s, grad_t
+
+
+full_graph_terms = schema.register("fastkd_triton")

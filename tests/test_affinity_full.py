@@ -1,0 +1,413 @@
+"""The ``affinity_full`` op: ``PairwiseAffinityLoss`` on a full graph (no window, or one spanning the node grid)
+and ``AffinityDistillationLoss``, on every backend (torch, triton, cuda), against the literal float64
+reference, on both algorithms (Gram identity and direct tiles).
+
+Without a GPU the Triton kernels run under the Triton interpreter on CPU tensors and the CUDA kernels under
+fastkd's CUDA emulator (FASTKD_EMULATE_CUDA=1), so the maps are small; node and channel counts straddle
+each backend's block size (``helpers.BLOCKS``: Triton programs of 32 nodes x 32 channels, CUDA tiles of
+16 x 16). The windowed graph is tested in test_affinity_window.py.
+"""
+
+import pathlib
+
+import pytest
+import torch
+
+import fastkd
+import helpers
+from fastkd import functional as F
+from fastkd import reference
+from fastkd.ops import _graph
+from fastkd.ops.affinity_full import torch_backend
+from helpers import (DTYPES, TOLERANCES, LargestTensor, as_layout, assert_relative_error_below,
+                     compare_with_reference, near_converged_pair, pair, randn)
+
+ALGORITHMS = ["gram", "direct"]
+
+backend = helpers.backend_fixture("torch", "triton", "cuda")
+torch_only = pytest.mark.parametrize("backend", ["torch"], indirect=True)
+kernels_only = pytest.mark.parametrize("backend", ["triton", "cuda"], indirect=True)
+
+
+def pairwise(backend, s, t, **config):
+    return fastkd.PairwiseAffinityLoss(backend=backend.name, **config)(s, t)
+
+
+def distillation(backend, s, t, **config):
+    return fastkd.AffinityDistillationLoss(backend=backend.name, **config)(s, t)
+
+
+def block_edges(backend):
+    """(B, Cs, Ct, H, W): node counts and channel counts block - 1, block, block + 1, and two nodes.
+    (With one node only a_11 = (|f| / (|f| + eps))^2 ~ 1 - 2 eps / |f| exists, and its ~1e-14 loss is
+    below the Gram identity's float64 rounding of terms of size 1.) The torch backend has no blocks: it
+    takes the Triton kernels' sizes."""
+    n = helpers.BLOCKS[("affinity_full", "cuda" if backend.name == "cuda" else "triton")]["nodes"]
+    return [(1, n - 1, n + 1, 1, n - 1), (2, n, 3, 4, n // 4), (1, n + 1, n, 1, n + 1), (2, 2, 1, 1, 2)]
+
+
+def reference_config(config):
+    """The reference takes every argument but ``algorithm`` (both algorithms compute the same loss)."""
+    return {key: value for key, value in config.items() if key != "algorithm"}
+
+
+def check_pairwise(backend, inputs, grad_inputs=(0,), **config):
+    compare_with_reference(lambda a, b, **c: pairwise(backend, a, b, **config),
+                           lambda a, b, **c: reference.pairwise_affinity_loss(a, b, **reference_config(config)),
+                           backend.to(*inputs), grad_inputs)
+
+
+def check_distillation(backend, inputs, grad_inputs=(0,), **config):
+    compare_with_reference(lambda a, b, **c: distillation(backend, a, b, **config),
+                           lambda a, b, **c: reference.affinity_distillation_loss(a, b, **reference_config(config)),
+                           backend.to(*inputs), grad_inputs)
+
+
+# ------------------------------------------------------------------------ every backend against the reference
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_pairwise_matches_reference_in_every_dtype(backend, algorithm, dtype, gen):
+    check_pairwise(backend, pair((2, 5, 3, 7, 13), gen, dtype), algorithm=algorithm)
+
+
+PAIRWISE_CONFIGS = [
+    dict(patch=2),
+    dict(patch=(3, 2), pool="max"),
+    dict(pool_scale=0.5),
+    dict(detach_norm=True, patch=(2, 3)),
+    dict(detach_norm=True, patch=2, pool="max"),
+    dict(eps=1e-2, reduction="sum"),
+    dict(window=50),  # spans the grid: the full graph
+]
+
+
+@pytest.mark.parametrize("config", PAIRWISE_CONFIGS, ids=str)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_pairwise_configurations(backend, config, algorithm, gen):
+    check_pairwise(backend, pair((2, 6, 4, 9, 10), gen, torch.float32, config), algorithm=algorithm, **config)
+
+
+@pytest.mark.parametrize("edge", range(4))
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_pairwise_block_boundaries(backend, edge, algorithm, gen):
+    check_pairwise(backend, pair(block_edges(backend)[edge], gen, torch.float32), algorithm=algorithm)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_distillation_matches_reference_in_every_dtype(backend, algorithm, dtype, gen):
+    check_distillation(backend, pair((2, 5, 3, 7, 13), gen, dtype), algorithm=algorithm)
+
+
+@pytest.mark.parametrize("edge", range(4))
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_distillation_block_boundaries(backend, edge, algorithm, gen):
+    check_distillation(backend, pair(block_edges(backend)[edge], gen, torch.float32), algorithm=algorithm,
+                       reduction="sum")
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_memory_layouts(backend, layout, algorithm, gen):
+    s, t = pair((2, 6, 5, 11, 7), gen, torch.float32, dict(pool="max"))
+    s, t = as_layout(s, layout), as_layout(t, layout)
+    check_pairwise(backend, [s, t], algorithm=algorithm, patch=2, pool="max")
+    check_distillation(backend, [s, t], algorithm=algorithm)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_teacher_gradient(backend, algorithm, gen):
+    s, t = pair((2, 4, 6, 5, 8), gen, torch.float64)
+    check_pairwise(backend, [s, t], grad_inputs=(0, 1), algorithm=algorithm, patch=2)
+    check_distillation(backend, [s, t], grad_inputs=(0, 1), algorithm=algorithm)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_gradcheck(backend, algorithm, gen):
+    """float64 finite differences; fast mode (a random projection of the Jacobian) keeps the interpreter's
+    share of the O(numel) forward evaluations small."""
+    s, t = backend.to(*pair((2, 3, 2, 3, 4), gen, torch.float64))
+    inputs = (s.requires_grad_(), t.requires_grad_())
+    assert torch.autograd.gradcheck(lambda a, b: pairwise(backend, a, b, algorithm=algorithm, patch=(1, 2)), inputs,
+                                    fast_mode=True)
+    assert torch.autograd.gradcheck(lambda a, b: distillation(backend, a, b, algorithm=algorithm), inputs,
+                                    fast_mode=True)
+
+
+def test_gram_and_direct_agree_and_the_cost_model_picks_the_same_path_everywhere(backend, gen):
+    s, t = backend.to(*pair((2, 40, 24, 3, 3), gen, torch.float64))
+    gram, direct = (pairwise(backend, s, t, algorithm=a) for a in ALGORITHMS)
+    torch.testing.assert_close(gram, direct, rtol=1e-10, atol=0)
+    assert not _graph.use_gram(9, 40, 24)  # auto takes the direct path here ...
+    assert torch.equal(pairwise(backend, s, t), direct)
+    s, t = backend.to(*pair((1, 3, 2, 6, 7), gen, torch.float64))
+    assert _graph.use_gram(42, 3, 2)  # ... and the Gram path here
+    assert torch.equal(pairwise(backend, s, t), pairwise(backend, s, t, algorithm="gram"))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4), (2, 64, 2, 2)], ids=str)  # auto: the Gram path, the direct path
+@pytest.mark.parametrize("algorithm", ALGORITHMS + ["auto"])
+def test_identical_rows_give_zero_distillation_loss_and_gradient(backend, algorithm, shape, gen):
+    s = randn(shape, gen, torch.float64).to(backend.device)
+    t = s.clone()
+    t[0] += randn(shape[1:], gen, torch.float64).to(backend.device)  # image 0 differs, image 1 is identical
+    s.requires_grad_()
+    (grad,) = torch.autograd.grad(distillation(backend, s, t, algorithm=algorithm), s)
+    assert torch.isfinite(grad).all() and torch.equal(grad[1], torch.zeros_like(grad[1]))
+    same = s.detach().clone().requires_grad_()
+    zero = distillation(backend, same, same.detach(), algorithm=algorithm)
+    zero.backward()
+    assert zero.item() == 0 and torch.equal(same.grad, torch.zeros_like(same.grad))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on Inf
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_non_finite_input_gives_nan(backend, bad, algorithm, gen):
+    s, t = backend.to(*pair((2, 3, 4, 5, 6), gen, torch.float32))
+    s[1, 2, 3, 4] = bad
+    assert torch.isnan(pairwise(backend, s, t, algorithm=algorithm))
+    assert torch.isnan(pairwise(backend, s, t, algorithm=algorithm, patch=2, pool="max"))
+    assert torch.isnan(distillation(backend, s, t, algorithm=algorithm))
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_results_are_bitwise_reproducible(backend, algorithm, gen):
+    s, t = backend.to(*pair((2, 7, 5, 9, 8), gen, torch.float32))
+    runs = []
+    for _ in range(2):
+        x = s.clone().requires_grad_()
+        loss = pairwise(backend, x, t, algorithm=algorithm) + distillation(backend, x, t, algorithm=algorithm)
+        runs.append((loss, *torch.autograd.grad(loss, x)))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("loss,reference_fn", [(pairwise, reference.pairwise_affinity_loss),
+                                               (distillation, reference.affinity_distillation_loss)],
+                         ids=["pairwise", "distillation"])
+def test_near_convergence_float32(backend, loss, reference_fn, gen):
+    """Teacher = student (1 + 1e-3 noise), correlated post-ReLU features: the Gram terms cancel to ~1e-6
+    of their size, and the float64 accumulation keeps the loss and gradient to 1e-4 of the reference."""
+    s, t = backend.to(*near_converged_pair((1, 16, 48, 48), gen))
+    assert_relative_error_below(lambda a, b: loss(backend, a, b), reference_fn, s, t, 1e-4)
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float16), (torch.bfloat16, torch.float64)], ids=str)
+@kernels_only
+def test_mixed_dtype_pairs_match_the_torch_backend(backend, dtypes, gen):
+    """Student and teacher in different dtypes: each pointer is read in its own dtype, gradients come back in
+    the student's."""
+    s = randn((2, 5, 7, 9), gen, dtypes[0]).to(backend.device)
+    t = randn((2, 3, 7, 9), gen, dtypes[1]).to(backend.device)
+    for loss in (fastkd.PairwiseAffinityLoss, fastkd.AffinityDistillationLoss, fastkd.ConsistencyLoss):
+        results = []
+        for name in (backend.name, "torch"):
+            x = s.clone().requires_grad_()
+            value = loss(backend=name)(x, t)
+            results.append((value, *torch.autograd.grad(value, x)))
+        (value, value_grad), (expected, expected_grad) = results
+        assert value.dtype == expected.dtype and value_grad.dtype == dtypes[0]
+        torch.testing.assert_close(value, expected, rtol=1e-6, atol=0)
+        # both round the same float64 gradient to the student dtype (the interpreter truncates to bfloat16)
+        torch.testing.assert_close(value_grad.double(), expected_grad.double(), rtol=0,
+                                   atol=2 * TOLERANCES[dtypes[0]][1] * expected_grad.abs().max().item())
+
+
+# ------------------------------------------------------------------------------ the kernel backends' custom ops
+
+@pytest.mark.parametrize("use_gram", [True, False])
+@pytest.mark.parametrize("per_row", [True, False])
+@kernels_only
+def test_custom_ops_pass_opcheck(backend, use_gram, per_row, gen):
+    forward_op, backward_op = backend.ops("affinity_full")
+    s, t = backend.to(*pair((2, 3, 4, 3, 5), gen, torch.float32))
+    grid = tuple(_graph.node_grid(3, 5, (1, 2), "max", None))
+    args = (s.requires_grad_(), t, *grid, 1e-8, use_gram, per_row, False)
+    torch.library.opcheck(forward_op, args)
+    forward = forward_op(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+    grad_terms = torch.rand_like(forward[0])
+    torch.library.opcheck(backward_op,
+                          (grad_terms, s.detach(), t, *forward[1:], *grid, 1e-8, use_gram, False, True, True))
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_no_m_by_m_tensor_in_the_triton_kernels_forward_or_backward(backend, algorithm, gen):
+    """Every tensor the Triton custom ops allocate is at most O(B C m): the largest, in bytes, is one float64
+    (B, Ct, m) buffer; m x m would be 4.2M elements here. (Bytes, because the Triton interpreter views its
+    arguments as uint8 tensors. The CUDA ops allocate inside C++, out of a dispatch mode's sight.)"""
+    from fastkd.ops.affinity_full import triton_backend
+
+    s, t = randn((1, 8, 32, 64), gen).to(backend.device), randn((1, 11, 32, 64), gen).to(backend.device)
+    grid = _graph.node_grid(32, 64, (1, 1), "avg", None)
+    use_gram = algorithm == "gram"
+    if not use_gram:  # the direct kernels are O(m^2 C) work: keep the interpreter's share small
+        s, t, grid = s[..., :8, :].clone(), t[..., :8, :].clone(), _graph.node_grid(8, 64, (1, 1), "avg", None)
+    with LargestTensor() as recorder:
+        forward = triton_backend.affinity_full_forward._init_fn(s, t, *grid, 1e-8, use_gram, True, False)
+        triton_backend.affinity_full_backward._init_fn(torch.ones_like(forward[0]), s, t, *forward[1:], *grid, 1e-8,
+                                                       use_gram, False, True, True)
+    assert 0 < recorder.largest_bytes <= t.numel() * 8
+
+
+def test_compiles_without_graph_breaks(backend, gen):
+    s, t = backend.to(*pair((2, 4, 3, 6, 5), gen, torch.float32))
+
+    def losses(a, b):
+        return pairwise(backend, a, b, patch=2) + distillation(backend, a, b, algorithm="direct")
+
+    compiled = torch.compile(losses, fullgraph=True, backend="aot_eager")
+    x, y = s.clone().requires_grad_(), s.clone().requires_grad_()
+    expected, actual = losses(x, t), compiled(y, t)
+    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(actual, y)[0], torch.autograd.grad(expected, x)[0],
+                               rtol=1e-6, atol=1e-9)
+
+
+def test_the_notes_table_is_current():
+    """NOTES.md quotes the FLOP/byte table of fastkd.ops.costs verbatim."""
+    from fastkd.ops import costs
+
+    notes = pathlib.Path(costs.__file__).with_name("NOTES.md")
+    assert notes.exists(), "NOTES.md must be installed with the package"
+    assert costs.table() in notes.read_text()
+
+
+# --------------------------------------------------------------------- the torch backend and the loss modules
+
+FULL_GRAPH_CONFIGS = [
+    dict(),
+    dict(patch=2),
+    dict(patch=(3, 2), pool="max"),
+    dict(window=50),  # covers the whole grid: the full graph
+    dict(pool_scale=0.5),
+    dict(detach_norm=True),
+    dict(eps=1e-2, reduction="sum"),
+]
+SHAPES = [(1, 5, 3, 7, 13), (3, 4, 4, 9, 6), (2, 33, 17, 5, 5)]  # B, Cs, Ct, H, W
+
+
+@torch_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("config", FULL_GRAPH_CONFIGS, ids=str)
+def test_pairwise_matches_reference(backend, config, shape, dtype, gen):
+    compare_with_reference(F.pairwise_affinity_loss, reference.pairwise_affinity_loss, pair(shape, gen, dtype, config),
+                           **config)
+
+
+@torch_only
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+@pytest.mark.parametrize("config", [dict(), dict(patch=3, pool="max")], ids=str)
+def test_pairwise_memory_layouts(backend, config, layout, gen):
+    s, t = pair((2, 6, 5, 11, 7), gen, torch.float32, config)
+    compare_with_reference(F.pairwise_affinity_loss, reference.pairwise_affinity_loss,
+                           [as_layout(s, layout), as_layout(t, layout)], **config)
+
+
+@torch_only
+def test_pairwise_gradient_reaches_teacher_only_when_it_requires_grad(backend, gen):
+    s, t = pair((2, 4, 6, 5, 8), gen, torch.float64)
+    compare_with_reference(F.pairwise_affinity_loss, reference.pairwise_affinity_loss, [s, t], grad_inputs=(0, 1))
+    s.requires_grad_()
+    F.pairwise_affinity_loss(s, t).backward()
+    assert s.grad is not None and t.grad is None
+
+
+# detach_norm=True is left out on purpose: its backward treats ||f|| as a constant, so it is not the
+# derivative gradcheck measures (test_pairwise_matches_reference checks it against the reference, which
+# detaches too).
+@torch_only
+@pytest.mark.parametrize("config", [dict(), dict(pool_scale=0.5), dict(patch=(2, 3), reduction="sum")], ids=str)
+def test_pairwise_gradcheck(backend, config, gen):
+    s, t = pair((2, 3, 4, 5, 6), gen, torch.float64, config)
+    assert torch.autograd.gradcheck(lambda a, b: F.pairwise_affinity_loss(a, b, **config),
+                                    (s.requires_grad_(), t.requires_grad_()))
+
+
+@torch_only
+@pytest.mark.parametrize("cs,ct,m", [(4, 6, 5), (3, 3, 40), (64, 48, 9), (8, 8, 200)])
+def test_gram_and_direct_image_sums_agree(backend, cs, ct, m, gen):
+    s_hat = torch.nn.functional.normalize(randn((2, cs, m), gen, torch.float64), dim=1)
+    t_hat = torch.nn.functional.normalize(randn((2, ct, m), gen, torch.float64), dim=1)
+    torch.testing.assert_close(torch_backend.image_sums(s_hat, t_hat, gram=True),
+                               torch_backend.image_sums(s_hat, t_hat, gram=False), rtol=1e-12, atol=0)
+
+
+@torch_only
+@pytest.mark.parametrize("cs,ct,m", [(4, 6, 5), (3, 3, 40), (64, 48, 9)])
+def test_gram_and_direct_row_sums_agree(backend, cs, ct, m, gen):
+    s_hat = torch.nn.functional.normalize(randn((2, cs, m), gen, torch.float64), dim=1)
+    t_hat = torch.nn.functional.normalize(randn((2, ct, m), gen, torch.float64), dim=1)
+    torch.testing.assert_close(torch_backend.row_sums(s_hat, t_hat, gram=True),
+                               torch_backend.row_sums(s_hat, t_hat, gram=False), rtol=1e-10, atol=1e-13)
+
+
+def test_cost_model_prefers_direct_for_few_nodes_and_gram_for_many():
+    assert not _graph.use_gram(9, 512, 512)  # pool_scale=0.5 on a 65x65 map: 3x3 nodes
+    assert _graph.use_gram(65 * 65, 512, 512)
+    assert _graph.use_gram(16384, 19, 19)
+
+
+# Max pooling is checked on tie-free inputs above: post-ReLU zeros tie, and tied maxima have many valid
+# subgradients (torch's max_pool2d picks one element, the reference's amax splits evenly).
+@torch_only
+@pytest.mark.parametrize("loss,reference_fn,config", [
+    (F.pairwise_affinity_loss, reference.pairwise_affinity_loss, dict()),
+    (F.pairwise_affinity_loss, reference.pairwise_affinity_loss, dict(patch=4)),
+    (F.affinity_distillation_loss, reference.affinity_distillation_loss, dict()),
+], ids=["pairwise", "pairwise-patch4", "distillation"])
+def test_near_convergence_float32_64x64(backend, loss, reference_fn, config, gen):
+    s, t = near_converged_pair((2, 48, 64, 64), gen)
+    assert_relative_error_below(loss, reference_fn, s, t, 1e-4, **config)
+
+
+@torch_only
+@pytest.mark.parametrize("loss,reference_fn", [(F.pairwise_affinity_loss, reference.pairwise_affinity_loss),
+                                               (F.affinity_distillation_loss, reference.affinity_distillation_loss)],
+                         ids=["pairwise", "distillation"])
+def test_near_convergence_float32_m16384(backend, loss, reference_fn, gen):
+    s, t = near_converged_pair((1, 32, 128, 128), gen)
+    assert_relative_error_below(loss, reference_fn, s, t, 1e-4)
+
+
+@torch_only
+@pytest.mark.parametrize("loss", [F.pairwise_affinity_loss, F.affinity_distillation_loss],
+                         ids=["pairwise", "distillation"])
+def test_no_m_by_m_tensor_in_forward_or_backward(backend, loss, gen):
+    batch, channels, height, width = 2, 8, 64, 64
+    s = randn((batch, channels, height, width), gen).requires_grad_()
+    t = randn((batch, channels + 3, height, width), gen)
+    with LargestTensor() as recorder:
+        loss(s, t).backward()
+    assert recorder.largest <= batch * (channels + 3) * height * width  # O(B C m), never m x m = 16.7M
+
+
+DISTILLATION_SHAPES = [(1, 5, 3, 7, 13), (3, 4, 4, 9, 6), (2, 40, 24, 3, 3), (2, 2, 2, 1, 3)]  # B, Cs, Ct, H, W
+
+
+@torch_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", DISTILLATION_SHAPES, ids=str)
+@pytest.mark.parametrize("config", [dict(), dict(reduction="sum"), dict(eps=1e-2)], ids=str)
+def test_distillation_matches_reference(backend, config, shape, dtype, gen):
+    batch, cs, ct, height, width = shape
+    inputs = [randn((batch, cs, height, width), gen, dtype), randn((batch, ct, height, width), gen, dtype)]
+    compare_with_reference(F.affinity_distillation_loss, reference.affinity_distillation_loss, inputs, **config)
+
+
+@torch_only
+def test_distillation_gradcheck(backend, gen):
+    s = randn((2, 3, 4, 5), gen, torch.float64).requires_grad_()
+    t = randn((2, 5, 4, 5), gen, torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(F.affinity_distillation_loss, (s, t))
+
+
+def test_modules_match_functions_and_describe_themselves(gen):
+    s, t = pair((2, 4, 5, 6, 7), gen, torch.float32)
+    module = fastkd.PairwiseAffinityLoss(patch=2, window=1, reduction="sum")
+    assert torch.equal(module(s, t), F.pairwise_affinity_loss(s, t, patch=2, window=1, reduction="sum"))
+    assert "window=1" in repr(module) and "backend='auto'" in repr(module)
+    assert torch.equal(fastkd.AffinityDistillationLoss(reduction="sum")(s, t),
+                       F.affinity_distillation_loss(s, t, reduction="sum"))
