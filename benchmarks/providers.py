@@ -1,5 +1,5 @@
 """What the benchmarks compare: for each op, the implementations a user could pick instead of fastkd, and
-fastkd's own backends, all computing the same loss (tests/test_benchmark_providers.py checks each against
+fastkd's own backends, all computing the same loss (tests/test_benchmarks.py checks each against
 ``fastkd.reference``, forward and gradient).
 
 - ``naive``: the formulation as public distillation code writes it, in the input's precision (float32 for
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import fastkd
+from fastkd import _backends as fastkd_backends
 from fastkd import reference
 
 EPS = 1e-8  # the losses' default eps
@@ -55,7 +56,7 @@ def _affinity(f: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- naive formulations (materialised)
 
-def naive_pairwise_full(s, t):
+def naive_affinity_full(s, t):
     return ((_affinity(s) - _affinity(t)) ** 2).mean()
 
 
@@ -75,7 +76,7 @@ def _window_affinities(f: torch.Tensor) -> torch.Tensor:
     return (neighbours * f_hat.flatten(2).unsqueeze(2)).sum(dim=1)
 
 
-def naive_pairwise_window(s, t):
+def naive_affinity_window(s, t):
     height, width = s.shape[2:]
     size = 2 * WINDOW + 1
     inside = torch.ones(1, 1, height, width, dtype=torch.float32, device=s.device)
@@ -100,7 +101,7 @@ def naive_consistency(s, t):
 
 # ---------------------------------------------------------------- the expert's Gram identity
 
-def gram_pairwise_full(s, t, dtype):
+def gram_affinity_full(s, t, dtype):
     """``(||S'S||^2 - 2||S'T||^2 + ||T'T||^2) / (B m^2)`` with C x C Grams in ``dtype``."""
     s_hat, t_hat = _normalised_nodes(s.to(dtype)), _normalised_nodes(t.to(dtype))
     ss = s_hat @ s_hat.transpose(1, 2)
@@ -137,7 +138,7 @@ def _keops_rows(s, t):
     return (((s_i | s_j) - (t_i | t_j)) ** 2).sum(dim=2).squeeze(-1)
 
 
-def keops_pairwise_full(s, t):
+def keops_affinity_full(s, t):
     rows = _keops_rows(s, t)
     return rows.sum() / (rows.shape[0] * rows.shape[1] ** 2)
 
@@ -160,22 +161,21 @@ class Op:
     naive_cost_exponent: int  # the naive time grows like m ** this at fixed B and C
     gram: Optional[Callable] = None  # (s, t, dtype) -> loss
     keops: Optional[Callable] = None
-    # fastkd backends that would only run another backend's implementation of this op: {backend: why}
-    borrowed_backends: Dict[str, str] = dataclasses.field(default_factory=dict)
+    fastkd_op: str = ""  # the op of fastkd._backends.IMPLEMENTATIONS it runs; "" for the op of this name
 
 
 OPS = {
-    "pairwise_full": Op(
-        "pairwise_full", "PairwiseAffinityLoss, full graph (Liu et al. eq. 2)", fastkd.PairwiseAffinityLoss, {},
-        reference.pairwise_affinity_loss, naive_pairwise_full, 2, gram_pairwise_full, keops_pairwise_full,
-        {"cpp": "fastkd has no C++ full-graph kernel: backend='cpp' runs the torch backend's"}),
-    "pairwise_window": Op(
-        "pairwise_window", f"PairwiseAffinityLoss, window={WINDOW} ({2 * WINDOW + 1}x{2 * WINDOW + 1} neighbourhoods)",
+    "affinity_full": Op(
+        "affinity_full", "PairwiseAffinityLoss, full graph (Liu et al. eq. 2)", fastkd.PairwiseAffinityLoss, {},
+        reference.pairwise_affinity_loss, naive_affinity_full, 2, gram_affinity_full, keops_affinity_full),
+    "affinity_window": Op(
+        "affinity_window", f"PairwiseAffinityLoss, window={WINDOW} ({2 * WINDOW + 1}x{2 * WINDOW + 1} neighbourhoods)",
         fastkd.PairwiseAffinityLoss, {"window": WINDOW},
-        functools.partial(reference.pairwise_affinity_loss, window=WINDOW), naive_pairwise_window, 1),
+        functools.partial(reference.pairwise_affinity_loss, window=WINDOW), naive_affinity_window, 1),
     "affinity_distillation": Op(
         "affinity_distillation", "AffinityDistillationLoss (He et al. eqs. 3-4)", fastkd.AffinityDistillationLoss, {},
-        reference.affinity_distillation_loss, naive_distillation, 2, gram_distillation, keops_distillation),
+        reference.affinity_distillation_loss, naive_distillation, 2, gram_distillation, keops_distillation,
+        fastkd_op="affinity_full"),
     "consistency": Op(
         "consistency", "ConsistencyLoss, 8-neighbour map (Xie et al. sec. 3.1)", fastkd.ConsistencyLoss, {},
         reference.consistency_loss, naive_consistency, 1),
@@ -218,7 +218,10 @@ def providers(op: Op, device: torch.device):
             runnable.append(Provider("keops", "keops", 2, op.keops, compiles=True))
     for backend, reason in op.loss_class.available_backends(device).items():
         name = f"fastkd-{backend}"
-        reason = op.borrowed_backends.get(backend, reason)
+        fastkd_op = op.fastkd_op or op.name
+        if reason is None and backend not in fastkd_backends.IMPLEMENTATIONS[fastkd_op]:
+            # the loss accepts the backend for another of its ops and runs this one with torch's implementation
+            reason = f"fastkd has no {backend} implementation of {fastkd_op}: backend={backend!r} runs the torch one"
         if reason is None and device.type == "cpu" and backend in EMULATED_ON_CPU:
             reason = EMULATED_ON_CPU[backend]
         if reason is None:

@@ -50,7 +50,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # the literal reference materialises about this many B x m x m float64 matrices (or B x C x H x W maps for
 # the consistency loss, which its shifted copies and gradient multiply); above REFERENCE_BUDGET bytes the
 # accuracy is measured against fastkd's torch backend in float64, which the tests check against the literal
-LITERAL_COPIES = {"pairwise_full": 8, "pairwise_window": 10, "affinity_distillation": 8, "consistency": 40}
+LITERAL_COPIES = {"affinity_full": 8, "affinity_window": 10, "affinity_distillation": 8, "consistency": 40}
 REFERENCE_BUDGET = 1 << 30
 FIELDS = ["op", "provider", "kind", "mode", "dtype", "batch", "channels", "height", "width", "m", "status", "note",
           "median_ms", "q1_ms", "q3_ms", "min_ms", "repeats", "peak_bytes", "loss_rel_error", "grad_rel_error",
@@ -76,15 +76,15 @@ CONSISTENCY_SIZES = ((65, 65), (64, 128), (128, 256), (256, 512), (512, 1024), (
 
 def plan(device: torch.device, quick: bool) -> List[Series]:
     if quick:
-        return [Series("pairwise_full", 1, 16, ((16, 16), (32, 32))),
-                Series("pairwise_window", 1, 16, ((16, 16), (32, 32))),
+        return [Series("affinity_full", 1, 16, ((16, 16), (32, 32))),
+                Series("affinity_window", 1, 16, ((16, 16), (32, 32))),
                 Series("affinity_distillation", 1, 16, ((16, 16), (32, 32))),
                 Series("consistency", 1, 19, ((32, 32), (64, 64)))]
     batch = 8 if device.type == "cuda" else 2
     series = []
-    for op in ("pairwise_full", "affinity_distillation"):
+    for op in ("affinity_full", "affinity_distillation"):
         series += [Series(op, batch, 64, AFFINITY_SIZES), Series(op, batch, 512, WIDE_AFFINITY_SIZES)]
-    series.append(Series("pairwise_window", batch, 64, WINDOW_SIZES))
+    series.append(Series("affinity_window", batch, 64, WINDOW_SIZES))
     consistency_sizes = CONSISTENCY_SIZES + (((2048, 4096),) if device.type == "cuda" else ())
     series.append(Series("consistency", batch, 19, consistency_sizes))
     return series
