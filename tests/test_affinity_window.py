@@ -363,7 +363,7 @@ def test_compiles_fullgraph_and_matches_eager(backend, gen):
 
 # --------------------------------------------------- the loss, backend=..., on windows below the node grid
 
-# Moved from test_pairwise_affinity.py (where they ran on the torch backend only).
+# The loss on every backend (these ran on the torch backend only before the tests were merged by op).
 LOSS_CONFIGS = [
     dict(patch=4, window=1),
     dict(window=0, eps=0.5),  # only the diagonal a_ii = (|f| / (|f| + eps))^2: needs a large eps to be non-zero
@@ -375,6 +375,9 @@ LOSS_CONFIGS = [
 LOSS_SHAPES = [(1, 5, 3, 7, 13), (3, 4, 4, 9, 6), (2, 33, 17, 5, 5)]  # B, Cs, Ct, H, W
 
 
+# Not triton: 72 cases of up to 7 s each under the interpreter; test_matches_reference checks the same
+# kernels against the reference in every dtype, through the op.
+@pytest.mark.parametrize("backend", ["torch", "cuda", "cpp"], indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", LOSS_SHAPES, ids=str)
 @pytest.mark.parametrize("config", LOSS_CONFIGS, ids=str)

@@ -154,6 +154,6 @@ def test_extension_built_against_another_torch_counts_as_not_loaded(tmp_path):
                     reason="needs a GPU and the CUDA build of fastkd._C")
 def test_cuda_ops_refuse_a_tensor_on_another_device():
     s = torch.randn(1, 3, 8, 8, device="cuda", requires_grad=True)
-    _, difference = torch.ops.fastkd.cuda_consistency_forward(s, s.detach().flip(0), True, 1)
+    _, difference = torch.ops.fastkd.consistency_forward(s, s.detach().flip(0), True, 1)
     with pytest.raises(RuntimeError, match="`grad_loss` is on cpu"):
-        torch.ops.fastkd.cuda_consistency_backward(torch.ones((), dtype=torch.float64), s, difference, 1, 1.0)
+        torch.ops.fastkd.consistency_backward(torch.ones((), dtype=torch.float64), s, difference, 1, 1.0)

@@ -145,10 +145,10 @@ def test_loss_modules_reach_kernels_only_through_the_registry():
 def test_every_op_has_one_name_in_python_csrc_and_tests():
     """``fastkd/ops/<op>/``, ``csrc/<op>/`` (for the ops with kernels) and ``tests/test_<op>.py`` (the two
     torch-only per-pixel ops, whose tests are the same checks, share ``tests/test_pixel_losses.py``)."""
-    repository = ROOT.parent
+    repository = pathlib.Path(__file__).resolve().parent.parent  # the checkout (fastkd may be installed elsewhere)
     for op in OPS:
         assert (ROOT / "ops" / op / "__init__.py").exists()
         test_module = "test_pixel_losses.py" if op in ("pixelwise_kd", "probability") else f"test_{op}.py"
         assert (repository / "tests" / test_module).exists(), op
-        if "cuda" in _backends.IMPLEMENTATIONS[op] and (repository / "csrc").exists():  # not in an installed copy
+        if "cuda" in _backends.IMPLEMENTATIONS[op]:
             assert (repository / "csrc" / op / f"{op}_schema.cpp").exists(), op
