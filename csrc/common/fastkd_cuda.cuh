@@ -1,5 +1,5 @@
 // What the kernel sources include instead of CUDA's headers: real CUDA under nvcc, fastkd's emulator when
-// compiled as C++ with FASTKD_EMULATE_CUDA (csrc/emulated/), so that one source serves both.
+// compiled as C++ with FASTKD_EMULATE_CUDA (csrc/<op>/<op>_emulated.cpp), so that one source serves both.
 //
 //   FASTKD_GLOBAL / FASTKD_DEVICE / FASTKD_HOST_DEVICE   __global__ / __device__ / __host__ __device__
 //   FASTKD_SHARED(T, name, N)                             a __shared__ T name[N] (race-checked when emulated)

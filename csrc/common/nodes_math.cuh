@@ -1,7 +1,7 @@
 // Graph nodes of the affinity kernels, full graph (affinity_full.cu) and windowed (affinity_window.cu), per
 // node: the patch geometry, pooling on the fly, the L2 norm, the normalised features, and the backward
 // through both (Liu et al. 2020, sec. 2.1; FORMULAS.md section 1, steps 1-2). Ports
-// fastkd/triton_kernels/nodes.py. Also the tensor layout `Map` every kernel reads (consistency_math.cuh
+// fastkd/ops/_triton_nodes.py. Also the tensor layout `Map` every kernel reads (consistency_math.cuh
 // names it consistency::Map).
 //
 // A node is a kernel_h x kernel_w patch of one image, numbered row-major on the grid_h x grid_w node grid

@@ -1,4 +1,4 @@
-// fastkd's CUDA emulator: runs the kernel sources of csrc/kernels/ on the CPU, unchanged.
+// fastkd's CUDA emulator: runs the kernel sources (csrc/<op>/<op>.cu, csrc/common/nodes.cu) on the CPU, unchanged.
 //
 // Every CUDA thread of a block is a fiber (ucontext) on one OS thread, scheduled in order of its linear
 // thread index until it finishes or waits at a barrier: __syncthreads() (all live threads of the block) or a
