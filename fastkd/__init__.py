@@ -19,6 +19,7 @@ from fastkd.losses import (
     ProbabilityLoss,
 )
 from fastkd.unlabelled import pseudo_labels
+from fastkd.weighting import magnitude_weights, weighted_sum
 from fastkd import functional, reference
 
 _backends.load_available()  # the implementations that can run here; torch.compile cannot trace an import
@@ -38,6 +39,8 @@ __all__ = [
     "holistic_d_loss",
     "holistic_g_loss",
     "pseudo_labels",
+    "magnitude_weights",
+    "weighted_sum",
     "functional",
     "reference",
     "BACKENDS",

@@ -98,6 +98,12 @@ def check_int(value, name: str, where: str, minimum: int) -> int:
     return int(value)
 
 
+def check_bool(value, name: str, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{where}: `{name}` must be a bool, got {value!r}")
+    return value
+
+
 def check_positive_float(value, name: str, where: str) -> float:
     """A finite real number > 0 (``eps``, ``temperature``)."""
     if not is_real(value):

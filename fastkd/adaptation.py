@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fastkd._validation import (
+    check_bool,
     check_nonnegative_float,
     is_real,
     check_float_tensor,
@@ -44,8 +45,11 @@ class FeatureAutoencoder(nn.Module):
     """The autoencoder that translates the teacher's features into a compact code (He et al., eq. 1).
 
     Encoder ``E``: three 3x3 convolutions (padding 1) with strides ``strides``, channels
-    ``in_channels -> latent_channels -> latent_channels -> latent_channels``, BatchNorm + ReLU between them;
-    the code is the output of the third convolution. Decoder ``D``: the mirror image, three 3x3 transposed
+    ``in_channels -> latent_channels -> latent_channels -> latent_channels``, each followed by BatchNorm and
+    ReLU, the last one included: the code is non-negative like the output of :class:`FeatureAdapter` (which
+    ends in ReLU), so the adapted student features can reach it. (A signed code against a non-negative
+    adapter output leaves :class:`AdaptationLoss` a floor it cannot go below; measured with the reference
+    trainer, it made the student collapse to one class.) Decoder ``D``: the mirror image, three 3x3 transposed
     convolutions with strides ``strides[2], strides[1], strides[0]`` back to ``in_channels``, BatchNorm +
     ReLU between them. The decoder restores the exact input size, odd sizes included.
 
@@ -56,7 +60,7 @@ class FeatureAutoencoder(nn.Module):
     Paper vs contract: the paper writes eq. 1 with sums (squared Euclidean norm, l1 norm) and regularises
     the weights with l1 as well; the contract (and :meth:`loss`) uses means and leaves weight regularisation
     to the optimiser (the paper trains with weight decay 1e-4). The paper only says "three strided
-    convolution layers and symmetrical deconvolution layers": the BN + ReLU between layers are the
+    convolution layers and symmetrical deconvolution layers": the BN + ReLU after each layer are the
     contract's choice, the widths (every hidden layer at ``latent_channels``) fastkd's.
     """
 
@@ -73,9 +77,8 @@ class FeatureAutoencoder(nn.Module):
         widths = (self.in_channels, self.latent_channels, self.latent_channels, self.latent_channels)
         encoder = []
         for i, stride in enumerate(self.strides):
-            if i:
-                encoder += [nn.BatchNorm2d(widths[i]), nn.ReLU()]
-            encoder.append(nn.Conv2d(widths[i], widths[i + 1], 3, stride=stride, padding=1))
+            encoder += [nn.Conv2d(widths[i], widths[i + 1], 3, stride=stride, padding=1),
+                        nn.BatchNorm2d(widths[i + 1]), nn.ReLU()]
         self.encoder = nn.Sequential(*encoder)
         # The decoder is not an nn.Sequential: each transposed convolution needs its own output size.
         self.deconvs = nn.ModuleList(
@@ -166,8 +169,15 @@ class FeatureAdapter(nn.Sequential):
         )
 
 
+def channel_scale(channels: int, p: float, q: float) -> float:
+    """``C^max(0, 1/p - 1/q)``: the largest p-norm a vector of unit q-norm in C dimensions can have (Hoelder),
+    so the p-norm of a difference of two such vectors lies in [0, 2 * channel_scale]."""
+    return float(channels) ** max(0.0, 1.0 / p - 1.0 / q)
+
+
 def adaptation_loss(
-    adapted_s: torch.Tensor, encoded_t: torch.Tensor, p: float = 1, q: float = 2, eps: float = 1e-8
+    adapted_s: torch.Tensor, encoded_t: torch.Tensor, p: float = 1, q: float = 2, eps: float = 1e-8,
+    *, channel_invariant: bool = False,
 ) -> torch.Tensor:
     """Adaptation loss (He et al., eq. 2).
 
@@ -176,7 +186,14 @@ def adaptation_loss(
 
         loss = 1/(B*H*W) * sum_{b, j} || s_hat_{b,j} - t_hat_{b,j} ||_p
 
-    ``p`` and ``q`` are norm orders: real numbers >= 1 or ``float('inf')``. The paper's eq. 2 has no
+    ``p`` and ``q`` are norm orders: real numbers >= 1 or ``float('inf')``.
+
+    Scale: with p < q the value grows with the channel count C, as ``C^(1/p - 1/q)`` (p=1, q=2: about
+    ``sqrt(4C/pi)`` between unrelated directions), so a weight such as the paper's 50 is tied to the paper's
+    C. ``channel_invariant=True`` divides the loss by :func:`channel_scale` ``C^max(0, 1/p - 1/q)``, which puts
+    it in [0, 2] whatever C: a fixed weight then carries over between channel counts. Either way the
+    magnitude rule (:func:`fastkd.magnitude_weights`) is the portable way to weight it against the task
+    loss. The paper's eq. 2 has no
     ``eps`` (added here so that an all-zero vector gives 0, not NaN) and does not state p and q; the
     defaults p=1, q=2 are the contract's. Computed in float64 (like every fastkd loss: near convergence
     the loss is a small difference of normalised vectors); returns a 0-dim tensor in the inputs' promoted
@@ -195,31 +212,38 @@ def adaptation_loss(
     p = _check_norm_order(p, "p", where)
     q = _check_norm_order(q, "q", where)
     eps = check_positive_float(eps, "eps", where)
+    check_bool(channel_invariant, "channel_invariant", where)
 
     def normalise(x: torch.Tensor) -> torch.Tensor:
         x = x.to(COMPUTE_DTYPE)
         return x / (torch.linalg.vector_norm(x, ord=q, dim=1, keepdim=True) + eps)
 
     distances = torch.linalg.vector_norm(normalise(adapted_s) - normalise(encoded_t), ord=p, dim=1)
-    return mean_or_zero(distances).to(result_dtype(adapted_s, encoded_t))
+    loss = mean_or_zero(distances)
+    if channel_invariant:
+        loss = loss / channel_scale(adapted_s.shape[1], p, q)
+    return loss.to(result_dtype(adapted_s, encoded_t))
 
 
 class AdaptationLoss(nn.Module):
     """Module form of :func:`adaptation_loss` (He et al., eq. 2); ``forward(adapted_s, encoded_t)``.
 
-    ``p``, ``q`` (norm orders, real >= 1 or ``float('inf')``) and ``eps`` (> 0) are checked here, once.
+    ``p``, ``q`` (norm orders, real >= 1 or ``float('inf')``), ``eps`` (> 0) and ``channel_invariant``
+    (divide by ``C^max(0, 1/p - 1/q)``; see :func:`adaptation_loss`) are checked here, once.
     """
 
-    def __init__(self, p: float = 1, q: float = 2, eps: float = 1e-8):
+    def __init__(self, p: float = 1, q: float = 2, eps: float = 1e-8, *, channel_invariant: bool = False):
         super().__init__()
         where = "AdaptationLoss"
         self.p = _check_norm_order(p, "p", where)
         self.q = _check_norm_order(q, "q", where)
         self.eps = check_positive_float(eps, "eps", where)
+        self.channel_invariant = check_bool(channel_invariant, "channel_invariant", where)
 
     def extra_repr(self) -> str:
-        return f"p={self.p}, q={self.q}, eps={self.eps}"
+        return f"p={self.p}, q={self.q}, eps={self.eps}, channel_invariant={self.channel_invariant}"
 
     def forward(self, adapted_s: torch.Tensor, encoded_t: torch.Tensor) -> torch.Tensor:
         """The loss of ``adapted_s`` = C_f(phi_s) against ``encoded_t`` = E(phi_t), both (B, C, H, W)."""
-        return adaptation_loss(adapted_s, encoded_t, self.p, self.q, self.eps)
+        return adaptation_loss(adapted_s, encoded_t, self.p, self.q, self.eps,
+                               channel_invariant=self.channel_invariant)

@@ -54,11 +54,41 @@ def test_gradcheck(gen, p, q):
     assert torch.autograd.gradcheck(lambda a, b: adaptation_loss(a, b, p=p, q=q), (s, t))
 
 
+@pytest.mark.parametrize("p,q", NORM_ORDERS)
+def test_channel_invariant_matches_reference(gen, p, q):
+    s, t = _pair((2, 5, 3, 4), gen, torch.float64)
+    compare_with_reference(adaptation_loss, ref_adaptation_loss, [s, t], grad_inputs=(0,), p=p, q=q,
+                           channel_invariant=True)
+
+
+@pytest.mark.parametrize("channels", [4, 64, 1024])
+def test_channel_invariant_scale_does_not_grow_with_channels(gen, channels):
+    # Unrelated directions: p=1, q=2 gives about sqrt(4C/pi) per position, sqrt(4/pi) once divided by sqrt(C).
+    s, t = _pair((2, channels, 8, 8), gen, torch.float64)
+    plain = adaptation_loss(s, t).item()
+    invariant = adaptation_loss(s, t, channel_invariant=True).item()
+    assert invariant == pytest.approx(plain / math.sqrt(channels), rel=1e-12)
+    assert invariant == pytest.approx(math.sqrt(4 / math.pi), rel=0.1)
+    # p >= q: the p-norm of a unit q-norm vector is at most 1 whatever C, so nothing is divided
+    assert adaptation_loss(s, t, p=2, q=2, channel_invariant=True).item() == adaptation_loss(s, t, p=2, q=2).item()
+
+
+def test_adapter_can_reach_the_code(gen):
+    """The code is non-negative (BN + ReLU after the last encoder conv), so an adapter ending in ReLU can
+    match it exactly: copying the code's values gives a zero loss, which a signed code would not allow."""
+    ae = FeatureAutoencoder(6, 5).train()
+    code = ae.encode(randn((3, 6, 9, 7), gen)).detach()
+    assert code.min() >= 0 and (code > 0).any()
+    assert adaptation_loss(torch.relu(code), code).item() == pytest.approx(0.0, abs=1e-6)
+
+
 def test_module_equals_functional(gen):
     s, t = _pair((2, 4, 5, 7), gen, torch.float64)
     module = AdaptationLoss(p=3, q=1.5, eps=1e-3)
     assert torch.equal(module(s, t), adaptation_loss(s, t, p=3, q=1.5, eps=1e-3))
-    assert "p=3.0" in repr(module) and "q=1.5" in repr(module)
+    assert "p=3.0" in repr(module) and "q=1.5" in repr(module) and "channel_invariant=False" in repr(module)
+    module = AdaptationLoss(channel_invariant=True)
+    assert torch.equal(module(s, t), adaptation_loss(s, t, channel_invariant=True))
 
 
 def test_only_the_direction_matters(gen):
@@ -194,8 +224,8 @@ def test_autoencoder_architecture():
     assert [c.stride for c in convs] == [(1, 1), (2, 2), (3, 3)]
     assert [(c.in_channels, c.out_channels) for c in convs] == [(6, 4), (4, 4), (4, 4)]
     assert all(c.kernel_size == (3, 3) and c.padding == (1, 1) for c in convs)
-    assert [type(m).__name__ for m in ae.encoder] == [
-        "Conv2d", "BatchNorm2d", "ReLU", "Conv2d", "BatchNorm2d", "ReLU", "Conv2d"]
+    # BN + ReLU after every conv, the last included: the code is non-negative like the adapter's output
+    assert [type(m).__name__ for m in ae.encoder] == ["Conv2d", "BatchNorm2d", "ReLU"] * 3
     assert [d.stride for d in ae.deconvs] == [(3, 3), (2, 2), (1, 1)]
     assert [(d.in_channels, d.out_channels) for d in ae.deconvs] == [(4, 4), (4, 4), (4, 6)]
     assert all(d.kernel_size == (3, 3) and d.padding == (1, 1) for d in ae.deconvs)
@@ -203,7 +233,7 @@ def test_autoencoder_architecture():
 
 
 @pytest.mark.parametrize("l1_weight", [1e-7, 0.0, 0.5])
-@pytest.mark.parametrize("shape", [(3, 5, 7, 13), (1, 5, 4, 4)])
+@pytest.mark.parametrize("shape", [(3, 5, 7, 13), (1, 5, 5, 6)])  # batch 1: a code of 2x2, BN needs > 1 value
 def test_autoencoder_loss_matches_literal_formula(gen, l1_weight, shape):
     ae = FeatureAutoencoder(5, 3, strides=(1, 2, 2)).double()
     phi = randn(shape, gen, torch.float64).requires_grad_(True)
@@ -291,3 +321,11 @@ def test_adapter_refusals():
         FeatureAdapter(3, 0)
     with pytest.raises(TypeError, match="`in_channels` must be an int"):
         FeatureAdapter("3", 2)
+
+
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_refuses_non_bool_channel_invariant(value):
+    with pytest.raises(TypeError, match="`channel_invariant` must be a bool"):
+        AdaptationLoss(channel_invariant=value)
+    with pytest.raises(TypeError, match="`channel_invariant` must be a bool"):
+        adaptation_loss(torch.zeros(1, 2, 3, 3), torch.zeros(1, 2, 3, 3), channel_invariant=value)

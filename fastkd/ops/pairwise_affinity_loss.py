@@ -42,8 +42,7 @@ class PairwiseAffinityConfig:
                 f"{OP}: `patch` and `pool_scale` are exclusive ways to choose the node grid; "
                 f"got patch={patch} and pool_scale={pool_scale}"
             )
-        if not isinstance(detach_norm, bool):
-            raise TypeError(f"{OP}: `detach_norm` must be a bool, got {detach_norm!r}")
+        v.check_bool(detach_norm, "detach_norm", OP)
         return cls(
             patch=patch,
             pool=v.check_choice(pool, "pool", OP, POOLS),

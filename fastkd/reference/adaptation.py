@@ -15,19 +15,21 @@ def _norm(v: torch.Tensor, order: float) -> torch.Tensor:
     return (v.abs() ** order).sum() ** (1.0 / order)
 
 
-def adaptation_loss(adapted_s, encoded_t, p=1, q=2, eps=1e-8) -> torch.Tensor:
+def adaptation_loss(adapted_s, encoded_t, p=1, q=2, eps=1e-8, *, channel_invariant=False) -> torch.Tensor:
     """``1/(B*H*W) * sum_{b, j} || s_j / (||s_j||_q + eps) - t_j / (||t_j||_q + eps) ||_p``;
-    0 if there are no positions."""
+    0 if there are no positions. ``channel_invariant=True`` divides it by ``C^(1/p - 1/q)`` where
+    ``1/p > 1/q``."""
     s = adapted_s.to(torch.float64)
     t = encoded_t.to(torch.float64)
-    batch, _, height, width = s.shape
+    batch, channels, height, width = s.shape
+    scale = channels ** (1.0 / p - 1.0 / q) if channel_invariant and 1.0 / p > 1.0 / q else 1.0
     total = s.new_zeros(())
     for b in range(batch):
         for y in range(height):
             for x in range(width):
                 u, v = s[b, :, y, x], t[b, :, y, x]
                 total = total + _norm(u / (_norm(u, q) + eps) - v / (_norm(v, q) + eps), p)
-    return total / max(batch * height * width, 1)
+    return total / max(batch * height * width, 1) / scale
 
 
 def autoencoder_loss(phi_t, encoder, decoder, l1_weight=1e-7) -> torch.Tensor:
