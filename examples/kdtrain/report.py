@@ -2,27 +2,86 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
-from kdtrain.data import IGNORE_INDEX
+from kdtrain.data import IGNORE_INDEX, denormalise
+
+
+def _tile_starts(length: int, crop_size: int, stride: int) -> list:
+    """Starts of the windows covering ``length``: every ``stride``, the last one against the border."""
+    return list(range(0, length - crop_size, stride)) + [length - crop_size]
+
+
+def sliding_window(model, images: torch.Tensor, crop_size: int) -> torch.Tensor:
+    """Class probabilities (B, classes, H, W) of images (B, 3, H, W) from ``crop_size`` x ``crop_size`` tiles.
+
+    The tiles step by about 2/3 of the crop, the last one aligned to the border; the softmax of the tiles
+    that overlap a pixel are averaged. An image smaller than the crop in a dimension is padded there with 0
+    (the mean colour of a normalised image) and the padding cut off the result.
+    """
+    height, width = images.shape[2:]
+    padded = F.pad(images, (0, max(crop_size - width, 0), 0, max(crop_size - height, 0)))
+    stride = math.ceil(2 * crop_size / 3)
+    total = coverage = None
+    for top in _tile_starts(padded.shape[2], crop_size, stride):
+        for left in _tile_starts(padded.shape[3], crop_size, stride):
+            window = (..., slice(top, top + crop_size), slice(left, left + crop_size))
+            probabilities = model(padded[window])[0].softmax(1)
+            if total is None:
+                total = padded.new_zeros(padded.shape[0], probabilities.shape[1], *padded.shape[2:])
+                coverage = padded.new_zeros(padded.shape[2:])
+            total[window] += probabilities
+            coverage[window] += 1
+    return (total / coverage)[..., :height, :width]
+
+
+def predict(model, images: torch.Tensor, crop_size: int | None = None) -> torch.Tensor:
+    """The predicted classes (B, H, W) of images (B, 3, H, W) of one size, at that size.
+
+    The whole images in one pass, or, where they are larger than ``crop_size`` in either dimension, the
+    argmax of the :func:`sliding_window` probabilities.
+    """
+    height, width = images.shape[2:]
+    if crop_size is None or (height <= crop_size and width <= crop_size):
+        return model(images)[0].argmax(1)
+    return sliding_window(model, images, crop_size).argmax(1)
+
+
+def _same_size_batches(dataset, indices: list, batch_size: int):
+    """(images, labels) of the images ``indices`` in turn, in batches of at most ``batch_size`` of one size."""
+    batch = []
+    for index in indices:
+        sample = dataset[index]
+        if batch and (len(batch) == batch_size or sample[0].shape != batch[0][0].shape):
+            yield tuple(torch.stack(parts) for parts in zip(*batch))
+            batch = []
+        batch.append(sample)
+    if batch:
+        yield tuple(torch.stack(parts) for parts in zip(*batch))
 
 
 @torch.no_grad()
-def evaluate(model, dataset, num_classes: int, distributed, batch_size: int) -> dict:
+def evaluate(model, dataset, num_classes: int, distributed, batch_size: int, crop_size: int | None = None) -> dict:
     """mIoU (mean over the classes present in the labels or the predictions) and pixel accuracy.
 
+    Every image is scored at its own size (:func:`predict`; consecutive images of one size in batches of
+    ``batch_size``): whole, or with a sliding window of ``crop_size`` tiles where larger than that.
+    ``crop_size`` None takes the dataset's ``crop_size`` attribute (None for the shapes: whole images).
     Every rank scores its share of the images; the confusion matrices are summed over the ranks.
     """
+    crop_size = getattr(dataset, "crop_size", None) if crop_size is None else crop_size
     was_training = model.training
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=distributed.device)
     indices = list(range(distributed.rank, len(dataset), distributed.world_size))
-    for start in range(0, len(indices), batch_size):
-        images, labels = zip(*(dataset[i] for i in indices[start:start + batch_size]))
-        images, labels = torch.stack(images).to(distributed.device), torch.stack(labels).to(distributed.device)
-        predictions = model(images)[0].argmax(1)
+    for images, labels in _same_size_batches(dataset, indices, batch_size):
+        images, labels = images.to(distributed.device), labels.to(distributed.device)
+        predictions = predict(model, images, crop_size)
         counted = labels != IGNORE_INDEX
         pairs = labels[counted] * num_classes + predictions[counted]
         confusion += torch.bincount(pairs, minlength=num_classes**2).view(num_classes, num_classes).double()
@@ -68,28 +127,33 @@ def plot_losses(history: dict, path) -> None:
 
 
 @torch.no_grad()
-def plot_predictions(dataset, models: dict, path, device, count: int = 4) -> None:
-    """Rows of validation images: the image, the ground truth, then each model's prediction."""
+def plot_predictions(dataset, models: dict, path, device, count: int = 4, crop_size: int | None = None) -> None:
+    """Rows of validation images: the image, the ground truth, then each model's prediction.
+
+    Each image is predicted alone (:func:`predict`, ``crop_size`` None taking the dataset's), so the images
+    may differ in size; a normalised image is shown un-normalised, ignored pixels of the ground truth blank.
+    """
     plt = _pyplot()
     if plt is None:
         return
-    images, labels = zip(*(dataset[i] for i in range(min(count, len(dataset)))))
-    images = torch.stack(images)
-    columns = {"image": None, "ground truth": torch.stack(labels)}
+    crop_size = getattr(dataset, "crop_size", None) if crop_size is None else crop_size
+    samples = [dataset[i] for i in range(min(count, len(dataset)))]
+    shown = [denormalise(image) if dataset.normalised else image for image, _ in samples]
+    maps = {"ground truth": [label for _, label in samples]}
     for name, model in models.items():
         was_training = model.training
         model.eval()
-        columns[name] = model(images.to(device))[0].argmax(1).cpu()
+        maps[name] = [predict(model, image[None].to(device), crop_size)[0].cpu() for image, _ in samples]
         model.train(was_training)
-    figure, axes = plt.subplots(len(images), len(columns), figsize=(2 * len(columns), 2 * len(images)),
+    aspect = max(image.shape[2] / image.shape[1] for image in shown)
+    figure, axes = plt.subplots(len(shown), 1 + len(maps), figsize=(2 * aspect * (1 + len(maps)), 2 * len(shown)),
                                 squeeze=False)
-    classes = max(int(c.max()) for c in columns.values() if c is not None and c.numel())
-    for row, image in enumerate(images):
-        for axis, (title, maps) in zip(axes[row], columns.items()):
-            if maps is None:
-                axis.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
-            else:
-                axis.imshow(maps[row].numpy(), cmap="tab20", vmin=0, vmax=max(classes, 1), interpolation="nearest")
+    for row, image in enumerate(shown):
+        axes[row][0].imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
+        for axis, classes in zip(axes[row][1:], maps.values()):
+            axis.imshow(np.ma.masked_equal(classes[row].numpy(), IGNORE_INDEX), cmap="tab20", vmin=0,
+                        vmax=dataset.num_classes - 1, interpolation="nearest")
+        for axis, title in zip(axes[row], ["image", *maps]):
             axis.set_axis_off()
             if row == 0:
                 axis.set_title(title, fontsize=9)

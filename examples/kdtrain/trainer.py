@@ -2,10 +2,16 @@
 
 A run goes through stages: ``teacher`` (cross-entropy on the teacher's labelled set; skipped when a trained
 teacher is given or no term needs one), ``autoencoder`` (He et al. eq. 1 on the teacher's features; only for
-the adaptation/affinity terms), ``student`` (the objective of :mod:`kdtrain.distill`), then ``done``.
+the adaptation/affinity terms), ``student`` (the objective of :mod:`kdtrain.distill`), then ``done``. With
+``--weighting magnitude`` the student stage starts by measuring its terms on the first
+``--calibration-batches`` batches (no step taken, the models' state restored) and weighting them by
+Xie et al.'s rule (:func:`fastkd.magnitude_weights`); the weights are printed, kept in the checkpoint and in
+``metrics.json``. The student is evaluated every ``--eval-every`` steps and at the end; the best by val mIoU
+is kept in ``best.pt``.
 
-Checkpoints hold everything the rest of the run depends on: the stage and step, every model, optimizer and
-scheduler, the torch/numpy/python RNG states of every rank, and the loss and evaluation history. The
+Checkpoints hold everything the rest of the run depends on: the stage and step, every model, optimizer,
+scheduler and gradient scaler, the loss weights, the torch/numpy/python RNG states of every rank, and the
+loss and evaluation history. The
 data position is the step itself (:class:`kdtrain.data.BatchStream`). They are written atomically (a
 temporary file, then ``os.replace``) every ``--checkpoint-every`` steps, at the end of each stage, and when
 SIGINT or SIGTERM arrives (the step in progress finishes first), so rerunning the same command resumes
@@ -20,6 +26,7 @@ forward hooks follow.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -37,7 +44,7 @@ from torch.nn.parallel import DistributedDataParallel
 import fastkd
 from kdtrain import report
 from kdtrain.data import IGNORE_INDEX, BatchStream, build_datasets
-from kdtrain.distill import ADAPTATION_TERMS, TEACHER_TERMS, DistillConfig, StudentObjective
+from kdtrain.distill import TEACHER_TERMS, DistillConfig, StudentObjective
 from kdtrain.models import build_model
 
 # Arguments that may change between an interrupted run and its resumption without changing the result.
@@ -97,8 +104,16 @@ def average_gradients(module: torch.nn.Module, distributed: Distributed) -> None
 
 
 def poly_scheduler(optimizer, total_steps: int):
-    """The papers' poly learning rate: lr * (1 - step / total)^0.9 (Liu et al., sec. 3.1)."""
+    """The papers' poly learning rate: lr * (1 - step / total)^0.9 (Liu et al. sec. 3.1, He et al. sec. 4.1)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (1 - min(step, total_steps) / total_steps) ** 0.9)
+
+
+def build_optimizer(parameters, args) -> torch.optim.Optimizer:
+    """``--optimizer sgd``: SGD with momentum 0.9, the papers' choice (Liu et al.: lr 0.01, weight decay 5e-4,
+    the defaults; He et al.: 0.007, 4e-5); ``adam``: Adam (the trainer's default for these short runs)."""
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    return torch.optim.Adam(parameters, lr=args.lr, weight_decay=args.weight_decay)
 
 
 def rng_state() -> dict:
@@ -167,26 +182,30 @@ class Trainer:
         self.teacher_stream = BatchStream(teacher_train, args.batch_size, args.data_seed, rank, world)
         self.labelled_stream = BatchStream(student_train, args.batch_size, args.seed, rank, world)
         self.config = DistillConfig(
-            terms=tuple(args.losses), weights=args.weights, temperature=args.temperature,
-            pairwise_patch=args.pairwise_patch, pairwise_window=args.pairwise_window,
-            pairwise_pool=args.pairwise_pool, pseudo_threshold=args.pseudo_threshold, distill_on=args.distill_on)
+            terms=tuple(args.losses), temperature=args.temperature, pairwise_patch=args.pairwise_patch,
+            pairwise_window=args.pairwise_window, pairwise_pool=args.pairwise_pool,
+            pseudo_threshold=args.pseudo_threshold, distill_on=args.distill_on, critic_setup=args.critic_setup)
         self.unlabelled_stream = (BatchStream(unlabelled, args.unlabelled_batch_size, args.seed + 1, rank, world)
                                   if self.config.needs_unlabelled and not only_teacher else None)
         self.objective = StudentObjective(self.config)
 
         needs_teacher = bool(TEACHER_TERMS & set(self.config.terms))
-        adaptation = bool(ADAPTATION_TERMS & set(self.config.terms)) and not only_teacher
+        terms = set() if only_teacher else set(self.config.terms)
         self.models = {"teacher": build_model(args.teacher_model, self.num_classes, args.teacher_width)}
         if not only_teacher:
             self.models["student"] = build_model(args.student_model, self.num_classes, args.student_width)
+        adapters = {"adaptation": "adapter", "affinity": "affinity_adapter"}  # He et al.'s C_f and C_a
+        adaptation = bool(terms & set(adapters))
         if adaptation:
             teacher_channels = self.models["teacher"].feature_channels
             self.models["autoencoder"] = fastkd.FeatureAutoencoder(teacher_channels, args.latent_channels)
-            self.models["adapter"] = fastkd.FeatureAdapter(self.models["student"].feature_channels,
-                                                           args.latent_channels)
-        if "holistic" in self.config.terms and not only_teacher:
+        for term in sorted(terms & set(adapters)):
+            self.models[adapters[term]] = fastkd.FeatureAdapter(self.models["student"].feature_channels,
+                                                                args.latent_channels)
+        if "holistic" in terms:  # Liu et al.'s code scores the raw logits without the image
             self.models["critic"] = fastkd.HolisticDiscriminator(
-                self.num_classes, image_channels=3, base_channels=args.critic_width, blocks=3, attention=1)
+                self.num_classes, image_channels=0 if args.critic_setup == "code" else 3,
+                base_channels=args.critic_width, blocks=3, attention=1)
         for model in self.models.values():
             model.to(self.device)
         torch.manual_seed(args.seed * 1_000 + rank)  # ranks share the initial weights, not their dropout masks
@@ -205,26 +224,31 @@ class Trainer:
         if args.teacher is not None and not only_teacher:
             self.models["teacher"].load_state_dict(torch.load(args.teacher, map_location=self.device))
 
-        def adam(*modules, lr):
-            return torch.optim.Adam([p for m in modules for p in m.parameters()], lr=lr,
-                                    weight_decay=args.weight_decay)
-
         self.optimizers, self.schedulers = {}, {}
-        trained = {"teacher": ("teacher",), "autoencoder": ("autoencoder",),
-                   "student": ("student", "adapter") if adaptation else ("student",)}
+        self.trained = {"teacher": ("teacher",), "autoencoder": ("autoencoder",),
+                        "student": ("student",) + tuple(adapters[t] for t in sorted(terms & set(adapters)))}
         for stage in self.stages[:-1]:
-            self.optimizers[stage] = adam(*(self.models[name] for name in trained[stage]), lr=args.lr)
+            parameters = [p for name in self.trained[stage] for p in self.models[name].parameters()]
+            self.optimizers[stage] = build_optimizer(parameters, args)
             self.schedulers[stage] = poly_scheduler(self.optimizers[stage], self.stage_steps[stage])
         if "critic" in self.models:
-            # Adam, betas (0.9, 0.99): one critic step per student step (Liu et al. sec. 2.2)
-            self.optimizers["critic"] = torch.optim.Adam(self.models["critic"].parameters(), lr=args.lr,
+            # One critic step per student step (Liu et al. sec. 2.2); Adam with betas (0.9, 0.99) and its own
+            # learning rate is the trainer's choice, the paper does not name the critic's optimiser.
+            self.optimizers["critic"] = torch.optim.Adam(self.models["critic"].parameters(), lr=args.critic_lr,
                                                          betas=(0.9, 0.99))
+        # Mixed precision (--amp): bfloat16 autocast on CPU needs no loss scaling; float16 on CUDA does.
+        self.amp_dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
+        self.scalers = {name: torch.amp.GradScaler(self.device.type, enabled=args.amp and self.device.type == "cuda")
+                        for name in self.optimizers}
         self.wrapped = {name: self.distributed.wrap(self.models[name])
                         for name in ("teacher", "student") if name in self.models}
 
         self.stage, self.step = self.stages[0], 0
         self.history = {stage: [] for stage in self.stages[:-1]}
         self.evaluations = {}
+        # every term's weight; with --weighting magnitude the calibrated ones are set when the student starts
+        self.weights = dict(args.weights) if args.weighting == "paper" or not self.config.calibrated_terms else None
+        self.calibration = None
         self.checkpoint_path = self.out / "checkpoint.pt"
         if self.checkpoint_path.exists():
             self._load()
@@ -243,6 +267,8 @@ class Trainer:
                 "models": {name: model.state_dict() for name, model in self.models.items()},
                 "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
                 "schedulers": {name: sched.state_dict() for name, sched in self.schedulers.items()},
+                "scalers": {name: scaler.state_dict() for name, scaler in self.scalers.items()},
+                "weights": self.weights, "calibration": self.calibration,
                 "history": self.history, "evaluations": self.evaluations,
             }
             self.out.mkdir(parents=True, exist_ok=True)
@@ -267,8 +293,11 @@ class Trainer:
             opt.load_state_dict(state["optimizers"][name])
         for name, sched in self.schedulers.items():
             sched.load_state_dict(state["schedulers"][name])
+        for name, scaler in self.scalers.items():
+            scaler.load_state_dict(state["scalers"][name])
         set_rng_state(state["rng"][self.distributed.rank])
         self.stage, self.step = state["stage"], state["step"]
+        self.weights, self.calibration = state["weights"], state["calibration"]
         self.history, self.evaluations = state["history"], state["evaluations"]
 
     # ---- the run -----------------------------------------------------------------------------------------
@@ -305,6 +334,8 @@ class Trainer:
         if stage == "student" and "autoencoder" in self.models:
             self.models["autoencoder"].eval()
             self.models["autoencoder"].requires_grad_(False)
+        if stage == "student" and self.weights is None:
+            self._calibrate()
         progress = Progress(stage, total, self.step, self.distributed.is_main and self.args.progress)
         try:
             while self.step < total:
@@ -317,6 +348,8 @@ class Trainer:
                 self.steps_this_invocation += 1
                 self.history[stage].append(terms)
                 progress.update(self.step, terms)
+                if stage == "student" and self.step % self.args.eval_every == 0 and self.step < total:
+                    self._evaluate_student()
                 if self._should_stop():
                     self.save()
                     raise Interrupted(f"stopped ({self.stop_signal or '--stop-after'}) in stage {stage} at step "
@@ -326,80 +359,140 @@ class Trainer:
                     self.save()
         finally:
             progress.close()
-        if stage in ("teacher", "student"):
-            self.evaluations[stage] = report.evaluate(self.models[stage], self.val, self.num_classes,
-                                                      self.distributed, self.args.batch_size)
-            if self.distributed.is_main:
-                print(f"[{stage}] val mIoU {self.evaluations[stage]['miou']:.4f} "
-                      f"pixel accuracy {self.evaluations[stage]['pixel_accuracy']:.4f}", flush=True)
+        if stage == "teacher":
+            self.evaluations[stage] = self._evaluate(self.models[stage])
+        if stage == "student":
+            self.evaluations[stage] = self._evaluate_student()
+        if stage in ("teacher", "student") and self.distributed.is_main:
+            print(f"[{stage}] val mIoU {self.evaluations[stage]['miou']:.4f} "
+                  f"pixel accuracy {self.evaluations[stage]['pixel_accuracy']:.4f}", flush=True)
         if stage == "teacher" and self.distributed.is_main:
             torch.save(self.models["teacher"].state_dict(), self.out / "teacher.pt")
         self.stage, self.step = self.stages[self.stages.index(stage) + 1], 0
         self.save()
 
+    def _evaluate(self, model) -> dict:
+        return report.evaluate(model, self.val, self.num_classes, self.distributed, self.args.batch_size)
+
+    def _evaluate_student(self) -> dict:
+        """Evaluates the student now; a better val mIoU than any before replaces ``best.pt``."""
+        metrics = self._evaluate(self.models["student"])
+        best = self.evaluations.get("best")
+        if best is None or metrics["miou"] > best["miou"]:
+            self.evaluations["best"] = {"step": self.step, **metrics}
+            if self.distributed.is_main:
+                self.out.mkdir(parents=True, exist_ok=True)
+                temporary = self.out / "best.tmp"
+                torch.save({"step": self.step, "miou": metrics["miou"],
+                            "student": self.models["student"].state_dict()}, temporary)
+                os.replace(temporary, self.out / "best.pt")
+        return metrics
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.args.amp)
+
     def _batch(self, stream: BatchStream, step: int):
         images, labels = stream.batch(step)
         return images.to(self.device), labels.to(self.device)
 
+    def _student_inputs(self, step: int):
+        """(images: the labelled then the unlabelled ones, labels of the labelled ones, teacher's output)."""
+        images, labels = self._batch(self.labelled_stream, step)
+        if self.unlabelled_stream is not None:
+            unlabelled, _ = self._batch(self.unlabelled_stream, step)
+            images = torch.cat([images, unlabelled])
+        teacher_out = None
+        if TEACHER_TERMS & set(self.config.terms):
+            with torch.no_grad(), self._autocast():
+                teacher_out = self.models["teacher"](images)
+        return images, labels, teacher_out
+
+    @torch.no_grad()
+    def _calibrate(self) -> None:
+        """Xie et al.'s magnitude rule: every calibrated term starts at the cross-entropy's magnitude.
+
+        The terms are measured on the student stage's first ``--calibration-batches`` batches with the
+        student at its initial weights, as the first steps will see them (training mode); the models' state
+        (BatchNorm statistics) is restored afterwards and no step is taken. Values are averaged over ranks,
+        so every rank gets the same weights.
+        """
+        names = self.config.calibrated_terms
+        modules = [self.models[name] for name in self.trained["student"]]
+        saved = [copy.deepcopy(module.state_dict()) for module in modules]
+        measured = []
+        for step in range(self.args.calibration_batches):
+            images, labels, teacher_out = self._student_inputs(step)
+            with self._autocast():
+                student_out = self.models["student"](images)
+                task, terms = self.objective.calibration_terms(images, labels, student_out, teacher_out, self.models)
+            measured.append([task.item()] + [terms[name].item() for name in names])
+        for module, state in zip(modules, saved):
+            module.load_state_dict(state)
+        measured = self.distributed.sum(torch.tensor(measured, dtype=torch.float64, device=self.device))
+        measured = (measured / self.distributed.world_size).cpu()
+        calibrated = fastkd.magnitude_weights(measured[:, 0], {name: measured[:, i + 1] for i, name in enumerate(names)})
+        self.weights = {**self.args.weights, **calibrated}
+        means = measured.mean(0).tolist()
+        self.calibration = {"batches": self.args.calibration_batches, "ce": means[0],
+                            "terms": dict(zip(names, means[1:]))}
+        if self.distributed.is_main:
+            print(f"[calibration] cross-entropy {means[0]:.4g} over {self.args.calibration_batches} batches; "
+                  "weights " + ", ".join(f"{name} {calibrated[name]:.4g} (term {mean:.4g})"
+                                         for name, mean in zip(names, means[1:])), flush=True)
+
     def _teacher_step(self, step: int) -> dict:
         images, labels = self._batch(self.teacher_stream, step)
-        logits, _ = self.wrapped["teacher"](images)
-        loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+        with self._autocast():
+            logits, _ = self.wrapped["teacher"](images)
+            loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
         self._optimise("teacher", loss)
         return {"ce": loss.item()}
 
     def _autoencoder_step(self, step: int) -> dict:
         """He et al. eq. 1: the autoencoder learns to reconstruct the teacher's features."""
         images, _ = self._batch(self.teacher_stream, step)
-        with torch.no_grad():
-            _, features = self.models["teacher"](images)
-        loss = self.models["autoencoder"].loss(features)
+        with self._autocast():
+            with torch.no_grad():
+                _, features = self.models["teacher"](images)
+            loss = self.models["autoencoder"].loss(features)
         self._optimise("autoencoder", loss, averaged=("autoencoder",))
         return {"reconstruction": loss.item()}
 
     def _student_step(self, step: int) -> dict:
-        images, labels = self._batch(self.labelled_stream, step)
-        labelled_count = images.shape[0]
-        if self.unlabelled_stream is not None:
-            unlabelled, _ = self._batch(self.unlabelled_stream, step)
-            images = torch.cat([images, unlabelled])
-        teacher_out = None
-        if TEACHER_TERMS & set(self.config.terms):
-            with torch.no_grad():
-                teacher_out = self.models["teacher"](images)
-        s_logits, s_features = self.wrapped["student"](images)
+        images, labels, teacher_out = self._student_inputs(step)
         terms = {}
-        if "critic" in self.models:  # the critic's step alternates with the student's (Liu et al. sec. 2.2)
-            critic_loss = self.objective.critic_loss(self.models["critic"], images, s_logits, teacher_out[0],
-                                                      labelled_count)
-            self.optimizers["critic"].zero_grad(set_to_none=True)
-            critic_loss.backward()
-            average_gradients(self.models["critic"], self.distributed)
-            self.optimizers["critic"].step()
+        with self._autocast():
+            student_out = self.wrapped["student"](images)
+            if "critic" in self.models:  # the critic's step alternates with the student's (Liu et al. sec. 2.2)
+                critic_loss = self.objective.critic_loss(self.models["critic"], images, student_out[0],
+                                                          teacher_out[0], labels.shape[0])
+        if "critic" in self.models:
+            self._optimise("critic", critic_loss, averaged=("critic",))
             terms["critic"] = critic_loss.item()
-        weighted = self.objective(images, labels, labelled_count, s_logits, s_features, teacher_out,
-                                  adapter=self.models.get("adapter"), autoencoder=self.models.get("autoencoder"),
-                                  critic=self.models.get("critic"))
-        loss = sum(weighted.values())
-        self._optimise("student", loss, averaged=("adapter",) if "adapter" in self.models else ())
+        with self._autocast():
+            loss, weighted = self.objective(images, labels, student_out, teacher_out, self.models, self.weights)
+        self._optimise("student", loss, averaged=self.trained["student"][1:])  # DDP averages the student's
         terms.update({name: value.item() for name, value in weighted.items()}, total=loss.item())
         return terms
 
-    def _optimise(self, stage: str, loss: torch.Tensor, averaged=()) -> None:
-        optimizer = self.optimizers[stage]
+    def _optimise(self, name: str, loss: torch.Tensor, averaged=()) -> None:
+        """One step of optimizer ``name`` (a stage or the critic); ``averaged``: modules DDP does not wrap."""
+        optimizer, scaler = self.optimizers[name], self.scalers[name]
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        for name in averaged:
-            average_gradients(self.models[name], self.distributed)
-        optimizer.step()
-        self.schedulers[stage].step()
+        scaler.scale(loss).backward()
+        for module in averaged:
+            average_gradients(self.models[module], self.distributed)
+        scaler.step(optimizer)
+        scaler.update()
+        if name in self.schedulers:
+            self.schedulers[name].step()
 
     def _finish(self) -> dict:
         if self.teacher_available and "teacher" not in self.evaluations:  # a teacher given by --teacher
-            self.evaluations["teacher"] = report.evaluate(self.models["teacher"], self.val, self.num_classes,
-                                                          self.distributed, self.args.batch_size)
+            self.evaluations["teacher"] = self._evaluate(self.models["teacher"])
         metrics = {"stages": self.stages[:-1], "losses": list(self.config.terms),
-                   "world_size": self.distributed.world_size, **self.evaluations}
+                   "world_size": self.distributed.world_size, "weights": self.weights,
+                   "calibration": self.calibration, **self.evaluations}
         if self.distributed.world_size > 1:  # a sanity check of data parallelism: every replica is the same
             trained = self.models["student" if "student" in self.models else "teacher"]
             checksums = self.distributed.gather([p.detach().double().sum().item() for p in trained.parameters()])
