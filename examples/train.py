@@ -174,8 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--critic-lr", type=positive_float, default=5e-3, help="the critic's Adam learning rate")
     training.add_argument("--amp", action="store_true",
                           help="mixed precision: bfloat16 autocast on CPU; float16 autocast + GradScaler on CUDA")
-    training.add_argument("--eval-every", type=positive_int, default=50,
-                          help="student steps between evaluations; the best by val mIoU is kept in best.pt")
+    training.add_argument("--eval-every", type=positive_int, default=None,
+                          help="student steps between evaluations (default: a tenth of --steps); the best by val "
+                          "mIoU is kept in best.pt")
     training.add_argument("--seed", type=nonnegative_int, default=0)
     training.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
@@ -221,6 +222,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--ablation-rows: unknown rows {sorted(set(args.ablation_rows) - set(labels))}")
     if args.pairwise_pool == "max" and args.pairwise_patch == 1:
         parser.error("--pairwise-pool max needs --pairwise-patch > 1 (a 1-pixel node has nothing to pool)")
+    if args.eval_every is None:
+        args.eval_every = max(1, args.steps // 10)
+    unlabelled_needed = "unlabelled" in args.losses or (args.distill_on == "all" and set(args.losses) - {"ce"})
+    if (args.data != "shapes" and unlabelled_needed and args.unlabelled_root is None
+            and args.labelled_images is None):
+        parser.error("these losses need unlabelled images, and a folder's student has every training label by "
+                     "default: give --unlabelled-root DIR, or --labelled-images N to leave the rest unlabelled")
     for name, value in OPTIMIZER_DEFAULTS[args.optimizer].items():
         if getattr(args, name) is None:
             setattr(args, name, value)

@@ -73,13 +73,16 @@ def test_channel_invariant_scale_does_not_grow_with_channels(gen, channels):
     assert adaptation_loss(s, t, p=2, q=2, channel_invariant=True).item() == adaptation_loss(s, t, p=2, q=2).item()
 
 
-def test_adapter_can_reach_the_code(gen):
-    """The code is non-negative (BN + ReLU after the last encoder conv), so an adapter ending in ReLU can
-    match it exactly: copying the code's values gives a zero loss, which a signed code would not allow."""
+def test_the_code_is_in_the_adapters_range(gen):
+    """The code is non-negative (BN + ReLU after the last encoder conv), as the adapter's ReLU output is, so
+    the adapter can match it. Against a signed code (the raw output of a conv) the best any non-negative
+    output can do, its ReLU, leaves a floor: that made students collapse."""
     ae = FeatureAutoencoder(6, 5).train()
     code = ae.encode(randn((3, 6, 9, 7), gen)).detach()
-    assert code.min() >= 0 and (code > 0).any()
-    assert adaptation_loss(torch.relu(code), code).item() == pytest.approx(0.0, abs=1e-6)
+    assert code.min() >= 0 and (code > 0).float().mean() > 0.2
+    signed = ae.encoder[:-2](randn((3, 6, 9, 7), gen)).detach()  # the code without its last BN + ReLU
+    assert (signed < 0).float().mean() > 0.2
+    assert adaptation_loss(torch.relu(signed), signed).item() > 0.3
 
 
 def test_module_equals_functional(gen):

@@ -2,6 +2,7 @@
 al.'s eq. 3, the best checkpoint, exact resumption after an interruption (with every option that keeps
 state), two processes, and the command line's refusals. Tiny images and a few steps keep it short."""
 
+import copy
 import json
 import os
 import signal
@@ -85,7 +86,17 @@ def test_magnitude_rule_puts_each_term_at_the_cross_entropy(tmp_path, gen):
     args = tiny_args(tmp_path, gen, "--losses", "ce,pixel,consistency,pairwise,holistic,adaptation",
                      "--calibration-batches", "1")
     trainer = Trainer(args)
+    calibrate, states = trainer._calibrate, {}
+
+    def calibrate_and_record():
+        states["before"] = {name: copy.deepcopy(trainer.models[name].state_dict()) for name in ("student", "adapter")}
+        calibrate()
+        states["after"] = {name: copy.deepcopy(trainer.models[name].state_dict()) for name in ("student", "adapter")}
+    trainer._calibrate = calibrate_and_record
     metrics = trainer.run()
+    # the calibration ran in training mode and left the BatchNorm statistics (and every weight) as they were
+    for name, before in states["before"].items():
+        assert all(torch.equal(before[key], states["after"][name][key]) for key in before), name
     first = trainer.history["student"][0]
     for name in ("pixel", "consistency", "pairwise", "adaptation"):
         assert first[name] == pytest.approx(first["ce"], rel=1e-4), name
@@ -93,13 +104,6 @@ def test_magnitude_rule_puts_each_term_at_the_cross_entropy(tmp_path, gen):
             metrics["calibration"]["ce"], rel=1e-12)
     assert metrics["weights"]["holistic"] == 0.1 and metrics["calibration"]["batches"] == 1
     assert json.loads((tmp_path / "metrics.json").read_text())["weights"] == metrics["weights"]
-    # the calibration took no step and left the BatchNorm statistics as they were: a paper-weighted run
-    # of the same seeds sees the same first cross-entropy
-    paper = Trainer(train.parse_args(TINY + ["--out", str(tmp_path / "paper"), "--seed", str(args.seed),
-                                             "--data-seed", str(args.data_seed), "--losses", "ce,pixel",
-                                             "--weighting", "paper", "--teacher", str(tmp_path / "teacher.pt")]))
-    paper.run()
-    assert paper.history["student"][0]["ce"] == first["ce"]
 
 
 def test_unlabelled_objective_is_xie_eq3(gen):
@@ -241,3 +245,17 @@ def test_bad_command_line_is_refused_naming_the_argument(capsys, argv, named):
         train.parse_args(argv)
     assert exit_info.value.code == 2
     assert named in capsys.readouterr().err
+
+
+def test_resuming_on_another_device_type_is_refused(tmp_path, gen):
+    """CPU and CUDA differ in random streams, autocast dtype and loss scaling: a checkpoint resumes only on
+    the device type that wrote it."""
+    args = tiny_args(tmp_path, gen, "--losses", "ce", "--stop-after", "1")
+    with pytest.raises(Interrupted):
+        Trainer(args).run()
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["device"] == "cpu"
+    state["device"] = "cuda"
+    torch.save(state, tmp_path / "checkpoint.pt")
+    with pytest.raises(SystemExit, match="was written on cuda; resume it there"):
+        Trainer(args)

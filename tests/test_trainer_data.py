@@ -108,10 +108,37 @@ def test_scale_crop_keeps_the_aspect_and_pads(gen):
     left = int(0.5 * 17)
     assert torch.equal(out_label[:32], doubled[:, left:left + 48]) and (out_label[32:] == IGNORE_INDEX).all()
     scaled = F.interpolate(image[None], size=(32, 64), mode="bilinear", align_corners=False)[0]
-    assert torch.equal(out_image[:, :32], scaled[:, :, left:left + 48]) and (out_image[:, 32:] == 0).all()
+    torch.testing.assert_close(out_image[:, :32], scaled[:, :, left:left + 48], rtol=0, atol=1e-5)
+    assert (out_image[:, 32:] == 0).all()
 
     _, out_label = scale_crop(image, label, 0.5, (0.9, 0.99), 8)  # 8 x 16: the label's pixel centres kept
     assert torch.equal(out_label, label[1::2, 1::2][:, 8:16])
+
+
+def _resize_then_crop(image, label, scale, position, crop_size):
+    """The literal training sample: F.interpolate of the whole image and label, then the crop, padded."""
+    height, width = image.shape[1:]
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+    label = F.interpolate(label[None, None].float(), size=size, mode="nearest-exact")[0, 0].long()
+    top, left = (int(fraction * (max(n - crop_size, 0) + 1)) for fraction, n in zip(position, size))
+    image, label = image[:, top:top + crop_size, left:left + crop_size], label[top:top + crop_size, left:left + crop_size]
+    padding = (0, crop_size - image.shape[2], 0, crop_size - image.shape[1])
+    return F.pad(image, padding, value=0.0), F.pad(label, padding, value=IGNORE_INDEX)
+
+
+def test_scale_crop_resamples_only_the_window_as_a_whole_resize_would(gen):
+    """Random sizes, scales 0.3-2.5, positions and crops: the label equals the whole-image resize's crop
+    exactly, the image to within the rounding of F.interpolate's float32 source coordinates."""
+    for _ in range(200):
+        height, width, crop_size = (int(v) for v in torch.randint(1, 80, (3,), generator=gen))
+        image = torch.randn(3, height, width, generator=gen)
+        label = torch.randint(0, 19, (height, width), generator=gen)
+        scale, position = float(0.3 + 2.2 * torch.rand((), generator=gen)), torch.rand(2, generator=gen).tolist()
+        got_image, got_label = scale_crop(image, label, scale, position, crop_size)
+        want_image, want_label = _resize_then_crop(image, label, scale, position, crop_size)
+        assert torch.equal(got_label, want_label), (height, width, scale, position, crop_size)
+        torch.testing.assert_close(got_image, want_image, rtol=0, atol=1e-4)
 
 
 def test_folder_images_are_normalised_at_their_own_size(tmp_path, gen):
@@ -306,6 +333,9 @@ def test_unlabelled_root(tmp_path, gen, capsys):
     (["--data", "voc", "--teacher-images", "3", "--labelled-images", "4"], ["--labelled-images", "--teacher-images"]),
     (["--teacher-images", "16"], ["--labelled-images", "--teacher-images"]),  # shapes: 24 labelled by default
     (["--data", "voc", "--unlabelled-root", "/nonexistent/folder"], ["--unlabelled-root"]),
+    # a folder's student has every label by default: unlabelled images must come from somewhere
+    (["--data", "voc", "--losses", "ce,probability,unlabelled"], ["--unlabelled-root", "--labelled-images"]),
+    (["--data", "voc", "--losses", "ce,pixel", "--distill-on", "all"], ["--unlabelled-root", "--labelled-images"]),
 ])
 def test_data_command_line_is_refused_naming_the_argument(tmp_path, capsys, argv, named):
     root = ["--data-root", str(tmp_path)] if "voc" in argv else []

@@ -116,6 +116,13 @@ def build_optimizer(parameters, args) -> torch.optim.Optimizer:
     return torch.optim.Adam(parameters, lr=args.lr, weight_decay=args.weight_decay)
 
 
+def save_atomically(obj, path: Path) -> None:
+    """``torch.save`` to a temporary file, then ``os.replace``: a crash leaves the old or the new file."""
+    temporary = path.with_suffix(".tmp")
+    torch.save(obj, temporary)
+    os.replace(temporary, path)
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -263,7 +270,7 @@ class Trainer:
         if self.distributed.is_main:
             state = {
                 "stage": self.stage, "step": self.step, "args": self._training_args(),
-                "world_size": self.distributed.world_size, "rng": rng_states,
+                "world_size": self.distributed.world_size, "device": self.device.type, "rng": rng_states,
                 "models": {name: model.state_dict() for name, model in self.models.items()},
                 "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
                 "schedulers": {name: sched.state_dict() for name, sched in self.schedulers.items()},
@@ -272,9 +279,7 @@ class Trainer:
                 "history": self.history, "evaluations": self.evaluations,
             }
             self.out.mkdir(parents=True, exist_ok=True)
-            temporary = self.checkpoint_path.with_suffix(".tmp")
-            torch.save(state, temporary)
-            os.replace(temporary, self.checkpoint_path)  # atomic: a crash leaves the old or the new file
+            save_atomically(state, self.checkpoint_path)
         self.distributed.barrier()
 
     def _load(self) -> None:
@@ -284,6 +289,9 @@ class Trainer:
         if changed:
             raise SystemExit(f"{self.checkpoint_path} was written with other settings ({', '.join(changed)}); "
                              f"rerun with the same arguments or choose another --out")
+        if state["device"] != self.device.type:  # CPU and CUDA differ in RNG, autocast type and loss scaling
+            raise SystemExit(f"{self.checkpoint_path} was written on {state['device']}; resume it there "
+                             f"(--device {state['device']}), this run is on {self.device.type}")
         if state["world_size"] != self.distributed.world_size:
             raise SystemExit(f"{self.checkpoint_path} was written by {state['world_size']} processes; resume "
                              f"with the same number (this run has {self.distributed.world_size})")
@@ -382,10 +390,8 @@ class Trainer:
             self.evaluations["best"] = {"step": self.step, **metrics}
             if self.distributed.is_main:
                 self.out.mkdir(parents=True, exist_ok=True)
-                temporary = self.out / "best.tmp"
-                torch.save({"step": self.step, "miou": metrics["miou"],
-                            "student": self.models["student"].state_dict()}, temporary)
-                os.replace(temporary, self.out / "best.pt")
+                save_atomically({"step": self.step, "miou": metrics["miou"],
+                                 "student": self.models["student"].state_dict()}, self.out / "best.pt")
         return metrics
 
     def _autocast(self):
@@ -430,7 +436,11 @@ class Trainer:
             module.load_state_dict(state)
         measured = self.distributed.sum(torch.tensor(measured, dtype=torch.float64, device=self.device))
         measured = (measured / self.distributed.world_size).cpu()
-        calibrated = fastkd.magnitude_weights(measured[:, 0], {name: measured[:, i + 1] for i, name in enumerate(names)})
+        try:
+            calibrated = fastkd.magnitude_weights(measured[:, 0],
+                                                  {name: measured[:, i + 1] for i, name in enumerate(names)})
+        except ValueError as error:  # a term that is 0 (or not finite) on every calibration batch
+            raise SystemExit(f"--weighting magnitude: {error}; rerun with --weighting paper") from None
         self.weights = {**self.args.weights, **calibrated}
         means = measured.mean(0).tolist()
         self.calibration = {"batches": self.args.calibration_batches, "ce": means[0],
@@ -463,10 +473,11 @@ class Trainer:
         terms = {}
         with self._autocast():
             student_out = self.wrapped["student"](images)
-            if "critic" in self.models:  # the critic's step alternates with the student's (Liu et al. sec. 2.2)
-                critic_loss = self.objective.critic_loss(self.models["critic"], images, student_out[0],
-                                                          teacher_out[0], labels.shape[0])
-        if "critic" in self.models:
+        if "critic" in self.models:  # the critic's step alternates with the student's (Liu et al. sec. 2.2)
+            # in float32 even under --amp: the gradient penalty differentiates the unscaled critic scores,
+            # whose float16 gradient could underflow (a GradScaler scales only the final loss)
+            critic_loss = self.objective.critic_loss(self.models["critic"], images, student_out[0].float(),
+                                                      teacher_out[0].float(), labels.shape[0])
             self._optimise("critic", critic_loss, averaged=("critic",))
             terms["critic"] = critic_loss.item()
         with self._autocast():
