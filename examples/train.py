@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--eval-every", type=positive_int, default=None,
                           help="student steps between evaluations (default: a tenth of --steps); the best by val "
                           "mIoU is kept in best.pt")
+    training.add_argument("--workers", type=nonnegative_int, default=0,
+                          help="DataLoader worker processes preparing the next steps' batches (default 0: the "
+                          "training process reads them); the batches, and so the results, do not depend on it")
     training.add_argument("--seed", type=nonnegative_int, default=0)
     training.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 

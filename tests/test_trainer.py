@@ -175,9 +175,9 @@ def test_interrupted_run_resumes_exactly(tmp_path, gen, monkeypatch, options):
     first = Trainer(args)
     teacher_step = first._teacher_step
 
-    def step_then_signal(step):
-        terms = teacher_step(step)
-        if step == 1:
+    def step_then_signal(batches):
+        terms = teacher_step(batches)
+        if first.step == 1:
             signal.raise_signal(signal.SIGTERM)  # delivered to the handler the run installed
         return terms
 
@@ -189,7 +189,9 @@ def test_interrupted_run_resumes_exactly(tmp_path, gen, monkeypatch, options):
     assert torch.load(resumed_out / "checkpoint.pt", weights_only=False)["step"] == 2
 
     interruptions = 1
-    stop_args = train.parse_args(TINY + options + seeds + ["--out", str(resumed_out), "--stop-after", "1"])
+    # resumed with a loader worker: interrupted while it prepares the next step, it must change nothing
+    stop_args = train.parse_args(TINY + options + seeds + ["--out", str(resumed_out), "--stop-after", "1",
+                                                           "--workers", "1"])
     while True:
         try:
             resumed = Trainer(stop_args)
@@ -259,3 +261,19 @@ def test_resuming_on_another_device_type_is_refused(tmp_path, gen):
     torch.save(state, tmp_path / "checkpoint.pt")
     with pytest.raises(SystemExit, match="was written on cuda; resume it there"):
         Trainer(args)
+
+
+def test_loader_workers_change_nothing(tmp_path, gen):
+    """Batches prepared by two DataLoader worker processes (labelled and unlabelled streams, every stage)
+    are those the training process reads itself: the same losses, weights and final student."""
+    options = ["--losses", "ce,pixel,adaptation,unlabelled"]
+    runs = {}
+    for workers in ("0", "2"):
+        args = tiny_args(tmp_path / workers, torch.Generator().manual_seed(int(gen.initial_seed()) % 2**31),
+                         *options, "--workers", workers)
+        trainer = Trainer(args)
+        trainer.run()
+        runs[workers] = trainer
+    assert runs["0"].history == runs["2"].history and runs["0"].weights == runs["2"].weights
+    expected, got = runs["0"].models["student"].state_dict(), runs["2"].models["student"].state_dict()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)

@@ -314,6 +314,18 @@ class BatchStream:
                 for (image, label), scale, where in zip(samples, scales[slots], positions[slots])]
 
 
+class StepBatches(torch.utils.data.Dataset):
+    """Item ``step`` is ``[stream.batch(step) for stream in streams]``: a pure function of the step, so a
+    DataLoader's worker processes can prepare any step's batches and return exactly what the training
+    process would have read itself."""
+
+    def __init__(self, streams: list):
+        self.streams = list(streams)
+
+    def __getitem__(self, step: int) -> list:
+        return [stream.batch(step) for stream in self.streams]
+
+
 def _count(requested, available: int, flag: str, what: str) -> int:
     """``requested`` images, all ``available`` when None; more than there are is refused, naming ``flag``."""
     if requested is None:

@@ -43,13 +43,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 import fastkd
 from kdtrain import report
-from kdtrain.data import IGNORE_INDEX, BatchStream, build_datasets
+from kdtrain.data import IGNORE_INDEX, BatchStream, StepBatches, build_datasets
 from kdtrain.distill import TEACHER_TERMS, DistillConfig, StudentObjective
 from kdtrain.models import build_model
 
 # Arguments that may change between an interrupted run and its resumption without changing the result.
 RESUME_NEUTRAL_ARGS = frozenset({"out", "stop_after", "checkpoint_every", "progress", "ablation", "seeds",
-                                 "ablation_rows"})
+                                 "ablation_rows", "workers"})
 
 
 class Distributed:
@@ -345,9 +345,15 @@ class Trainer:
         if stage == "student" and self.weights is None:
             self._calibrate()
         progress = Progress(stage, total, self.step, self.distributed.is_main and self.args.progress)
+        # --workers processes prepare the next steps' batches while this one trains; each batch is a function
+        # of its step, so they are the batches the main process would read, and the loader's own generator
+        # leaves the global random state alone
+        loader = torch.utils.data.DataLoader(
+            StepBatches(self._streams(stage)), batch_size=None, sampler=range(self.step, total),
+            num_workers=self.args.workers, pin_memory=self.device.type == "cuda", generator=torch.Generator())
         try:
-            while self.step < total:
-                terms = step_function(self.step)
+            for batches in loader:
+                terms = step_function(self._to_device(batches))
                 names = sorted(terms)
                 values = self.distributed.sum(torch.tensor([terms[n] for n in names], dtype=torch.float64,
                                                            device=self.device)) / self.distributed.world_size
@@ -397,16 +403,20 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.args.amp)
 
-    def _batch(self, stream: BatchStream, step: int):
-        images, labels = stream.batch(step)
-        return images.to(self.device), labels.to(self.device)
+    def _streams(self, stage: str) -> list:
+        """The batch streams a step of ``stage`` reads: the teacher's, or the labelled (and unlabelled) ones."""
+        if stage != "student":
+            return [self.teacher_stream]
+        return [self.labelled_stream] + ([self.unlabelled_stream] if self.unlabelled_stream is not None else [])
 
-    def _student_inputs(self, step: int):
+    def _to_device(self, batches: list) -> list:
+        return [(images.to(self.device), labels.to(self.device)) for images, labels in batches]
+
+    def _student_inputs(self, batches: list):
         """(images: the labelled then the unlabelled ones, labels of the labelled ones, teacher's output)."""
-        images, labels = self._batch(self.labelled_stream, step)
-        if self.unlabelled_stream is not None:
-            unlabelled, _ = self._batch(self.unlabelled_stream, step)
-            images = torch.cat([images, unlabelled])
+        (images, labels), *unlabelled = batches
+        if unlabelled:
+            images = torch.cat([images, unlabelled[0][0]])
         teacher_out = None
         if TEACHER_TERMS & set(self.config.terms):
             with torch.no_grad(), self._autocast():
@@ -426,8 +436,9 @@ class Trainer:
         modules = [self.models[name] for name in self.trained["student"]]
         saved = [copy.deepcopy(module.state_dict()) for module in modules]
         measured = []
+        batches = StepBatches(self._streams("student"))
         for step in range(self.args.calibration_batches):
-            images, labels, teacher_out = self._student_inputs(step)
+            images, labels, teacher_out = self._student_inputs(self._to_device(batches[step]))
             with self._autocast():
                 student_out = self.models["student"](images)
                 task, terms = self.objective.calibration_terms(images, labels, student_out, teacher_out, self.models)
@@ -450,17 +461,17 @@ class Trainer:
                   "weights " + ", ".join(f"{name} {calibrated[name]:.4g} (term {mean:.4g})"
                                          for name, mean in zip(names, means[1:])), flush=True)
 
-    def _teacher_step(self, step: int) -> dict:
-        images, labels = self._batch(self.teacher_stream, step)
+    def _teacher_step(self, batches: list) -> dict:
+        ((images, labels),) = batches
         with self._autocast():
             logits, _ = self.wrapped["teacher"](images)
             loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
         self._optimise("teacher", loss)
         return {"ce": loss.item()}
 
-    def _autoencoder_step(self, step: int) -> dict:
+    def _autoencoder_step(self, batches: list) -> dict:
         """He et al. eq. 1: the autoencoder learns to reconstruct the teacher's features."""
-        images, _ = self._batch(self.teacher_stream, step)
+        ((images, _),) = batches
         with self._autocast():
             with torch.no_grad():
                 _, features = self.models["teacher"](images)
@@ -468,8 +479,8 @@ class Trainer:
         self._optimise("autoencoder", loss, averaged=("autoencoder",))
         return {"reconstruction": loss.item()}
 
-    def _student_step(self, step: int) -> dict:
-        images, labels, teacher_out = self._student_inputs(step)
+    def _student_step(self, batches: list) -> dict:
+        images, labels, teacher_out = self._student_inputs(batches)
         terms = {}
         with self._autocast():
             student_out = self.wrapped["student"](images)
