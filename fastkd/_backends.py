@@ -96,9 +96,12 @@ IMPLEMENTATIONS: Dict[str, Dict[str, Implementation]] = {
     # the torch backend's time up to 64x128 node grids and 0.68x only from 256x512 on.
     "affinity_window": _kernels("affinity_window", "window_graph_sum", cpp=True, cpp_auto=False),
     "consistency": _kernels("consistency", "consistency_sum", cpp=True),
-    # The per-pixel losses are a softmax and a sum: no fused kernel is planned for them.
-    "pixelwise_kd": {"torch": Implementation("pixelwise_kd", "torch_backend", "pixelwise_kd_terms")},
-    "probability": {"torch": Implementation("probability", "torch_backend", "probability_terms")},
+    "pixelwise_kd": {"torch": Implementation("pixelwise_kd", "torch_backend", "pixelwise_kd_terms"),
+                     "triton": Implementation("pixelwise_kd", "triton_backend", "pixelwise_kd_terms"),
+                     "cpp": Implementation("pixelwise_kd", "extension_backend", "pixelwise_kd_terms")},
+    "probability": {"torch": Implementation("probability", "torch_backend", "probability_terms"),
+                    "triton": Implementation("probability", "triton_backend", "probability_terms"),
+                    "cpp": Implementation("probability", "extension_backend", "probability_terms")},
 }
 
 # The ops each loss runs.

@@ -38,6 +38,13 @@ BLOCKS: Dict[Tuple[str, str], Dict[str, int]] = {
     # thread per pixel, channels one at a time)
     ("consistency", "triton"): dict(pixels=128, channels=8),
     ("consistency", "cuda"): dict(pixels=256, channels=1),
+    # kMaxLanes pixels per block in csrc/common/softmax_block_cpu.h, fewer above kBufferDoubles / kMaxLanes = 32
+    # channels
+    ("pixelwise_kd", "cpp"): dict(pixels=256, channels=32),
+    ("probability", "cpp"): dict(pixels=256, channels=32),
+    # fastkd/ops/_triton_per_pixel.py BLOCK_P, BLOCK_C (both per-pixel ops)
+    ("pixelwise_kd", "triton"): dict(pixels=128, channels=4),
+    ("probability", "triton"): dict(pixels=128, channels=4),
 }
 
 

@@ -13,20 +13,21 @@ MODULES = [fastkd.PairwiseAffinityLoss, fastkd.AffinityDistillationLoss, fastkd.
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)
 def test_auto_and_torch_run_on_cpu(module):
-    """auto takes the cpp implementation where there is one (the consistency loss), else torch; both agree."""
+    """auto takes the cpp implementation where there is one (the consistency and per-pixel losses), else torch;
+    both agree."""
     s = torch.randn(2, 3, 6, 7)
-    has_cpp = module is fastkd.ConsistencyLoss and _extension.LOAD_ERROR is None
-    expected = module(backend="cpp" if has_cpp else "torch")(s, s + 1)
-    assert torch.equal(module(backend="auto")(s, s + 1), expected)
-    torch.testing.assert_close(module(backend="torch")(s, s + 1), expected, rtol=1e-6, atol=0)
+    has_cpp = module in (fastkd.ConsistencyLoss, fastkd.ProbabilityLoss, fastkd.PixelwiseKDLoss) \
+        and _extension.LOAD_ERROR is None
+    t = 0.5 * s + torch.randn(2, 3, 6, 7)  # not a shift of s: the per-pixel losses are shift-invariant
+    expected = module(backend="cpp" if has_cpp else "torch")(s, t)
+    assert torch.equal(module(backend="auto")(s, t), expected)
+    torch.testing.assert_close(module(backend="torch")(s, t), expected, rtol=1e-6, atol=0)
 
 
-# The per-pixel losses are a softmax and a sum: no fused kernel is planned for them.
-WITHOUT_KERNELS = [(module, "triton") for module in (fastkd.ProbabilityLoss, fastkd.PixelwiseKDLoss)]
-WITHOUT_KERNELS += [(module, "cuda") for module in (fastkd.ProbabilityLoss, fastkd.PixelwiseKDLoss)]
-# The C++ CPU implementations: the consistency loss and the windowed graph have landed.
-WITHOUT_KERNELS += [(module, "cpp") for module in MODULES
-                    if module not in (fastkd.ConsistencyLoss, fastkd.PairwiseAffinityLoss)]
+# The per-pixel losses have no CUDA kernels yet.
+WITHOUT_KERNELS = [(module, "cuda") for module in (fastkd.ProbabilityLoss, fastkd.PixelwiseKDLoss)]
+# The C++ CPU implementations: all but the distillation loss's full graph.
+WITHOUT_KERNELS += [(fastkd.AffinityDistillationLoss, "cpp")]
 
 
 @pytest.mark.parametrize("module,backend", WITHOUT_KERNELS, ids=lambda x: getattr(x, "__name__", x))
@@ -40,7 +41,8 @@ def test_unavailable_backend_is_refused_with_a_reason(module, backend):
 
 
 @pytest.mark.parametrize("op,backends", [("consistency", ("cuda", "cpp")), ("affinity_window", ("cuda", "cpp")),
-                                        ("affinity_full", ("cuda",))])
+                                        ("affinity_full", ("cuda",)), ("pixelwise_kd", ("cpp",)),
+                                        ("probability", ("cpp",))])
 def test_the_compiled_backends_run_where_the_extension_loads(op, backends):
     for backend in backends:
         assert backend in _backends.IMPLEMENTATIONS[op]
@@ -49,9 +51,11 @@ def test_the_compiled_backends_run_where_the_extension_loads(op, backends):
 
 
 @pytest.mark.skipif(_extension.LOAD_ERROR is not None, reason="fastkd._C is not loaded")
-def test_auto_takes_the_cpp_consistency_loss_on_cpu_tensors_and_torch_for_the_affinity_losses():
+def test_auto_takes_the_cpp_consistency_and_per_pixel_losses_on_cpu_tensors_and_torch_for_the_affinity_losses():
     cpu = torch.device("cpu")
     assert _backends.resolve("auto", "ConsistencyLoss", "consistency", cpu)[0] == "cpp"
+    assert _backends.resolve("auto", "PixelwiseKDLoss", "pixelwise_kd", cpu)[0] == "cpp"
+    assert _backends.resolve("auto", "ProbabilityLoss", "probability", cpu)[0] == "cpp"
     # the windowed graph's cpp implementation is not reliably faster: by name only
     assert not _backends.IMPLEMENTATIONS["affinity_window"]["cpp"].auto
     assert _backends.resolve("auto", "PairwiseAffinityLoss", "affinity_window", cpu)[0] == "torch"
@@ -63,7 +67,7 @@ def test_auto_takes_the_cpp_consistency_loss_on_cpu_tensors_and_torch_for_the_af
         _backends.resolve("cpp", "ConsistencyLoss", "consistency", torch.device("cuda"))
 
 
-@pytest.mark.parametrize("op", ["affinity_full", "affinity_window", "consistency"])
+@pytest.mark.parametrize("op", OPS)
 def test_the_memory_heavy_ops_have_triton_kernels_that_run_where_triton_imports(op):
     assert "triton" in _backends.IMPLEMENTATIONS[op]
     loss = next(name for name, ops in _backends.LOSS_OPS.items() if op in ops)

@@ -16,8 +16,8 @@ from fastkd import _backends
 
 ROOT = pathlib.Path(fastkd.__file__).parent
 LEAVES = {"fastkd._extension", "fastkd._triton", "fastkd._validation", "fastkd.ops._common", "fastkd.ops._custom_ops",
-          "fastkd.ops._graph",
-          "fastkd.ops._triton_launch", "fastkd.ops._triton_nodes", "fastkd.ops.costs"}
+          "fastkd.ops._graph", "fastkd.ops._per_pixel_schema",
+          "fastkd.ops._triton_launch", "fastkd.ops._triton_nodes", "fastkd.ops._triton_per_pixel", "fastkd.ops.costs"}
 OPS = sorted(_backends.IMPLEMENTATIONS)
 
 

@@ -1,8 +1,8 @@
 """Compiles every Triton kernel of fastkd as a GPU would get it, for sm_80, sm_89 and sm_90, with Triton's own
 compiler and the ptxas that ships with triton; no GPU is needed. Fails on a compile error, on a kernel that
 spills (any stack frame or local memory), on float64 ``tl.dot`` that does not lower to FP64 MMA, and on a
-float scalar (``eps``, ``sign``) that does not reach the kernel as float64 (a plain Python float would be
-passed as float32 on a GPU, though not under the interpreter).
+float scalar (``eps``, ``sign``, ``inverse_temperature``) that does not reach the kernel as float64 (a plain
+Python float would be passed as float32 on a GPU, though not under the interpreter).
 
     python tests/triton_compile_check.py       one line per compiled variant (registers, spills), exit 1 on a failure
 
@@ -40,7 +40,7 @@ ARCHS = (80, 89, 90)
 # m16n8k{4,8,16} (triton 3.6 uses m16n8k16 there)
 FP64_MMA = re.compile(r"mma\.sync\.aligned\.m\d+n\d+k\d+\.row\.col\.f64")
 FP64_MMA_ARCHS = (80, 90)  # sm_89 (and sm_86) have no FP64 tensor cores: float64 tl.dot is FMAs there
-FLOAT64_SCALARS = ("eps", "sign")
+FLOAT64_SCALARS = ("eps", "sign", "inverse_temperature")
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
@@ -71,7 +71,9 @@ def record_launches():
                                fastkd.AffinityDistillationLoss(**options)]
                 losses += [fastkd.PairwiseAffinityLoss(window=2, backend="triton"),
                            fastkd.PairwiseAffinityLoss(window=1, patch=2, pool="max", detach_norm=True,
-                                                       backend="triton")]
+                                                       backend="triton"),
+                           fastkd.PixelwiseKDLoss(temperature=4.0, backend="triton"),
+                           fastkd.ProbabilityLoss(backend="triton")]
                 for loss in losses:
                     loss(s, t).backward()
     finally:

@@ -41,7 +41,7 @@ def pixelwise_kd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, mask=None,
         s_logits, t_logits: (B, C, H, W) logits with the same classes.
         mask: None (every pixel counted) or a (B, H, W) bool tensor, True = counted.
         temperature: T > 0. reduction: "sum" over counted pixels, or "mean" over them (0 when none is).
-        backend: "auto" or "torch".
+        backend: "auto", "torch", "triton" or "cpp" (fastkd/_backends.py).
 
     Returns a 0-dim tensor, float64 for float64 inputs and float32 otherwise; gradients come back in the
     inputs' dtypes.

@@ -35,7 +35,7 @@ def probability_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, mask=None, 
         mask: None (every pixel counted) or a (B, H, W) bool tensor, True = counted.
         reduction: "sum" over counted pixels of ``||softmax(l_s) - softmax(l_t)||_2^2``, or "mean" (divided
             by the number of counted pixels; 0 when none is counted).
-        backend: "auto" or "torch".
+        backend: "auto", "torch", "triton" or "cpp" (fastkd/_backends.py).
 
     Returns a 0-dim tensor, float64 for float64 inputs and float32 otherwise; gradients come back in the
     inputs' dtypes.

@@ -1,4 +1,13 @@
 """The ``probability`` op: ``||softmax(l_s(x)) - softmax(l_t(x))||_2^2`` per pixel (Xie et al. 2018, sec. 3.1;
-FORMULAS.md section 4). Only a ``torch_backend`` (a softmax and a sum: no fused kernel is planned); the loss
-built on it is :mod:`fastkd.ops.probability_loss`.
+FORMULAS.md section 4), (B, H, W) float64. One module per backend, each exposing ``probability_terms(s, t)``:
+
+* ``torch_backend``: float64 ``softmax``, autograd;
+* ``triton_backend``: the Triton kernels, custom ops ``fastkd_triton::probability_forward`` / ``_backward``;
+* ``extension_backend``: ``fastkd::probability_forward`` / ``_backward`` of ``fastkd._C`` (``csrc/probability/``:
+  the C++ implementation on the CPU key);
+* ``schema``: what the kernel backends' ops share (:mod:`fastkd.ops._per_pixel_schema`).
+
+The kernels read each pixel's logits once in their own dtype and compute its softmaxes in float64 registers:
+one pass forward, one backward (which recomputes them), nothing saved but the inputs. The loss built on the
+op is :mod:`fastkd.ops.probability_loss`.
 """
