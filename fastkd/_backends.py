@@ -96,12 +96,8 @@ IMPLEMENTATIONS: Dict[str, Dict[str, Implementation]] = {
     # the torch backend's time up to 64x128 node grids and 0.68x only from 256x512 on.
     "affinity_window": _kernels("affinity_window", "window_graph_sum", cpp=True, cpp_auto=False),
     "consistency": _kernels("consistency", "consistency_sum", cpp=True),
-    "pixelwise_kd": {"torch": Implementation("pixelwise_kd", "torch_backend", "pixelwise_kd_terms"),
-                     "triton": Implementation("pixelwise_kd", "triton_backend", "pixelwise_kd_terms"),
-                     "cpp": Implementation("pixelwise_kd", "extension_backend", "pixelwise_kd_terms")},
-    "probability": {"torch": Implementation("probability", "torch_backend", "probability_terms"),
-                    "triton": Implementation("probability", "triton_backend", "probability_terms"),
-                    "cpp": Implementation("probability", "extension_backend", "probability_terms")},
+    "pixelwise_kd": _kernels("pixelwise_kd", "pixelwise_kd_terms", cpp=True),
+    "probability": _kernels("probability", "probability_terms", cpp=True),
 }
 
 # The ops each loss runs.

@@ -45,6 +45,10 @@ BLOCKS: Dict[Tuple[str, str], Dict[str, int]] = {
     # fastkd/ops/_triton_per_pixel.py BLOCK_P, BLOCK_C (both per-pixel ops)
     ("pixelwise_kd", "triton"): dict(pixels=128, channels=4),
     ("probability", "triton"): dict(pixels=128, channels=4),
+    # kThreads in csrc/common/softmax_math.cuh (both per-pixel ops: one thread per pixel); its channel loops start
+    # the softmax at channel 0 and take the others one at a time, loading one ahead: channels 1 (no step), 2, 3
+    ("pixelwise_kd", "cuda"): dict(pixels=256, channels=2),
+    ("probability", "cuda"): dict(pixels=256, channels=2),
 }
 
 

@@ -24,10 +24,8 @@ def test_auto_and_torch_run_on_cpu(module):
     torch.testing.assert_close(module(backend="torch")(s, t), expected, rtol=1e-6, atol=0)
 
 
-# The per-pixel losses have no CUDA kernels yet.
-WITHOUT_KERNELS = [(module, "cuda") for module in (fastkd.ProbabilityLoss, fastkd.PixelwiseKDLoss)]
-# The C++ CPU implementations: all but the distillation loss's full graph.
-WITHOUT_KERNELS += [(fastkd.AffinityDistillationLoss, "cpp")]
+# Every loss has CUDA kernels; the C++ CPU implementations: all but the distillation loss's full graph.
+WITHOUT_KERNELS = [(fastkd.AffinityDistillationLoss, "cpp")]
 
 
 @pytest.mark.parametrize("module,backend", WITHOUT_KERNELS, ids=lambda x: getattr(x, "__name__", x))
@@ -41,8 +39,8 @@ def test_unavailable_backend_is_refused_with_a_reason(module, backend):
 
 
 @pytest.mark.parametrize("op,backends", [("consistency", ("cuda", "cpp")), ("affinity_window", ("cuda", "cpp")),
-                                        ("affinity_full", ("cuda",)), ("pixelwise_kd", ("cpp",)),
-                                        ("probability", ("cpp",))])
+                                        ("affinity_full", ("cuda",)), ("pixelwise_kd", ("cuda", "cpp")),
+                                        ("probability", ("cuda", "cpp"))])
 def test_the_compiled_backends_run_where_the_extension_loads(op, backends):
     for backend in backends:
         assert backend in _backends.IMPLEMENTATIONS[op]

@@ -1,5 +1,5 @@
 """ProbabilityLoss and PixelwiseKDLoss (ops ``probability`` and ``pixelwise_kd``) on every backend that implements
-them (torch, triton, cpp), against the literal float64 reference: forward and both gradients, odd shapes, every
+them (torch, triton, cuda, cpp), against the literal float64 reference: forward and both gradients, odd shapes, every
 dtype, mixed dtypes, memory layouts, the kernels' block boundaries, near convergence, gradcheck; and the kernel
 backends' custom ops (one schema per op, ``fastkd/ops/_per_pixel_schema.py``) through ``opcheck``.
 """
@@ -22,9 +22,9 @@ CONFIGS = {
     "pixelwise_kd": [dict(), dict(temperature=4.0), dict(temperature=0.5, reduction="sum")],
 }
 CASES = [(name, config) for name in LOSSES for config in CONFIGS[name]]
-KERNELS = ["triton", "cpp"]  # the backends with custom ops
+KERNELS = ["triton", "cuda", "cpp"]  # the backends with custom ops
 
-backend = helpers.backend_fixture("torch", "triton", "cpp")
+backend = helpers.backend_fixture("torch", "triton", "cuda", "cpp")
 
 
 def logits(backend, shape, gen, dtype=torch.float32):
@@ -85,7 +85,8 @@ def test_pixel_block_boundaries(backend, name, pixel_offset, gen):
 @pytest.mark.parametrize("channel_offset", [-1, 0, 1])
 @pytest.mark.parametrize("name", LOSSES)
 def test_channel_block_boundaries(backend, name, channel_offset, gen):
-    """Channel counts around a kernel's channel step (triton) or the count that shrinks its pixel block (cpp)."""
+    """Channel counts around a kernel's channel step (triton), its first step (cuda: 1, 2 and 3 channels) or the
+    count that shrinks its pixel block (cpp)."""
     channels = backend.blocks(name)["channels"] + channel_offset
     s, t = logits(backend, (1, channels, 3, 5), gen, torch.float64)
     compare_with_reference(loss_of(backend, name), LOSSES[name][1], [s, t], grad_inputs=(0, 1))

@@ -1,9 +1,11 @@
 // What the torch glue headers (ops/*_glue.h) share: the kernels' storage type of a torch scalar type, the
-// layout a kernel reads from a tensor, and the checks of the (B, C, H, W) inputs. Included, like them, after
+// layout a kernel reads from a tensor, the checks of the (B, C, H, W) inputs, and the dtype dispatch of an s, t
+// pair that the per-pixel ops read each in its own dtype. Included, like them, after
 // the including file chose the launchers' namespace (FASTKD_EMULATE_CUDA or FASTKD_CUDA_HOST).
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 
 #include <initializer_list>
 
@@ -54,6 +56,24 @@ inline void check_same_device(const char* op, std::initializer_list<Named> argum
   }
 }
 
+// The logits s and t of a per-pixel op (pixelwise_kd, probability): floating-point (B, C, H, W) tensors of one
+// shape and one device.
+inline void check_logits_pair(const char* op, const at::Tensor& s, const at::Tensor& t) {
+  check_input(s, "s");
+  check_input(t, "t");
+  TORCH_CHECK(s.sizes() == t.sizes(), "fastkd::", op, ": `s` and `t` must have one shape, got ", s.sizes(), " and ",
+              t.sizes());
+  check_same_device(op, {{"s", s}, {"t", t}});
+}
+
+// dL/dterms of a per-pixel op's backward: (B, H, W) of s's B, H and W, on the device of s.
+inline void check_grad_terms(const char* op, const at::Tensor& grad_terms, const at::Tensor& s) {
+  TORCH_CHECK(grad_terms.sizes() == at::IntArrayRef({s.size(0), s.size(2), s.size(3)}), "fastkd::", op,
+              ": `grad_terms` must be (B, H, W) = (", s.size(0), ", ", s.size(2), ", ", s.size(3), "), got ",
+              grad_terms.sizes());
+  check_same_device(op, {{"s", s}, {"grad_terms", grad_terms}});
+}
+
 }  // namespace glue
 
 namespace {  // one copy per including file: fastkd_half and fastkd_bfloat16 are CUDA's or the emulator's
@@ -83,6 +103,17 @@ const storage_t<scalar_t>* storage_data(const at::Tensor& x) {
 template <typename scalar_t>
 storage_t<scalar_t>* mutable_storage_data(const at::Tensor& x) {
   return reinterpret_cast<storage_t<scalar_t>*>(x.mutable_data_ptr<scalar_t>());
+}
+
+// f(s_data, t_data) with the data of s and t each as its own storage type (the per-pixel ops read mixed dtypes
+// as they are).
+template <typename F>
+void dispatch_pair(const at::Tensor& s, const at::Tensor& t, const F& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "per_pixel_s", [&] {
+    const auto* s_data = storage_data<scalar_t>(s);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "per_pixel_t",
+                                    [&] { f(s_data, storage_data<scalar_t>(t)); });
+  });
 }
 
 }  // namespace
