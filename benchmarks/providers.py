@@ -10,6 +10,10 @@ fastkd's own backends, all computing the same loss (tests/test_benchmarks.py che
   identity ``sum_ij (a_s_ij - a_t_ij)^2 = ||S'S||^2 - 2||S'T||^2 + ||T'T||^2`` (and its per-row quadratic
   forms for the distillation loss), in float32 or float64.
 - ``keops``: the all-pairs reduction as a pykeops LazyTensor, where pykeops is installed.
+- ``kl_div``: pixel-wise KD with torch's fused ``F.kl_div(log_softmax(s / T), softmax(t / T))`` in float32.
+- ``structkd`` / ``cirkd``: the authors' formulations, written here from their published definitions:
+  StructKD's pooled pair-wise graph (Liu et al.'s ``pool_scale`` max pooling, detached ``L2 + 1e-8``) and
+  CIRKD's graph over 2 x 2 max-pooled nodes (``F.normalize``).
 - ``fastkd-<backend>``: ``fastkd.functional`` with ``backend=<backend>``, for every backend that has its own
   implementation of the op and can run on the device.
 
@@ -21,17 +25,22 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 import fastkd
+import floors
 from fastkd import _backends as fastkd_backends
 from fastkd import reference
+from fastkd.ops import costs
 
 EPS = 1e-8  # the losses' default eps
 WINDOW = 2  # the windowed graph's radius: 5 x 5 neighbourhoods
+POOL_SCALE = 0.5  # StructKD's node grid: max-pooling patches of half the map per side
+CIRKD_EPS = 1e-12  # F.normalize's floor under the norm, CIRKD's eps
+TEMPERATURE = 1.0  # PixelwiseKDLoss's default
 
 
 class Unavailable(Exception):
@@ -43,14 +52,16 @@ def _working_precision(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def _normalised_nodes(f: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, m), every column divided by its norm + eps."""
+def _normalised_nodes(f: torch.Tensor, eps: float = EPS, detach_norm: bool = False) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, m), every column divided by its norm + eps (the norm a constant in backward
+    with ``detach_norm``)."""
     f = _working_precision(f).flatten(2)
-    return f / (f.norm(dim=1, keepdim=True) + EPS)
+    norm = f.norm(dim=1, keepdim=True)
+    return f / ((norm.detach() if detach_norm else norm) + eps)
 
 
-def _affinity(f: torch.Tensor) -> torch.Tensor:
-    f_hat = _normalised_nodes(f)
+def _affinity(f: torch.Tensor, eps: float = EPS, detach_norm: bool = False) -> torch.Tensor:
+    f_hat = _normalised_nodes(f, eps, detach_norm)
     return f_hat.transpose(1, 2) @ f_hat  # B x m x m
 
 
@@ -97,6 +108,80 @@ def _neighbour_map(logits: torch.Tensor) -> torch.Tensor:
 
 def naive_consistency(s, t):
     return ((_neighbour_map(s) - _neighbour_map(t)) ** 2).mean()
+
+
+def _pool_scale_kernel(f: torch.Tensor) -> tuple:
+    """StructKD's max-pooling kernel (and stride): ``int(H * 0.5) x int(W * 0.5)``."""
+    return int(f.shape[2] * POOL_SCALE), int(f.shape[3] * POOL_SCALE)
+
+
+def _max_nodes(f: torch.Tensor, kernel) -> torch.Tensor:
+    """Max pooling with ceil mode: the last row and column of patches may be partial."""
+    return F.max_pool2d(_working_precision(f), kernel, kernel, ceil_mode=True)
+
+
+def naive_affinity_pooled(s, t):
+    kernel = _pool_scale_kernel(s)
+    a_s = _affinity(_max_nodes(s, kernel), detach_norm=True)
+    return ((a_s - _affinity(_max_nodes(t, kernel), detach_norm=True)) ** 2).mean()
+
+
+def naive_affinity_patch_max(s, t):
+    a_s = _affinity(_max_nodes(s, 2), eps=CIRKD_EPS)
+    return ((a_s - _affinity(_max_nodes(t, 2), eps=CIRKD_EPS)) ** 2).mean()
+
+
+def _log_probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    return F.log_softmax(_working_precision(logits) / temperature, dim=1)
+
+
+def naive_pixelwise_kd(s, t):
+    """``T^2 KL(q_t || q_s)`` per pixel written out, averaged over the pixels."""
+    log_q_s, log_q_t = _log_probabilities(s, TEMPERATURE), _log_probabilities(t, TEMPERATURE)
+    return (log_q_t.exp() * (log_q_t - log_q_s)).sum(dim=1).mean() * TEMPERATURE**2
+
+
+def naive_probability(s, t):
+    p_s = F.softmax(_working_precision(s), dim=1)
+    return ((p_s - F.softmax(_working_precision(t), dim=1)) ** 2).sum(dim=1).mean()
+
+
+# ---------------------------------------------------------------- the authors' formulations and torch's KL
+
+def structkd_affinity_pooled(s, t):
+    """Liu et al.'s pooled pair-wise graph: max pooling with kernel = stride = half the map per side (ceil
+    mode), every node divided by its detached L2 norm + 1e-8, the Gram of the nodes by ``bmm``, the squared
+    difference divided by m^2 and by B, summed. (Their code casts with ``.float()``; here 16-bit inputs go to
+    float32 and float64 stays float64, for the tests.)"""
+    def similarity(f):
+        f = _working_precision(f)
+        f = (f / (f.pow(2).sum(dim=1, keepdim=True).sqrt().detach() + 1e-8)).flatten(2)
+        return torch.bmm(f.transpose(1, 2), f)
+
+    kernel = _pool_scale_kernel(s)
+    f_s, f_t = (F.max_pool2d(f, kernel, kernel, padding=0, ceil_mode=True) for f in (s, t))
+    m = f_t.shape[2] * f_t.shape[3]
+    return ((similarity(f_t) - similarity(f_s)) ** 2 / m**2 / f_t.shape[0]).sum()
+
+
+def cirkd_affinity_patch_max(s, t):
+    """CIRKD's pair-wise graph (the structural-KD term of Yang et al.'s code): 2 x 2 max pooling (ceil mode),
+    ``F.normalize`` over the channels (the norm clamped below at 1e-12, not detached), ``bmm``, the mean of
+    the squared difference over the B m^2 entries."""
+    def similarity(f):
+        f = F.max_pool2d(_working_precision(f), 2, 2, padding=0, ceil_mode=True)
+        f = F.normalize(f, p=2, dim=1).flatten(2)
+        return torch.bmm(f.transpose(1, 2), f)
+
+    return ((similarity(s) - similarity(t)) ** 2).mean()
+
+
+def kl_div_pixelwise_kd(s, t):
+    """``F.kl_div`` on the per-pixel log-probabilities: summed over channels and pixels, divided by the
+    number of pixels B H W (not ``batchmean``, which divides by B only), times T^2."""
+    s, t = _working_precision(s), _working_precision(t)
+    kl = F.kl_div(F.log_softmax(s / TEMPERATURE, dim=1), F.softmax(t / TEMPERATURE, dim=1), reduction="sum")
+    return kl / (s.shape[0] * s.shape[2] * s.shape[3]) * TEMPERATURE**2
 
 
 # ---------------------------------------------------------------- the expert's Gram identity
@@ -151,6 +236,15 @@ def keops_distillation(s, t):
 # ---------------------------------------------------------------- the ops and their providers
 
 @dataclasses.dataclass(frozen=True)
+class Provider:
+    name: str
+    kind: str  # naive | compiled | expert | keops | authors | fastkd
+    cost_exponent: int  # the per-call time grows like m ** this at fixed B and C
+    loss: Callable  # (s, t) -> 0-dim loss
+    compiles: bool = False  # its first call at a new shape compiles code (torch.compile, KeOps)
+
+
+@dataclasses.dataclass(frozen=True)
 class Op:
     name: str
     title: str
@@ -159,26 +253,62 @@ class Op:
     reference: Callable  # fastkd.reference's literal float64 definition, (s, t) -> loss
     naive: Callable
     naive_cost_exponent: int  # the naive time grows like m ** this at fixed B and C
+    cost: Callable  # fastkd.ops.costs.Shape -> {"forward": Cost, "backward": Cost}, for the floors
     gram: Optional[Callable] = None  # (s, t, dtype) -> loss
     keops: Optional[Callable] = None
+    others: Tuple[Provider, ...] = ()  # further plain-PyTorch providers: torch's own function, the authors'
     fastkd_op: str = ""  # the op of fastkd._backends.IMPLEMENTATIONS it runs; "" for the op of this name
+    logits: bool = False  # its inputs are logits (no ReLU), its literal reference costs per pixel
 
+    @property
+    def implementation_op(self) -> str:
+        return self.fastkd_op or self.name
+
+    @property
+    def max_pools(self) -> bool:
+        """Whether its nodes are max-pooled: where a patch's maximum is tied (post-ReLU zeros), the literal
+        reference's ``amax`` splits the gradient among the tied pixels, ``F.max_pool2d`` (every provider,
+        fastkd's torch backend included) gives it to the first; both are subgradients of the same loss."""
+        return self.loss_kwargs.get("pool") == "max" or self.loss_kwargs.get("pool_scale") is not None
+
+
+POOLED = {"pool_scale": POOL_SCALE, "detach_norm": True}  # StructKD's graph
+PATCH_MAX = {"patch": 2, "pool": "max", "eps": CIRKD_EPS}  # CIRKD's graph
 
 OPS = {
     "affinity_full": Op(
         "affinity_full", "PairwiseAffinityLoss, full graph (Liu et al. eq. 2)", fastkd.PairwiseAffinityLoss, {},
-        reference.pairwise_affinity_loss, naive_affinity_full, 2, gram_affinity_full, keops_affinity_full),
+        reference.pairwise_affinity_loss, naive_affinity_full, 2, floors.full_graph, gram_affinity_full,
+        keops_affinity_full),
     "affinity_window": Op(
         "affinity_window", f"PairwiseAffinityLoss, window={WINDOW} ({2 * WINDOW + 1}x{2 * WINDOW + 1} neighbourhoods)",
         fastkd.PairwiseAffinityLoss, {"window": WINDOW},
-        functools.partial(reference.pairwise_affinity_loss, window=WINDOW), naive_affinity_window, 1),
+        functools.partial(reference.pairwise_affinity_loss, window=WINDOW), naive_affinity_window, 1,
+        functools.partial(costs.window_graph, radius=WINDOW)),
     "affinity_distillation": Op(
         "affinity_distillation", "AffinityDistillationLoss (He et al. eqs. 3-4)", fastkd.AffinityDistillationLoss, {},
-        reference.affinity_distillation_loss, naive_distillation, 2, gram_distillation, keops_distillation,
-        fastkd_op="affinity_full"),
+        reference.affinity_distillation_loss, naive_distillation, 2, functools.partial(floors.full_graph, per_row=True),
+        gram_distillation, keops_distillation, fastkd_op="affinity_full"),
     "consistency": Op(
         "consistency", "ConsistencyLoss, 8-neighbour map (Xie et al. sec. 3.1)", fastkd.ConsistencyLoss, {},
-        reference.consistency_loss, naive_consistency, 1),
+        reference.consistency_loss, naive_consistency, 1, costs.consistency, logits=True),
+    "affinity_pooled": Op(
+        "affinity_pooled", "PairwiseAffinityLoss(pool_scale=0.5, detach_norm=True), StructKD's pooled graph",
+        fastkd.PairwiseAffinityLoss, POOLED, functools.partial(reference.pairwise_affinity_loss, **POOLED),
+        naive_affinity_pooled, 1, floors.full_graph,
+        others=(Provider("structkd", "authors", 1, structkd_affinity_pooled),), fastkd_op="affinity_full"),
+    "affinity_patch_max": Op(
+        "affinity_patch_max", f"PairwiseAffinityLoss(patch=2, pool='max', eps={CIRKD_EPS:g}), CIRKD's graph",
+        fastkd.PairwiseAffinityLoss, PATCH_MAX, functools.partial(reference.pairwise_affinity_loss, **PATCH_MAX),
+        naive_affinity_patch_max, 2, floors.full_graph,
+        others=(Provider("cirkd", "authors", 2, cirkd_affinity_patch_max),), fastkd_op="affinity_full"),
+    "pixelwise_kd": Op(
+        "pixelwise_kd", "PixelwiseKDLoss (Liu et al. eq. 1; Hinton et al.)", fastkd.PixelwiseKDLoss, {},
+        reference.pixelwise_kd_loss, naive_pixelwise_kd, 1, costs.pixelwise_kd,
+        others=(Provider("kl_div", "expert", 1, kl_div_pixelwise_kd),), logits=True),
+    "probability": Op(
+        "probability", "ProbabilityLoss (Xie et al. sec. 3.1)", fastkd.ProbabilityLoss, {},
+        reference.probability_loss, naive_probability, 1, costs.probability, logits=True),
 }
 
 
@@ -186,16 +316,8 @@ OPS = {
 EMULATED_ON_CPU = {"triton": "on CPU tensors it runs in Triton's interpreter (TRITON_INTERPRET=1), not timed",
                    "cuda": "on CPU tensors it runs in fastkd's CUDA emulator (FASTKD_EMULATE_CUDA=1), not timed"}
 PROVIDER_NAMES = ("naive", "naive+compile", "gram-fp32", "gram-fp64", "keops",
+                  *dict.fromkeys(other.name for op in OPS.values() for other in op.others),
                   *(f"fastkd-{backend}" for backend in fastkd.BACKENDS if backend != "auto"))
-
-
-@dataclasses.dataclass(frozen=True)
-class Provider:
-    name: str
-    kind: str  # naive | compiled | expert | keops | fastkd
-    cost_exponent: int  # the per-call time grows like m ** this at fixed B and C
-    loss: Callable  # (s, t) -> 0-dim loss
-    compiles: bool = False  # its first call at a new shape compiles code (torch.compile, KeOps)
 
 
 def _fastkd_loss(op: Op, backend: str) -> Callable:
@@ -216,9 +338,10 @@ def providers(op: Op, device: torch.device):
             unavailable["keops"] = "pykeops is not installed (`pip install pykeops`)"
         else:
             runnable.append(Provider("keops", "keops", 2, op.keops, compiles=True))
+    runnable += op.others
     for backend, reason in op.loss_class.available_backends(device).items():
         name = f"fastkd-{backend}"
-        fastkd_op = op.fastkd_op or op.name
+        fastkd_op = op.implementation_op
         if reason is None and backend not in fastkd_backends.IMPLEMENTATIONS[fastkd_op]:
             # the loss accepts the backend for another of its ops and runs this one with torch's implementation
             reason = f"fastkd has no {backend} implementation of {fastkd_op}: backend={backend!r} runs the torch one"
@@ -229,3 +352,9 @@ def providers(op: Op, device: torch.device):
         else:
             unavailable[name] = reason
     return runnable, unavailable
+
+
+def auto_provider(op: Op, device: torch.device) -> str:
+    """The provider that runs what ``backend="auto"`` picks for ``op`` on ``device``: ``fastkd-<backend>``."""
+    backend, _ = fastkd_backends.resolve("auto", op.loss_class.__name__, op.implementation_op, device)
+    return f"fastkd-{backend}"

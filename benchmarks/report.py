@@ -29,8 +29,9 @@ def read_rows(folder: str) -> List[dict]:
     for row in rows:
         for key in ("batch", "channels", "height", "width", "m"):
             row[key] = int(row[key])
-        for key in ("median_ms", "q1_ms", "q3_ms", "min_ms", "peak_bytes", "loss_rel_error", "grad_rel_error"):
-            row[key] = _number(row[key])
+        for key in ("median_ms", "q1_ms", "q3_ms", "min_ms", "peak_bytes", "loss_rel_error", "grad_rel_error",
+                    "floor_ms", "x_floor"):
+            row[key] = _number(row.get(key))  # results written before the floors have no floor columns
     return rows
 
 
@@ -78,6 +79,35 @@ def _error(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.1e}"
 
 
+def _floor(row: dict) -> str:
+    return f"{_ms(row['floor_ms'])} ({row['floor_bound']})" if row.get("floor_ms") is not None else ""
+
+
+def headline_table(rows: List[dict], env: dict) -> List[str]:
+    """One line per series: at the largest size fastkd's auto backend ran, its forward+backward time, its
+    floor and the multiple, and the fastest other provider at that size with its time as a ratio."""
+    auto = env.get("auto", {})
+    lines = ["| op | B, C | H x W | fastkd (auto) | time | floor | x floor | best alternative | its time "
+             "| its time / fastkd | its loss error |", "|---|---|---|---|---:|---:|---:|---|---:|---:|---:|"]
+    for (op, batch, channels), rows_of_series in group(rows).items():
+        table = [row for row in rows_of_series if row["mode"] == HEADLINE_MODE and row["status"] == "ok"]
+        ours = [row for row in table if row["provider"] == auto.get(op) and row["floor_ms"] is not None]
+        failure = first_failure([row for row in rows_of_series if row["mode"] == HEADLINE_MODE], auto.get(op))
+        if not ours and failure is not None:  # the reason is in the series' "Not measured" list
+            lines.append(f"| {op} | {batch}, {channels} | | {auto[op]} | {failure['status']} | | | | | | |")
+        if not ours:
+            continue
+        best = max(ours, key=lambda row: row["m"])
+        others = [row for row in table if row["m"] == best["m"] and row["kind"] != "fastkd"]
+        alternative = min(others, key=lambda row: row["median_ms"]) if others else None
+        compared = ("none ran | | |" if alternative is None else
+                    f"{alternative['provider']} | {_ms(alternative['median_ms'])} | "
+                    f"{alternative['median_ms'] / best['median_ms']:.3g}x | {_error(alternative['loss_rel_error'])}")
+        lines.append(f"| {op} | {batch}, {channels} | {best['height']}x{best['width']} | {best['provider']} | "
+                     f"{_ms(best['median_ms'])} | {_floor(best)} | {best['x_floor']:.3g}x | {compared} |")
+    return lines if len(lines) > 2 else []
+
+
 def headline(rows: List[dict]) -> List[str]:
     """Per series: at the largest m the naive version ran, the fastest fastkd backend's time and peak
     memory as a ratio of every other provider's; and the largest m each provider ran."""
@@ -114,16 +144,25 @@ def headline(rows: List[dict]) -> List[str]:
     return lines
 
 
-def series_table(rows: List[dict]) -> List[str]:
-    """Forward+backward median time / peak memory per size (rows) and provider (columns), then the loss's
-    relative error against the float64 reference."""
+def series_table(rows: List[dict], auto: Optional[str] = None) -> List[str]:
+    """Forward+backward median time / peak memory per size (rows) and provider (columns), with the floor
+    and fastkd's auto backend as a multiple of it where the rows have floors; then the loss's relative error
+    against the float64 reference."""
     table = [row for row in rows if row["mode"] == HEADLINE_MODE]
     names = provider_order(table)
     sizes = list(dict.fromkeys((row["height"], row["width"], row["m"]) for row in table))
     cells = {(row["m"], row["provider"]): row for row in table}
-    lines = ["| H x W (m) | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    has_floors = any(row["floor_ms"] is not None for row in table)
+    extra = (["floor"] + ([f"{auto} x floor"] if auto in names else [])) if has_floors else []
+    lines = ["| H x W (m) | " + " | ".join(names + extra) + " |", "|---|" + "---:|" * len(names + extra)]
     for height, width, m in sizes:
-        lines.append(f"| {height}x{width} ({m}) | " + " | ".join(_cell(cells.get((m, name))) for name in names) + " |")
+        entries = [_cell(cells.get((m, name))) for name in names]
+        if has_floors:
+            entries.append(next((_floor(cells[m, name]) for name in names if (m, name) in cells), ""))
+        if has_floors and auto in names:
+            ours = cells.get((m, auto))
+            entries.append(f"{ours['x_floor']:.3g}x" if ours and ours["x_floor"] is not None else "")
+        lines.append(f"| {height}x{width} ({m}) | " + " | ".join(entries) + " |")
     lines += ["", "Relative error of the loss (and of the student's gradient) against the float64 reference:", "",
               "| H x W (reference) | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for height, width, m in sizes:
@@ -202,6 +241,19 @@ def write_report(folder: str) -> str:
              "Cells: median forward+backward time / peak memory above the inputs (gradients included). `oom`: "
              "out of memory; `timeout`: over the time limit, measured or predicted from the previous size. "
              "Forward and backward alone are in `results.csv` and the plots.", ""]
+    if "copy_gb_s" in env:
+        lines += [f"Floors measured at the start of the run on {env['device']}: copy bandwidth {env['copy_gb_s']:.3g} "
+                  f"GB/s (bytes read + written), float32 GEMM {env['fp32_gemm_gflop_s']:.3g} GFLOP/s, float64 GEMM "
+                  f"{env['fp64_gemm_gflop_s']:.3g} GFLOP/s. A row's floor is max(bytes that must move once / "
+                  "bandwidth, FLOPs / GEMM rate), the float64 rate for the full graphs: the inputs read once, and "
+                  "in backward the student's gradient written once; FLOPs from `fastkd.ops.costs`. `x floor` is "
+                  "the measured median over the floor.", ""]
+        summary = headline_table(rows, env)
+        if summary:
+            lines += [f"## Headline on {env['device']}", "",
+                      "Forward+backward at the largest size of each series that fastkd's auto backend (the one "
+                      "`backend=\"auto\"` picks here) ran; the best alternative is the fastest other provider at "
+                      "that size.", ""] + summary + [""]
     unavailable = env.get("unavailable", {})
     if any(unavailable.values()):
         lines += ["Not run on this device:", ""]
@@ -217,7 +269,7 @@ def write_report(folder: str) -> str:
             image = f"{op}_B{batch}_C{channels}.png"
             plot(rows_of_series, os.path.join(folder, image), f"{title} on {env['device']}")
             lines += [f"![{title}]({image})", ""]
-        lines += series_table(rows_of_series) + [""]
+        lines += series_table(rows_of_series, env.get("auto", {}).get(op)) + [""]
     path = os.path.join(folder, "summary.md")
     with open(path, "w") as handle:
         handle.write("\n".join(lines))

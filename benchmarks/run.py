@@ -7,17 +7,21 @@ writes into ``--out`` (default ``benchmarks/results/<device>``, ``...-quick`` fo
 ``results.csv`` (one row per op, size, provider and mode), ``environment.json``, ``summary.md`` and one
 PNG per op and channel count (time and peak memory against m, log-log), the last two by ``report.py``.
 
+Before the sweep it measures the device's floors (copy bandwidth, float32 and float64 GEMM rates: see
+``floors.py``); every row records its floor, ``max(bytes / bandwidth, FLOPs / GEMM rate)``, and its time as
+a multiple of it.
+
 Inputs are near convergence, where the Gram identity cancels: correlated post-ReLU features (plain logits
-for the consistency loss) and a teacher equal to the student times ``1 + mismatch * noise``. The student
-requires grad, the teacher does not. Modes: ``forward`` (building the autograd graph), ``backward`` (the
-gradient of the student, after an untimed forward) and ``forward+backward``. Each provider is warmed up
-(compiled, for ``naive+compile`` and ``keops``) before it is timed; the providers then take turns, every repetition
-timing each of them in each mode, so that a busy machine slows all alike; rows give the median and the
-quartiles. A provider that runs out of memory, or would take longer than ``--time-limit`` seconds for one
-forward+backward (measured, or predicted from the last size it ran), is recorded as ``oom`` or ``timeout``
-at that size and every larger one of the sweep; the sweep goes on with the others. On CPU the memory
-budget is enforced with an address-space limit, so running out of it is an allocation error, not the OOM
-killer.
+for the consistency, pixel-wise KD and probability losses) and a teacher equal to the student times
+``1 + mismatch * noise``. The student requires grad, the teacher does not. Modes: ``forward`` (building
+the autograd graph), ``backward`` (the gradient of the student, after an untimed forward) and
+``forward+backward``. Each provider is warmed up (compiled, for ``naive+compile`` and ``keops``) before it
+is timed; the providers then take turns, every repetition timing each of them in each mode, so that a busy
+machine slows all alike; rows give the median and the quartiles. A provider that runs out of memory, or
+would take longer than ``--time-limit`` seconds for one forward+backward (measured, or predicted from the
+last size it ran), is recorded as ``oom`` or ``timeout`` at that size and every larger one of the sweep; the
+sweep goes on with the others. On CPU the memory budget is enforced with an address-space limit, so running
+out of it is an allocation error, not the OOM killer.
 
 Run the installed package (``pip install .``; as a script, which puts ``benchmarks/``, not the source
 tree, on ``sys.path``). Plots need ``matplotlib``; ``keops`` runs where ``pykeops`` is installed.
@@ -41,6 +45,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+import floors
 import measure
 import providers as providers_module
 import report
@@ -48,13 +53,17 @@ from providers import OPS, PROVIDER_NAMES
 from report import MODES
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 # the literal reference materialises about this many B x m x m float64 matrices (or B x C x H x W maps for
-# the consistency loss, which its shifted copies and gradient multiply); above REFERENCE_BUDGET bytes the
-# accuracy is measured against fastkd's torch backend in float64, which the tests check against the literal
-LITERAL_COPIES = {"affinity_full": 8, "affinity_window": 10, "affinity_distillation": 8, "consistency": 40}
+# the losses on logits, which their shifted copies, softmaxes and gradients multiply); above REFERENCE_BUDGET
+# bytes, and for the max-pooled graphs (Op.max_pools: the same subgradient as the providers where a patch's
+# maximum is tied), the accuracy is measured against fastkd's torch backend in float64, which the tests check
+# against the literal
+LITERAL_COPIES = {"affinity_full": 8, "affinity_window": 10, "affinity_distillation": 8, "consistency": 40,
+                  "affinity_pooled": 8, "affinity_patch_max": 8, "pixelwise_kd": 12, "probability": 10}
 REFERENCE_BUDGET = 1 << 30
 FIELDS = ["op", "provider", "kind", "mode", "dtype", "batch", "channels", "height", "width", "m", "status", "note",
           "median_ms", "q1_ms", "q3_ms", "min_ms", "repeats", "peak_bytes", "loss_rel_error", "grad_rel_error",
-          "reference", "mismatch", "device", "tf32", "torch", "triton", "pykeops", "fastkd", "threads"]
+          "reference", "floor_ms", "floor_bound", "x_floor", "mismatch", "device", "tf32", "torch", "triton",
+          "pykeops", "fastkd", "threads", "copy_gb_s", "fp32_gemm_gflop_s", "fp64_gemm_gflop_s"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +80,10 @@ class Series:
 AFFINITY_SIZES = ((16, 16), (32, 32), (32, 64), (65, 65), (64, 128), (128, 128), (128, 256), (256, 512), (512, 1024))
 WIDE_AFFINITY_SIZES = ((32, 32), (65, 65), (64, 128), (128, 128), (128, 256), (256, 512), (512, 1024))
 WINDOW_SIZES = ((32, 32), (65, 65), (64, 128), (128, 256), (256, 512), (512, 1024), (1024, 2048))
-CONSISTENCY_SIZES = ((65, 65), (64, 128), (128, 256), (256, 512), (512, 1024), (1024, 2048))
+PIXEL_SIZES = ((65, 65), (64, 128), (128, 256), (256, 512), (512, 1024))  # the per-pixel losses, C = 19 logits
+CONSISTENCY_SIZES = PIXEL_SIZES + ((1024, 2048),)
+POOLED_SIZES = ((16, 16), (32, 32), (65, 65), (64, 128), (128, 128))  # StructKD's graph: 4 to 9 nodes
+PATCH_MAX_SIZES = ((32, 32), (65, 65), (64, 128), (128, 128), (128, 256), (256, 512))  # m / 4 nodes
 
 
 def plan(device: torch.device, quick: bool) -> List[Series]:
@@ -79,7 +91,11 @@ def plan(device: torch.device, quick: bool) -> List[Series]:
         return [Series("affinity_full", 1, 16, ((16, 16), (32, 32))),
                 Series("affinity_window", 1, 16, ((16, 16), (32, 32))),
                 Series("affinity_distillation", 1, 16, ((16, 16), (32, 32))),
-                Series("consistency", 1, 19, ((32, 32), (64, 64)))]
+                Series("consistency", 1, 19, ((32, 32), (64, 64))),
+                Series("affinity_pooled", 1, 16, ((16, 16), (32, 32))),
+                Series("affinity_patch_max", 1, 16, ((16, 16), (32, 32))),
+                Series("pixelwise_kd", 1, 19, ((32, 32), (64, 64))),
+                Series("probability", 1, 19, ((32, 32), (64, 64)))]
     batch = 8 if device.type == "cuda" else 2
     series = []
     for op in ("affinity_full", "affinity_distillation"):
@@ -87,18 +103,22 @@ def plan(device: torch.device, quick: bool) -> List[Series]:
     series.append(Series("affinity_window", batch, 64, WINDOW_SIZES))
     consistency_sizes = CONSISTENCY_SIZES + (((2048, 4096),) if device.type == "cuda" else ())
     series.append(Series("consistency", batch, 19, consistency_sizes))
+    series += [Series("affinity_pooled", batch, 512, POOLED_SIZES),
+               Series("affinity_patch_max", batch, 512, PATCH_MAX_SIZES)]
+    series += [Series(op, batch, 19, PIXEL_SIZES) for op in ("pixelwise_kd", "probability")]
     return series
 
 
 def make_inputs(op: str, series: Series, height: int, width: int, dtype, device, mismatch: float, seed: int):
     """Student (requires grad) and teacher near convergence: features mixed from 8 smooth latent maps plus
-    noise, after a ReLU for the feature losses; teacher = student * (1 + mismatch * noise)."""
+    noise, after a ReLU for the feature losses (not for the ops on logits); teacher = student * (1 +
+    mismatch * noise)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     shape = (series.batch, series.channels, height, width)
     latent = F.avg_pool2d(torch.randn(series.batch, 8, height, width, generator=gen, device=device), 5, 1, 2)
     mix = torch.randn(series.channels, 8, generator=gen, device=device)
     student = torch.einsum("ck,bkhw->bchw", mix, latent) + 0.1 * torch.randn(shape, generator=gen, device=device)
-    if op != "consistency":
+    if not OPS[op].logits:
         student = student.relu()
     teacher = student * (1 + mismatch * torch.randn(shape, generator=gen, device=device))
     return student.to(dtype).requires_grad_(), teacher.to(dtype)
@@ -107,8 +127,10 @@ def make_inputs(op: str, series: Series, height: int, width: int, dtype, device,
 def reference(op, s, t) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], str]:
     """The float64 loss and student gradient, and which reference gave them ("" where none could run)."""
     batch, channels, height, width = s.shape
-    per_copy = batch * (height * width) ** 2 if op.name != "consistency" else batch * channels * height * width
-    literal = LITERAL_COPIES[op.name] * per_copy * 8 <= REFERENCE_BUDGET
+    per_copy = batch * channels * height * width  # a float64 copy of the input
+    if not op.logits:  # and the m x m matrices of the graph's nodes
+        per_copy = max(per_copy, batch * floors.shape(op, batch, channels, height, width, 8).nodes ** 2)
+    literal = LITERAL_COPIES[op.name] * per_copy * 8 <= REFERENCE_BUDGET and not op.max_pools
     s64 = s.detach().to(torch.float64).requires_grad_()
     try:
         if literal:
@@ -131,11 +153,12 @@ def relative_error(value: torch.Tensor, expected: Optional[torch.Tensor]) -> Opt
 
 
 class Sweep:
-    def __init__(self, args, device: torch.device, env: dict, writer):
+    def __init__(self, args, device: torch.device, env: dict, writer, rates: floors.Rates):
         self.args = args
         self.device = device
         self.env = env
         self.writer = writer
+        self.rates = rates
         self.meter = measure.MemoryMeter(device)
         self.unavailable: Dict[str, Dict[str, str]] = {}
 
@@ -265,7 +288,12 @@ class Sweep:
             self.write(base, provider, mode, status=status, note=note)
 
     def write(self, base, provider, mode, **fields) -> None:
-        row = dict(base, provider=provider.name, kind=provider.kind, mode=mode, **fields)
+        seconds, bound = floors.floor(OPS[base["op"]], base["batch"], base["channels"], base["height"], base["width"],
+                                      DTYPES[base["dtype"]].itemsize, mode, self.rates)
+        floor_ms = seconds * 1e3
+        x_floor = fields["median_ms"] / floor_ms if fields.get("median_ms") is not None else None
+        row = dict(base, provider=provider.name, kind=provider.kind, mode=mode, floor_ms=floor_ms, floor_bound=bound,
+                   x_floor=x_floor, **fields)
         self.writer.writerow({key: _format(row.get(key)) for key in FIELDS})
         self.writer.flush()  # an interrupted sweep keeps every row it measured
 
@@ -309,7 +337,7 @@ def _size(text: str) -> Tuple[int, int]:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="a small sweep (about a minute on a 2-core CPU): checks that everything runs")
+                        help="a small sweep (about two minutes on a 2-core CPU): checks that everything runs")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--ops", nargs="+", choices=sorted(OPS), default=None, help="default: all")
     parser.add_argument("--providers", nargs="+", choices=PROVIDER_NAMES, default=None,
@@ -357,6 +385,10 @@ def main(argv=None) -> str:
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    slug(f"{device.type} {env['device']}") + ("-quick" if args.quick else ""))
     os.makedirs(out, exist_ok=True)
+    rates = floors.measure_rates(device, quick=args.quick)  # before the memory limit: its buffers are large
+    env.update(rates.environment())
+    print(f"floors on {env['device']}: copy {env['copy_gb_s']:g} GB/s, float32 GEMM {env['fp32_gemm_gflop_s']:g} "
+          f"GFLOP/s, float64 GEMM {env['fp64_gemm_gflop_s']:g} GFLOP/s", flush=True)
     if not gpu and sys.platform.startswith("linux"):
         budget = args.memory_budget_gib * 2**30 if args.memory_budget_gib else 0.8 * measure.available_cpu_memory()
         torch.ones(64, 64) @ torch.ones(64, 64)  # start the thread pool before its stacks count against the limit
@@ -366,7 +398,7 @@ def main(argv=None) -> str:
                    for series in plan(device, args.quick) if args.ops is None or series.op in args.ops]
     started = time.time()
     writer = RowWriter(os.path.join(out, "results.csv"))
-    sweep = Sweep(args, device, {key: env[key] for key in FIELDS if key in env}, writer)
+    sweep = Sweep(args, device, {key: env[key] for key in FIELDS if key in env}, writer, rates)
     try:
         for series in series_list:
             sweep.run(series)
@@ -375,7 +407,8 @@ def main(argv=None) -> str:
         meta = dict(env, dtype=args.dtype, repeats=args.repeats, time_limit_s=args.time_limit,
                     mismatch=args.mismatch, seed=args.seed, quick=args.quick, minutes=round((time.time() - started) / 60, 1),
                     command=" ".join(["python", "benchmarks/run.py"] + (argv if argv is not None else sys.argv[1:])),
-                    unavailable=sweep.unavailable)
+                    unavailable=sweep.unavailable,
+                    auto={series.op: providers_module.auto_provider(OPS[series.op], device) for series in series_list})
         with open(os.path.join(out, "environment.json"), "w") as handle:
             json.dump(meta, handle, indent=2)
     report.write_report(out)

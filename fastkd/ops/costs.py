@@ -1,4 +1,5 @@
-"""FLOP and byte counts of the Triton kernels, and the time floor they imply on a GPU.
+"""FLOP and byte counts of the Triton kernels (and of the one-pass per-pixel losses), and the time floor they
+imply on a GPU.
 
 ``NOTES.md`` beside this file tabulates them for representative shapes (regenerate it with
 ``python -m fastkd.ops.costs``); benchmarks divide a measured time by :meth:`Cost.floor_seconds`
@@ -104,6 +105,34 @@ def consistency(x: Shape) -> dict:
     backward = Cost(flops=32 * b * pixels * channels, minimum_bytes=2 * x.inputs(),
                     kernel_bytes=2 * x.inputs() + 2 * diff_map)  # map read per input
     return {"forward": forward, "backward": backward}
+
+
+def _softmax_pair(x: Shape, forward_per_element: int, backward_per_element: int) -> dict:
+    """A per-pixel loss of two softmaxes over the (same) channels, in one pass forward and one backward: the
+    FLOPs per (b, pixel, channel); each input read once, and in backward read again and each gradient
+    written once."""
+    if x.cs != x.ct:
+        raise ValueError(f"the per-pixel losses compare the same classes, got Cs={x.cs} and Ct={x.ct}")
+    elements = x.batch * x.height * x.width * x.cs
+    forward = Cost(flops=forward_per_element * elements, minimum_bytes=x.inputs(), kernel_bytes=x.inputs())
+    backward = Cost(flops=backward_per_element * elements, minimum_bytes=2 * x.inputs(),
+                    kernel_bytes=2 * x.inputs())
+    return {"forward": forward, "backward": backward}
+
+
+def pixelwise_kd(x: Shape) -> dict:
+    """``T^2 KL(q_t || q_s)`` per pixel. Forward, per channel and pixel: for each input the 1/T scale, the
+    max, the shift, exp and the sum (5 each; exp and log count as one FLOP, the loss is memory bound by an
+    order of magnitude either way), then log q_t - log q_s, the product with q_t and the sum (5).
+    Backward: both softmaxes again (10), ``T (q_s - q_t)`` times the incoming gradient (2)."""
+    return _softmax_pair(x, forward_per_element=15, backward_per_element=12)
+
+
+def probability(x: Shape) -> dict:
+    """``||softmax(l_s) - softmax(l_t)||^2`` per pixel. Forward, per channel and pixel: both softmaxes
+    (4 each: max, shift, exp, sum), the difference, its square and the sum (3). Backward: both softmaxes
+    again (8), ``d = 2 (p_s - p_t) g`` (2), then through the softmax ``p_s (d - sum_c p_s d)`` (4)."""
+    return _softmax_pair(x, forward_per_element=11, backward_per_element=14)
 
 
 # Representative shapes: (description, cost function, its arguments).
