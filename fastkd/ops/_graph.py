@@ -49,17 +49,39 @@ def node_grid(height: int, width: int, patch: Tuple[int, int], pool: str, pool_s
                     pool == "max" or pool_scale is not None)
 
 
+# Float64 pieces of an input are at most this many elements (8 MiB): average pooling accumulates in float64
+# without a full-size float64 copy of the input.
+CHUNK_ELEMENTS = 1 << 20
+
+
+def poison_non_finite(nodes: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``nodes``, all NaN if any element of ``x`` is NaN or +-Inf (FORMULAS.md: such input gives NaN). A max
+    ignores -Inf and average pooling can hide an overflow, so the input itself is checked: one read, no
+    temporary (``aminmax``), and no Python branch (``torch.compile`` traces it)."""
+    low, high = torch.aminmax(x.detach())
+    finite = torch.isfinite(low) & torch.isfinite(high)
+    return nodes + torch.where(finite, 0.0, float("nan")).to(nodes.dtype)
+
+
 def pool_nodes(x: torch.Tensor, grid: NodeGrid) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, grid_h, grid_w) node features; ``avg`` averages only the pixels that exist."""
+    """(B, C, H, W) -> (B, C, grid_h, grid_w) float64 node features; ``avg`` averages only the pixels that exist.
+
+    The input is read in its own dtype: max pooling is exact in any precision, so it pools first and widens
+    the (patch-times smaller) result; average pooling sums in float64, a few channels at a time.
+    """
     kernel = (grid.kernel_h, grid.kernel_w)
-    if kernel == (1, 1):
-        return x
+    if kernel == (1, 1):  # the nodes are the pixels: the result is a float64 copy of the input
+        return x.to(COMPUTE_DTYPE)
+    if x.numel() == 0:
+        return F.max_pool2d(x.to(COMPUTE_DTYPE), kernel, kernel, ceil_mode=True)
     if grid.max_pool:
-        # A max ignores -Inf, but FORMULAS.md asks that NaN or Inf in the input give NaN: such patches are NaN.
-        non_finite = F.max_pool2d((~torch.isfinite(x.detach())).to(x.dtype), kernel, kernel, ceil_mode=True)
-        pooled = F.max_pool2d(x, kernel, kernel, ceil_mode=True)
-        return torch.where(non_finite > 0, torch.full_like(pooled, float("nan")), pooled)
-    return F.avg_pool2d(x, kernel, kernel, ceil_mode=True, count_include_pad=False)
+        pooled = F.max_pool2d(x, kernel, kernel, ceil_mode=True).to(COMPUTE_DTYPE)
+    else:
+        channels_per_piece = max(1, CHUNK_ELEMENTS // x[:, :1].numel())
+        pooled = torch.cat([F.avg_pool2d(piece.to(COMPUTE_DTYPE), kernel, kernel, ceil_mode=True,
+                                         count_include_pad=False)
+                            for piece in x.split(channels_per_piece, dim=1)], dim=1)
+    return poison_non_finite(pooled, x)
 
 
 def normalize_nodes(f: torch.Tensor, eps: float, detach_norm: bool) -> torch.Tensor:
@@ -72,7 +94,7 @@ def normalize_nodes(f: torch.Tensor, eps: float, detach_norm: bool) -> torch.Ten
 
 def graph_nodes(x: torch.Tensor, grid: NodeGrid, eps: float, detach_norm: bool) -> torch.Tensor:
     """(B, C, H, W) input -> (B, C, grid_h, grid_w) pooled, normalised float64 nodes."""
-    return normalize_nodes(pool_nodes(x.to(COMPUTE_DTYPE), grid), eps, detach_norm)
+    return normalize_nodes(pool_nodes(x, grid), eps, detach_norm)
 
 
 # ----------------------------------------------------------------------------------------- the full graph
