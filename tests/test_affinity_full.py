@@ -326,22 +326,69 @@ def test_pairwise_gradcheck(backend, config, gen):
                                     (s.requires_grad_(), t.requires_grad_()))
 
 
-@torch_only
-@pytest.mark.parametrize("cs,ct,m", [(4, 6, 5), (3, 3, 40), (64, 48, 9), (8, 8, 200)])
-def test_gram_and_direct_image_sums_agree(backend, cs, ct, m, gen):
-    s_hat = torch.nn.functional.normalize(randn((2, cs, m), gen, torch.float64), dim=1)
-    t_hat = torch.nn.functional.normalize(randn((2, ct, m), gen, torch.float64), dim=1)
-    torch.testing.assert_close(torch_backend.image_sums(s_hat, t_hat, gram=True),
-                               torch_backend.image_sums(s_hat, t_hat, gram=False), rtol=1e-12, atol=0)
+# (nodes per chunk, images per chunk) of the Gram path for a batch of 3 images of m nodes: node by node; m - 1
+# nodes (a chunk of one node left over) and images 2 + 1; whole images one at a time.
+CHUNK_PLANS = {"node-by-node": lambda m: (1, 3), "m-1-nodes-2-images": lambda m: (max(m - 1, 1), 2),
+               "one-image": lambda m: (m, 1)}
 
 
 @torch_only
-@pytest.mark.parametrize("cs,ct,m", [(4, 6, 5), (3, 3, 40), (64, 48, 9)])
-def test_gram_and_direct_row_sums_agree(backend, cs, ct, m, gen):
-    s_hat = torch.nn.functional.normalize(randn((2, cs, m), gen, torch.float64), dim=1)
-    t_hat = torch.nn.functional.normalize(randn((2, ct, m), gen, torch.float64), dim=1)
-    torch.testing.assert_close(torch_backend.row_sums(s_hat, t_hat, gram=True),
-                               torch_backend.row_sums(s_hat, t_hat, gram=False), rtol=1e-10, atol=1e-13)
+@pytest.mark.parametrize("plan", CHUNK_PLANS)
+@pytest.mark.parametrize("cs,ct,height,width", [(4, 6, 1, 5), (3, 3, 5, 8), (64, 48, 3, 3), (8, 8, 10, 20)], ids=str)
+@pytest.mark.parametrize("config", [dict(), dict(patch=(2, 1), detach_norm=True)], ids=str)
+@pytest.mark.parametrize("per_row", [False, True], ids=["image", "per_row"])
+def test_gram_and_direct_terms_agree_across_chunks(backend, per_row, config, cs, ct, height, width, plan, monkeypatch,
+                                                    gen):
+    """The Gram path walks the nodes in chunks, sums in float64 chunk by chunk, and writes the gradients chunk by
+    chunk: with chunk boundaries inside an image and between images, terms and both gradients match the direct
+    path (the m x m difference, differentiated by autograd)."""
+    grid = _graph.node_grid(height, width, config.get("patch", (1, 1)), "avg", None)
+    nodes_per_chunk, images_per_chunk = CHUNK_PLANS[plan](grid.nodes)
+    monkeypatch.setattr(torch_backend, "MIN_CHUNK_NODES", nodes_per_chunk)
+    monkeypatch.setattr(torch_backend, "CHUNK_ELEMENTS", images_per_chunk * (cs + ct) * nodes_per_chunk)
+    monkeypatch.setattr(torch_backend, "MAX_CHUNKS", 1 << 30)
+    chunks = torch_backend.chunks(3, cs + ct, grid.nodes)
+    assert len(chunks) == -(-3 // images_per_chunk) * -(-grid.nodes // nodes_per_chunk)
+    s, t = randn((3, cs, height, width), gen, torch.float64), randn((3, ct, height, width), gen, torch.float64)
+    results = []
+    for use_gram in (True, False):
+        a, b = s.clone().requires_grad_(), t.clone().requires_grad_()
+        terms = torch_backend.full_graph_terms(a, b, grid, 1e-8, config.get("detach_norm", False), use_gram, per_row)
+        weights = torch.rand(terms.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        results.append((terms, *torch.autograd.grad((terms * weights).sum(), (a, b))))
+    (terms, grad_s, grad_t), (expected, expected_s, expected_t) = results
+    torch.testing.assert_close(terms, expected, rtol=1e-10 if per_row else 1e-12, atol=1e-13 if per_row else 0)
+    for grad, expected_grad in ((grad_s, expected_s), (grad_t, expected_t)):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-12 * expected_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("batch,channels,nodes", [(2, 128, 131072), (1, 7, 5), (3, 1024, 300), (64, 16, 4096)])
+def test_gram_chunks_cover_every_node_once_in_a_bounded_number_of_chunks(batch, channels, nodes):
+    plan = torch_backend.chunks(batch, channels, nodes)
+    covered = torch.zeros(batch, nodes, dtype=torch.int64)
+    for images, span in plan:
+        covered[images, span] += 1
+    assert torch.equal(covered, torch.ones_like(covered))
+    assert len(plan) <= max(torch_backend.MAX_CHUNKS, -(-nodes // torch_backend.MIN_CHUNK_NODES) * batch)
+    budget = max(torch_backend.CHUNK_ELEMENTS, batch * channels * nodes // torch_backend.MAX_CHUNKS + 1)
+    for images, span in plan:  # within the budget, or one image of MIN_CHUNK_NODES nodes
+        size = (images.stop - images.start) * channels * (span.stop - span.start)
+        assert size <= max(budget, channels * torch_backend.MIN_CHUNK_NODES)
+
+
+@torch_only
+@pytest.mark.parametrize("loss", [F.pairwise_affinity_loss, F.affinity_distillation_loss],
+                         ids=["pairwise", "distillation"])
+def test_gram_path_makes_no_float64_copy_of_the_input(backend, loss, gen):
+    """The Gram path widens the nodes to float64 a chunk at a time: no tensor of forward or backward, in bytes,
+    exceeds the float32 input (or its float32 gradient); a float64 copy of the input would be twice that."""
+    s, t = near_converged_pair((2, 16, 128, 256), gen)
+    assert _graph.use_gram(128 * 256, 16, 16)
+    s.requires_grad_()
+    with LargestTensor() as recorder:
+        (grad,) = torch.autograd.grad(loss(s, t), s)
+    assert grad.dtype == torch.float32
+    assert 0 < recorder.largest_bytes <= s.numel() * s.element_size()
 
 
 def test_cost_model_prefers_direct_for_few_nodes_and_gram_for_many():
@@ -381,7 +428,8 @@ def test_no_m_by_m_tensor_in_forward_or_backward(backend, loss, gen):
     t = randn((batch, channels + 3, height, width), gen)
     with LargestTensor() as recorder:
         loss(s, t).backward()
-    assert recorder.largest <= batch * (channels + 3) * height * width  # O(B C m), never m x m = 16.7M
+    # O(B C m), never m x m = 16.7M: at most a Gram-path chunk of student and teacher channels together
+    assert recorder.largest <= batch * (2 * channels + 3) * height * width
 
 
 DISTILLATION_SHAPES = [(1, 5, 3, 7, 13), (3, 4, 4, 9, 6), (2, 40, 24, 3, 3), (2, 2, 2, 1, 3)]  # B, Cs, Ct, H, W
