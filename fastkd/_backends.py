@@ -37,8 +37,9 @@ from fastkd import _extension, _triton
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
 
 # The order ``auto`` tries, per device type. The fused kernels are faster than the torch path wherever
-# they can run (on CPU: the cpp consistency loss took 0.14-0.65x the torch backend's time and a tenth of its
-# memory in benchmarks/run.py); ``torch`` is always last and always available.
+# they can run (on a 2-core CPU, benchmarks/run.py: the cpp windowed graph took 0.06-0.22x the torch backend's
+# time from 8x16 to 128x256, the cpp consistency loss 0.06-0.30x from 8x16 to 512x1024, both a quarter of its
+# memory or less); ``torch`` is always last and always available.
 AUTO_PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
 DEFAULT_PREFERENCE = ("torch",)
 
@@ -50,14 +51,12 @@ class BackendUnavailableError(ValueError):
 @dataclass(frozen=True)
 class Implementation:
     """One backend's implementation of an op: ``function`` of ``fastkd.ops.<op>.<module>``, imported when
-    first run. ``auto``: whether ``backend="auto"`` may take it (False where it was measured slower than the
-    next backend; it then runs only when asked for by name). ``emulated``: for ``cuda``, the function that
-    runs the same kernels on CPU tensors through the emulator."""
+    first run. ``emulated``: for ``cuda``, the function that runs the same kernels on CPU tensors through the
+    emulator."""
 
     op: str
     module: str
     function: str
-    auto: bool = True
     emulated: Optional[str] = None
 
     def load(self, device: torch.device) -> Callable:
@@ -77,7 +76,7 @@ class Implementation:
 _LOADED: Dict[str, object] = {}
 
 
-def _kernels(op: str, function: str, *, cpp: bool, cpp_auto: bool = True) -> Dict[str, Implementation]:
+def _kernels(op: str, function: str, *, cpp: bool) -> Dict[str, Implementation]:
     """The torch, triton and cuda implementations of an op that has kernels (and cpp where it has a C++ CPU
     implementation), each module exposing ``function`` (cuda's emulated one: ``emulated_<function>``)."""
     table = {
@@ -86,15 +85,13 @@ def _kernels(op: str, function: str, *, cpp: bool, cpp_auto: bool = True) -> Dic
         "cuda": Implementation(op, "extension_backend", function, emulated=f"emulated_{function}"),
     }
     if cpp:
-        table["cpp"] = Implementation(op, "extension_backend", function, auto=cpp_auto)
+        table["cpp"] = Implementation(op, "extension_backend", function)
     return table
 
 
 IMPLEMENTATIONS: Dict[str, Dict[str, Implementation]] = {
     "affinity_full": _kernels("affinity_full", "full_graph_terms", cpp=False),
-    # Not for auto: on a 2-core CPU (benchmarks/run.py, window=2, C=64) the C++ windowed graph took 1.9-2.1x
-    # the torch backend's time up to 64x128 node grids and 0.68x only from 256x512 on.
-    "affinity_window": _kernels("affinity_window", "window_graph_sum", cpp=True, cpp_auto=False),
+    "affinity_window": _kernels("affinity_window", "window_graph_sum", cpp=True),
     "consistency": _kernels("consistency", "consistency_sum", cpp=True),
     "pixelwise_kd": _kernels("pixelwise_kd", "pixelwise_kd_terms", cpp=True),
     "probability": _kernels("probability", "probability_terms", cpp=True),
@@ -174,8 +171,7 @@ def resolve(backend: str, loss: str, op: str, device: torch.device) -> Tuple[str
     implementations = IMPLEMENTATIONS[op]
     if backend == "auto":
         for name in AUTO_PREFERENCE.get(device.type, DEFAULT_PREFERENCE):
-            if name in implementations and implementations[name].auto and _machine_reason(name, loss) is None \
-                    and _device_reason(name, device) is None:
+            if name in implementations and _machine_reason(name, loss) is None and _device_reason(name, device) is None:
                 return name, implementations[name].load(device)
         raise AssertionError(f"{loss}: the torch backend must always be available")  # unreachable
     reason = _device_reason(backend, device)

@@ -30,14 +30,17 @@ BLOCKS: Dict[Tuple[str, str], Dict[str, int]] = {
     ("affinity_full", "cuda"): dict(nodes=16, channels=16),
     # triton: affinity_window/triton_backend.py BLOCK_N (256 under the interpreter, 32 compiled) and
     # BLOCK_CHANNELS; cuda: kThreads in csrc/affinity_window/affinity_window.cu (nodes per block);
-    # cpp: kBlockNodes in csrc/affinity_window/affinity_window_cpu.cpp (nodes per partial sum)
+    # cpp: csrc/affinity_window/affinity_window_cpu.cpp's kTileNodes (a tile: a run of nodes of one node row)
+    # and kChannelBlock (channels a pass of the forward's dot products)
     ("affinity_window", "triton"): dict(nodes=256 if TRITON_DEVICE.type == "cpu" else 32, channels=32),
     ("affinity_window", "cuda"): dict(nodes=256, channels=1),
-    ("affinity_window", "cpp"): dict(nodes=64, channels=1),
+    ("affinity_window", "cpp"): dict(nodes=64, channels=4),
     # consistency/triton_backend.py BLOCK_P, BLOCK_C; kThreads in csrc/consistency/consistency.cu (one
     # thread per pixel, channels one at a time)
     ("consistency", "triton"): dict(pixels=128, channels=8),
     ("consistency", "cuda"): dict(pixels=256, channels=1),
+    # csrc/consistency/consistency_cpu.cpp's kTilePixels x kTileRows (a forward tile; backward: one row of it)
+    ("consistency", "cpp"): dict(pixels=128, rows=8),
     # kMaxLanes pixels per block in csrc/common/softmax_block_cpu.h, fewer above kBufferDoubles / kMaxLanes = 32
     # channels
     ("pixelwise_kd", "cpp"): dict(pixels=256, channels=32),

@@ -101,6 +101,19 @@ def test_channel_block_boundaries(backend, channel_offsets, gen):
                            border="same", dilation=2)
 
 
+
+@pytest.mark.parametrize("backend", ["cpp"], indirect=True)
+@pytest.mark.parametrize("height,width", [(7, 127), (8, 128), (9, 129), (17, 257)], ids=str)
+@pytest.mark.parametrize("config", [dict(), dict(border="same", dilation=2)], ids=str)
+def test_cpp_tiles(backend, height, width, config, gen):
+    """The cpp forward works on tiles of kTileRows x kTilePixels pixels, the backward on rows of kTilePixels:
+    maps that end inside, at and one past a tile in both directions; neighbours in the next tiles."""
+    blocks = backend.blocks("consistency")
+    assert height in (blocks["rows"] - 1, blocks["rows"], blocks["rows"] + 1, 2 * blocks["rows"] + 1)
+    inputs = [draw(backend, (2, 3, height, width), gen, torch.float64),
+              draw(backend, (2, 2, height, width), gen, torch.float64)]
+    compare_with_reference(loss_of(backend), reference.consistency_loss, inputs, grad_inputs=(0, 1), **config)
+
 @pytest.mark.parametrize("backend", KERNELS, indirect=True)
 @pytest.mark.parametrize("config", [CONFIGS[0], *CONFIGS[5:]], ids=str)
 def test_difference_map_is_c_s_minus_c_t_where_defined_and_0_elsewhere(backend, config, gen):

@@ -23,15 +23,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_clones.h"
 #include "precision.cuh"
-
-// Hot loops are compiled twice, for AVX2 + FMA (x86-64-v3) and for the baseline, and the faster one the
-// processor supports is picked when the library loads (GCC and Clang function multiversioning).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__INTEL_COMPILER)
-#define FASTKD_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define FASTKD_CPU_CLONES
-#endif
 
 namespace fastkd {
 namespace cpu {
