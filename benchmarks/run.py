@@ -86,6 +86,15 @@ POOLED_SIZES = ((16, 16), (32, 32), (65, 65), (64, 128), (128, 128))  # StructKD
 PATCH_MAX_SIZES = ((32, 32), (65, 65), (64, 128), (128, 128), (128, 256), (256, 512))  # m / 4 nodes
 
 
+# --headline: each CPU series at one size, the cases issue 13 holds fastkd to on a 2-core CPU (and the wide
+# full graphs at the largest size their float64 Gram finishes within the time limit there).
+HEADLINE_SIZES = {("affinity_full", 64): (256, 512), ("affinity_full", 512): (128, 128),
+                  ("affinity_distillation", 64): (256, 512), ("affinity_distillation", 512): (128, 128),
+                  ("affinity_window", 64): (128, 256), ("consistency", 19): (512, 1024),
+                  ("affinity_pooled", 512): (128, 128), ("affinity_patch_max", 512): (256, 512),
+                  ("pixelwise_kd", 19): (512, 1024), ("probability", 19): (512, 1024)}
+
+
 def plan(device: torch.device, quick: bool) -> List[Series]:
     if quick:
         return [Series("affinity_full", 1, 16, ((16, 16), (32, 32))),
@@ -334,6 +343,13 @@ def _size(text: str) -> Tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
+def sized(series: Series, args) -> Series:
+    """``series`` at the sizes ``--sizes`` or ``--headline`` asks for, else its own."""
+    if args.headline:
+        return dataclasses.replace(series, sizes=(HEADLINE_SIZES[series.op, series.channels],))
+    return series if args.sizes is None else dataclasses.replace(series, sizes=tuple(args.sizes))
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -344,6 +360,8 @@ def parse_args(argv=None):
                         help="only these providers; default: all that can run here")
     parser.add_argument("--sizes", nargs="+", type=_size, default=None, metavar="HxW",
                         help="feature-map sizes for every op, instead of the sweep's")
+    parser.add_argument("--headline", action="store_true",
+                        help="each series at one size only, the headline case (run.HEADLINE_SIZES)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (default 3 quick, 5 CPU, 15 GPU)")
     parser.add_argument("--time-limit", type=float, default=None,
@@ -360,6 +378,8 @@ def parse_args(argv=None):
         parser.error("--repeats must be at least 1")
     if args.time_limit is not None and not args.time_limit > 0:
         parser.error("--time-limit must be positive")
+    if args.headline and (args.quick or args.sizes):
+        parser.error("--headline chooses the sizes: not with --quick or --sizes")
     if args.mismatch < 0 or not math.isfinite(args.mismatch):
         parser.error("--mismatch must be a finite number >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -394,8 +414,7 @@ def main(argv=None) -> str:
         torch.ones(64, 64) @ torch.ones(64, 64)  # start the thread pool before its stacks count against the limit
         measure.limit_cpu_memory(int(budget))
         env["memory_budget_gib"] = round(budget / 2**30, 1)
-    series_list = [series if args.sizes is None else dataclasses.replace(series, sizes=tuple(args.sizes))
-                   for series in plan(device, args.quick) if args.ops is None or series.op in args.ops]
+    series_list = [sized(series, args) for series in plan(device, args.quick) if args.ops is None or series.op in args.ops]
     started = time.time()
     writer = RowWriter(os.path.join(out, "results.csv"))
     sweep = Sweep(args, device, {key: env[key] for key in FIELDS if key in env}, writer, rates)

@@ -132,7 +132,7 @@ def test_block_boundaries(backend, delta, gen):
     ((2, 3, 4, 3, 63), dict(window=1)),  # node rows of one tile less a node
     ((1, 4, 5, 2, 64), dict(window=2)),  # exactly one tile
     ((2, 5, 8, 4, 65), dict(window=1)),  # a tile and one node: the partner rows straddle the tiles
-    ((1, 9, 1, 3, 129), dict(window=3)),  # three tiles a row; channel blocks of 4, 4 and 1
+    ((1, 9, 2, 3, 129), dict(window=3)),  # three tiles a row; channel blocks of 4, 4 and 1
     ((2, 300, 2, 5, 40), dict(window=1)),  # many channels: backward tiles of 16 nodes
     ((1, 6, 3, 6, 130), dict(window=2, patch=(1, 2))),  # pooled nodes: 65 a row
 ], ids=str)

@@ -343,6 +343,14 @@ def test_report_reads_results_written_before_the_floors(tmp_path):
     assert "Headline" not in summary and "floor" not in summary
 
 
+def test_headline_runs_every_cpu_series_at_one_size_of_its_sweep():
+    args = run.parse_args(["--headline"])
+    for series in run.plan(torch.device("cpu"), quick=False):
+        assert run.sized(series, args).sizes == (run.HEADLINE_SIZES[series.op, series.channels],)
+        assert run.HEADLINE_SIZES[series.op, series.channels] in series.sizes
+    assert run.sized(series, run.parse_args([])) == series
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--sizes", "2x9"], "H, W >= 3"),
     (["--sizes", "9by9"], "HxW"),
@@ -351,6 +359,8 @@ def test_report_reads_results_written_before_the_floors(tmp_path):
     (["--mismatch", "nan"], "--mismatch"),
     (["--providers", "fastkd-auto"], "--providers"),
     (["--ops", "pixelwise"], "--ops"),
+    (["--headline", "--quick"], "--headline"),
+    (["--headline", "--sizes", "9x9"], "--headline"),
 ])
 def test_bad_arguments_are_refused_by_name(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
