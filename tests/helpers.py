@@ -34,7 +34,7 @@ BLOCKS: Dict[Tuple[str, str], Dict[str, int]] = {
     # and kChannelBlock (channels a pass of the forward's dot products)
     ("affinity_window", "triton"): dict(nodes=256 if TRITON_DEVICE.type == "cpu" else 32, channels=32),
     ("affinity_window", "cuda"): dict(nodes=256, channels=1),
-    ("affinity_window", "cpp"): dict(nodes=64, channels=4),
+    ("affinity_window", "cpp"): dict(nodes=256, channels=4),
     # consistency/triton_backend.py BLOCK_P, BLOCK_C; kThreads in csrc/consistency/consistency.cu (one
     # thread per pixel, channels one at a time)
     ("consistency", "triton"): dict(pixels=128, channels=8),

@@ -129,21 +129,23 @@ def test_block_boundaries(backend, delta, gen):
 
 @pytest.mark.parametrize("backend", ["cpp"], indirect=True)
 @pytest.mark.parametrize("shape,config", [
-    ((2, 3, 4, 3, 63), dict(window=1)),  # node rows of one tile less a node
-    ((1, 4, 5, 2, 64), dict(window=2)),  # exactly one tile
-    ((2, 5, 8, 4, 65), dict(window=1)),  # a tile and one node: the partner rows straddle the tiles
-    ((1, 9, 2, 3, 129), dict(window=3)),  # three tiles a row; channel blocks of 4, 4 and 1
+    ((2, 3, 4, 3, 255), dict(window=1)),  # node rows of one tile less a node
+    ((1, 4, 5, 2, 256), dict(window=2)),  # exactly one tile
+    ((2, 5, 8, 3, 257), dict(window=1)),  # a tile and one node: the partner rows straddle the tiles
+    ((1, 9, 2, 3, 513), dict(window=3)),  # three tiles a row; channel blocks of 4, 4 and 1
     ((2, 300, 2, 5, 40), dict(window=1)),  # many channels: backward tiles of 16 nodes
-    ((1, 6, 3, 6, 130), dict(window=2, patch=(1, 2))),  # pooled nodes: 65 a row
+    ((1, 6, 3, 4, 514), dict(window=2, patch=(1, 2))),  # pooled nodes: 257 a row
+    ((2, 3, 2, 4, 70), dict(window=1)),  # few channels: one backward tile of 70 nodes a row
 ], ids=str)
 def test_cpp_tiles(backend, shape, config, gen):
     """The cpp kernels work on runs of kTileNodes nodes of one node row, kChannelBlock channels a pass (forward)
-    and tiles of max(16, min(64, 4096 / C)) nodes (backward): rows that end inside, at and past a tile, partners
-    in the neighbouring tiles, channel counts around the block."""
+    and tiles of max(16, min(kTileNodes, 4096 / C)) nodes (backward): rows that end inside, at and past a tile,
+    partners in the neighbouring tiles, channel counts around the block."""
     blocks = backend.blocks(OP)
-    assert (blocks["nodes"], blocks["channels"]) == (64, 4)
+    assert (blocks["nodes"], blocks["channels"]) == (256, 4)
     compare_with_reference(loss_of(backend), reference_loss, backend.to(*pair(shape, gen)), grad_inputs=(0, 1),
                            **config)
+
 
 def test_mixed_dtypes(backend, gen):
     """A float16 student and a float32 teacher are widened to float32 (exactly); gradients keep each dtype."""
