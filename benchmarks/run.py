@@ -121,12 +121,14 @@ def plan(device: torch.device, quick: bool) -> List[Series]:
 def make_inputs(op: str, series: Series, height: int, width: int, dtype, device, mismatch: float, seed: int):
     """Student (requires grad) and teacher near convergence: features mixed from 8 smooth latent maps plus
     noise, after a ReLU for the feature losses (not for the ops on logits); teacher = student * (1 +
-    mismatch * noise)."""
+    mismatch * noise). Both contiguous (NCHW), as a network's features are."""
     gen = torch.Generator(device=device).manual_seed(seed)
     shape = (series.batch, series.channels, height, width)
     latent = F.avg_pool2d(torch.randn(series.batch, 8, height, width, generator=gen, device=device), 5, 1, 2)
     mix = torch.randn(series.channels, 8, generator=gen, device=device)
-    student = torch.einsum("ck,bkhw->bchw", mix, latent) + 0.1 * torch.randn(shape, generator=gen, device=device)
+    # (einsum lays its result out as (C, B, H, W) in memory: every provider would read strided input)
+    student = torch.einsum("ck,bkhw->bchw", mix, latent).contiguous() + 0.1 * torch.randn(shape, generator=gen,
+                                                                                          device=device)
     if not OPS[op].logits:
         student = student.relu()
     teacher = student * (1 + mismatch * torch.randn(shape, generator=gen, device=device))

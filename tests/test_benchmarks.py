@@ -343,6 +343,15 @@ def test_report_reads_results_written_before_the_floors(tmp_path):
     assert "Headline" not in summary and "floor" not in summary
 
 
+@pytest.mark.parametrize("op_name", sorted(providers.OPS))
+def test_inputs_are_contiguous_near_converged_pairs(op_name):
+    series = run.Series(op_name, 2, 5, ((9, 11),))
+    s, t = run.make_inputs(op_name, series, 9, 11, torch.float32, torch.device("cpu"), 1e-3, 0)
+    assert s.shape == t.shape == (2, 5, 9, 11) and s.is_contiguous() and t.is_contiguous()
+    assert s.requires_grad and not t.requires_grad
+    assert 0 < (t - s).abs().max() <= 1e-2 * s.abs().max()
+
+
 def test_headline_runs_every_cpu_series_at_one_size_of_its_sweep():
     args = run.parse_args(["--headline"])
     for series in run.plan(torch.device("cpu"), quick=False):
