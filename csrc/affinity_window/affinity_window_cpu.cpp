@@ -56,8 +56,9 @@ using nodes::Map;
 
 // Nodes per tile: the forward's partial sums are per tile, so that the total does not depend on the thread
 // count. 256 rather than 64: longer runs of each row for the hardware prefetchers (the forward took 0.68x the
-// time of 64-node tiles at C = 64, 128x256 and 512x1024, on a 2-core AMD EPYC). The backward's tiles are narrower for many channels: kBackwardDoubles / C nodes, 16 to kTileNodes, so
-// that its C x tile buffers stay near kBackwardDoubles doubles.
+// time of 64-node tiles at C = 64, 128x256 and 512x1024, on a 2-core AMD EPYC). The backward's tiles are
+// narrower for many channels: kBackwardDoubles / C nodes, 16 to kTileNodes, so that its C x tile buffers stay
+// near kBackwardDoubles doubles.
 constexpr std::int64_t kTileNodes = 256;
 constexpr std::int64_t kBackwardDoubles = 1 << 12;
 // Channels the forward's dot products take in one pass over a tile's offsets.
