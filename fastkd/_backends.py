@@ -15,8 +15,7 @@ An *op* is a memory-heavy computation with interchangeable implementations, name
 modules are imported by :func:`load_available` when fastkd is imported (those that can run here), never to
 fill the table. A *loss* runs one or more
 ops (:data:`LOSS_OPS`); it accepts a backend that implements at least one of them, and runs its other ops
-with the torch implementation (today: ``PairwiseAffinityLoss(backend="cpp")`` on a full graph, which has no
-C++ CPU kernel).
+with the torch implementation.
 
 An unknown name is a ``ValueError`` when the loss is built; a backend that cannot run is a
 :class:`BackendUnavailableError` (a ``ValueError``) that says why: at construction when the reason does not
@@ -76,25 +75,27 @@ class Implementation:
 _LOADED: Dict[str, object] = {}
 
 
-def _kernels(op: str, function: str, *, cpp: bool) -> Dict[str, Implementation]:
-    """The torch, triton and cuda implementations of an op that has kernels (and cpp where it has a C++ CPU
-    implementation), each module exposing ``function`` (cuda's emulated one: ``emulated_<function>``)."""
+def _kernels(op: str, function: str, *, cpp: Optional[str] = None) -> Dict[str, Implementation]:
+    """The torch, triton and cuda implementations of an op, each module exposing ``function`` (cuda's emulated
+    one: ``emulated_<function>``), and cpp where the op has C++ CPU code: ``cpp``, the extension module's
+    function that runs it (``function`` itself where the compiled op has a CPU implementation)."""
     table = {
         "torch": Implementation(op, "torch_backend", function),
         "triton": Implementation(op, "triton_backend", function),
         "cuda": Implementation(op, "extension_backend", function, emulated=f"emulated_{function}"),
     }
-    if cpp:
-        table["cpp"] = Implementation(op, "extension_backend", function)
+    if cpp is not None:
+        table["cpp"] = Implementation(op, "extension_backend", cpp)
     return table
 
 
 IMPLEMENTATIONS: Dict[str, Dict[str, Implementation]] = {
-    "affinity_full": _kernels("affinity_full", "full_graph_terms", cpp=False),
-    "affinity_window": _kernels("affinity_window", "window_graph_sum", cpp=True),
-    "consistency": _kernels("consistency", "consistency_sum", cpp=True),
-    "pixelwise_kd": _kernels("pixelwise_kd", "pixelwise_kd_terms", cpp=True),
-    "probability": _kernels("probability", "probability_terms", cpp=True),
+    # cpp: the torch backend's sums on nodes pooled by compiled C++ (fastkd::pool_nodes_*)
+    "affinity_full": _kernels("affinity_full", "full_graph_terms", cpp="cpp_full_graph_terms"),
+    "affinity_window": _kernels("affinity_window", "window_graph_sum", cpp="window_graph_sum"),
+    "consistency": _kernels("consistency", "consistency_sum", cpp="consistency_sum"),
+    "pixelwise_kd": _kernels("pixelwise_kd", "pixelwise_kd_terms", cpp="pixelwise_kd_terms"),
+    "probability": _kernels("probability", "probability_terms", cpp="probability_terms"),
 }
 
 # The ops each loss runs.

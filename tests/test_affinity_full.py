@@ -1,6 +1,7 @@
 """The ``affinity_full`` op: ``PairwiseAffinityLoss`` on a full graph (no window, or one spanning the node grid)
-and ``AffinityDistillationLoss``, on every backend (torch, triton, cuda), against the literal float64
-reference, on both algorithms (Gram identity and direct tiles).
+and ``AffinityDistillationLoss``, on every backend (torch, triton, cuda, cpp), against the literal float64
+reference, on both algorithms (Gram identity and direct tiles). The cpp backend is the torch backend's sums on
+nodes pooled by compiled C++ (``fastkd::pool_nodes_*``, tested on its own at the end).
 
 Without a GPU the Triton kernels run under the Triton interpreter on CPU tensors and the CUDA kernels under
 fastkd's CUDA emulator (FASTKD_EMULATE_CUDA=1), so the maps are small; node and channel counts straddle
@@ -8,6 +9,7 @@ each backend's block size (``helpers.BLOCKS``: Triton programs of 32 nodes x 32 
 16 x 16). The windowed graph is tested in test_affinity_window.py.
 """
 
+import functools
 import pathlib
 
 import pytest
@@ -24,8 +26,9 @@ from helpers import (DTYPES, TOLERANCES, LargestTensor, as_layout, assert_relati
 
 ALGORITHMS = ["gram", "direct"]
 
-backend = helpers.backend_fixture("torch", "triton", "cuda")
+backend = helpers.backend_fixture("torch", "triton", "cuda", "cpp")
 torch_only = pytest.mark.parametrize("backend", ["torch"], indirect=True)
+torch_and_cpp = pytest.mark.parametrize("backend", ["torch", "cpp"], indirect=True)
 kernels_only = pytest.mark.parametrize("backend", ["triton", "cuda"], indirect=True)
 
 
@@ -288,21 +291,26 @@ FULL_GRAPH_CONFIGS = [
 SHAPES = [(1, 5, 3, 7, 13), (3, 4, 4, 9, 6), (2, 33, 17, 5, 5)]  # B, Cs, Ct, H, W
 
 
-@torch_only
+def pairwise_function(backend):
+    """``F.pairwise_affinity_loss`` on ``backend``."""
+    return functools.partial(F.pairwise_affinity_loss, backend=backend.name)
+
+
+@torch_and_cpp
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("config", FULL_GRAPH_CONFIGS, ids=str)
 def test_pairwise_matches_reference(backend, config, shape, dtype, gen):
-    compare_with_reference(F.pairwise_affinity_loss, reference.pairwise_affinity_loss, pair(shape, gen, dtype, config),
-                           **config)
+    compare_with_reference(pairwise_function(backend), reference.pairwise_affinity_loss,
+                           pair(shape, gen, dtype, config), **config)
 
 
-@torch_only
+@torch_and_cpp
 @pytest.mark.parametrize("layout", ["channels_last", "strided"])
-@pytest.mark.parametrize("config", [dict(), dict(patch=3, pool="max")], ids=str)
+@pytest.mark.parametrize("config", [dict(), dict(patch=3, pool="max"), dict(patch=(2, 3))], ids=str)
 def test_pairwise_memory_layouts(backend, config, layout, gen):
     s, t = pair((2, 6, 5, 11, 7), gen, torch.float32, config)
-    compare_with_reference(F.pairwise_affinity_loss, reference.pairwise_affinity_loss,
+    compare_with_reference(pairwise_function(backend), reference.pairwise_affinity_loss,
                            [as_layout(s, layout), as_layout(t, layout)], **config)
 
 
@@ -318,11 +326,12 @@ def test_pairwise_gradient_reaches_teacher_only_when_it_requires_grad(backend, g
 # detach_norm=True is left out on purpose: its backward treats ||f|| as a constant, so it is not the
 # derivative gradcheck measures (test_pairwise_matches_reference checks it against the reference, which
 # detaches too).
-@torch_only
-@pytest.mark.parametrize("config", [dict(), dict(pool_scale=0.5), dict(patch=(2, 3), reduction="sum")], ids=str)
+@torch_and_cpp
+@pytest.mark.parametrize("config", [dict(), dict(pool_scale=0.5), dict(patch=(2, 3), reduction="sum"),
+                                    dict(patch=(3, 2), pool="max")], ids=str)
 def test_pairwise_gradcheck(backend, config, gen):
     s, t = pair((2, 3, 4, 5, 6), gen, torch.float64, config)
-    assert torch.autograd.gradcheck(lambda a, b: F.pairwise_affinity_loss(a, b, **config),
+    assert torch.autograd.gradcheck(lambda a, b: pairwise_function(backend)(a, b, **config),
                                     (s.requires_grad_(), t.requires_grad_()))
 
 
@@ -399,7 +408,7 @@ def test_cost_model_prefers_direct_for_few_nodes_and_gram_for_many():
 
 # Max pooling is checked on tie-free inputs above: post-ReLU zeros tie, and tied maxima have many valid
 # subgradients (torch's max_pool2d picks one element, the reference's amax splits evenly).
-@torch_only
+@torch_and_cpp
 @pytest.mark.parametrize("loss,reference_fn,config", [
     (F.pairwise_affinity_loss, reference.pairwise_affinity_loss, dict()),
     (F.pairwise_affinity_loss, reference.pairwise_affinity_loss, dict(patch=4)),
@@ -407,7 +416,7 @@ def test_cost_model_prefers_direct_for_few_nodes_and_gram_for_many():
 ], ids=["pairwise", "pairwise-patch4", "distillation"])
 def test_near_convergence_float32_64x64(backend, loss, reference_fn, config, gen):
     s, t = near_converged_pair((2, 48, 64, 64), gen)
-    assert_relative_error_below(loss, reference_fn, s, t, 1e-4, **config)
+    assert_relative_error_below(functools.partial(loss, backend=backend.name), reference_fn, s, t, 1e-4, **config)
 
 
 @torch_only
@@ -459,3 +468,126 @@ def test_modules_match_functions_and_describe_themselves(gen):
     assert "window=1" in repr(module) and "backend='auto'" in repr(module)
     assert torch.equal(fastkd.AffinityDistillationLoss(reduction="sum")(s, t),
                        F.affinity_distillation_loss(s, t, reduction="sum"))
+
+
+# ------------------------------------------------------------------ the cpp backend's node pooling (pool_nodes)
+
+def cpp_pooling():
+    """The cpp backend's pooling function (skips where fastkd._C is not built)."""
+    helpers.make_backend("cpp", None)
+    from fastkd.ops.affinity_full import extension_backend
+
+    return extension_backend
+
+
+def node_grid_of(x, kernel, pool):
+    return _graph.node_grid(x.shape[2], x.shape[3], kernel, pool, None)
+
+
+# kernel sizes: patches folded by column (narrower than 16 pixels) with a partial last patch, wide patches folded
+# as runs, one patch covering the map, and rows of one patch
+POOL_KERNELS = [(2, 2), (3, 2), (2, 17), (5, 16), (13, 37), (1, 5)]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("pool", ["avg", "max"])
+@pytest.mark.parametrize("kernel", POOL_KERNELS, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpp_pooling_matches_the_torch_pooling(dtype, kernel, pool, layout, gen):
+    """Nodes and dL/dx against the torch backend's pooling: bitwise for max pooling, ties (post-ReLU zeros)
+    included (both send the gradient to the first maximal pixel of the patch), to float64 rounding for
+    averages."""
+    extension_backend = cpp_pooling()
+    x = as_layout(torch.relu(randn((2, 3, 13, 37), gen, dtype)), layout)
+    grid = node_grid_of(x, kernel, pool)
+    expected = _graph.pool_nodes(x.requires_grad_(), grid)
+    nodes = extension_backend.pool_nodes(x, grid)
+    assert nodes.dtype == torch.float64 and nodes.shape == expected.shape
+    grad_nodes = torch.randn(nodes.shape, generator=gen, dtype=torch.float64)
+    (grad,), (expected_grad,) = (torch.autograd.grad(n, x, grad_nodes) for n in (nodes, expected))
+    assert grad.dtype == dtype and grad.stride() == expected_grad.stride()
+    if pool == "max":
+        assert torch.equal(nodes, expected)
+    else:  # float64 sums of n non-negative pixels in another order: within n 2^-53 of each other, relative
+        torch.testing.assert_close(nodes, expected, rtol=kernel[0] * kernel[1] * 2.0**-53, atol=0)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-15 if dtype == torch.float64 else 0, atol=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("pool", ["avg", "max"])
+def test_cpp_pooling_gives_nan_nodes_for_non_finite_patches(bad, pool, gen):
+    """A patch holding NaN or +-Inf gives a NaN node (also -Inf under a max, which a max alone would ignore);
+    the other nodes are unchanged. A max sends the NaN patch's gradient to its first NaN, and an Inf patch's
+    nowhere."""
+    extension_backend = cpp_pooling()
+    x = randn((1, 2, 6, 8), gen)
+    x[0, 1, 4, 5] = x[0, 1, 5, 4] = bad
+    grid = node_grid_of(x, (3, 4), pool)
+    nodes = extension_backend.pool_nodes(x.requires_grad_(), grid)
+    expected = _graph.pool_nodes(torch.nan_to_num(x.detach(), 0.0, 0.0, 0.0), grid)  # that patch's node aside
+    (grad,) = torch.autograd.grad(nodes, x, torch.ones_like(nodes))
+    nodes = nodes.detach().clone()
+    assert torch.isnan(nodes[0, 1, 1, 1])
+    nodes[0, 1, 1, 1] = expected[0, 1, 1, 1]
+    torch.testing.assert_close(nodes, expected, rtol=1e-15, atol=0)
+    patch = grad[0, 1, 3:6, 4:8]
+    if pool == "max":
+        assert patch.count_nonzero() == (1 if bad != bad else 0)
+        assert bad == bad or patch[1, 1] == 1  # the first NaN in row-major order: (4, 5)
+    assert torch.isnan(fastkd.PairwiseAffinityLoss(patch=(3, 4), pool=pool, backend="cpp")(x.detach(), x.detach()))
+
+
+def test_cpp_pooling_is_bitwise_the_same_for_any_number_of_threads(gen):
+    extension_backend = cpp_pooling()
+    x = randn((2, 8, 64, 96), gen).requires_grad_()
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            for pool in ("avg", "max"):
+                nodes = extension_backend.pool_nodes(x, node_grid_of(x, (3, 5), pool))
+                results.append((nodes, *torch.autograd.grad(nodes, x, torch.ones_like(nodes))))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for run, other in zip(results[:2], results[2:]) for a, b in zip(run, other))
+
+
+def test_cpp_pooled_graph_reads_the_input_without_full_size_temporaries(gen):
+    """The authors' setting on the cpp backend: the forward allocates nothing the input's size (the torch
+    backend's pooling allocates no full-size tensor either, but reads the input twice); the backward's largest
+    tensor is the gradient itself."""
+    cpp_pooling()
+    s, t = near_converged_pair((2, 16, 64, 64), gen)
+    loss = fastkd.PairwiseAffinityLoss(pool_scale=0.5, detach_norm=True, backend="cpp")
+    s.requires_grad_()
+    with LargestTensor() as recorder:
+        value = loss(s, t)
+    assert 0 < recorder.largest_bytes <= 2 * 16 * 4 * 8  # the (B, C, 2, 2) float64 nodes
+    with LargestTensor() as recorder:
+        (grad,) = torch.autograd.grad(value, s)
+    assert recorder.largest_bytes == grad.numel() * grad.element_size()
+
+
+@pytest.mark.parametrize("pool", ["avg", "max"])
+def test_cpp_pool_nodes_ops_pass_opcheck(pool, gen):
+    cpp_pooling()
+    forward_op, backward_op = torch.ops.fastkd.pool_nodes_forward.default, torch.ops.fastkd.pool_nodes_backward.default
+    x = randn((2, 3, 7, 5), gen).requires_grad_()
+    torch.library.opcheck(forward_op, (x, 3, 2, pool == "max"))
+    nodes, winners = forward_op(x.detach(), 3, 2, pool == "max")
+    torch.library.opcheck(backward_op, (torch.rand_like(nodes), x.detach(), winners, 3, 2, pool == "max"))
+
+
+def test_cpp_pool_nodes_ops_refuse_bad_arguments(gen):
+    cpp_pooling()
+    x = randn((2, 3, 7, 5), gen)
+    with pytest.raises(RuntimeError, match="`kernel_h` and `kernel_w` must be >= 1"):
+        torch.ops.fastkd.pool_nodes_forward(x, 0, 2, True)
+    with pytest.raises(RuntimeError, match=r"`x` must be \(B, C, H, W\)"):
+        torch.ops.fastkd.pool_nodes_forward(x[0], 2, 2, True)
+    nodes, winners = torch.ops.fastkd.pool_nodes_forward(x, 3, 2, True)
+    with pytest.raises(RuntimeError, match="`grad_nodes` must be"):
+        torch.ops.fastkd.pool_nodes_backward(nodes[:1], x, winners, 3, 2, True)
+    with pytest.raises(RuntimeError, match="`winners` must be int64"):
+        torch.ops.fastkd.pool_nodes_backward(nodes, x, winners.int(), 3, 2, True)

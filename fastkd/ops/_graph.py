@@ -8,7 +8,7 @@ Chebyshev window of radius r on the node grid (``affinity_window``).
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple, Optional, Tuple
+from typing import Callable, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -92,9 +92,13 @@ def normalize_nodes(f: torch.Tensor, eps: float, detach_norm: bool) -> torch.Ten
     return f / (norm + eps)
 
 
-def graph_nodes(x: torch.Tensor, grid: NodeGrid, eps: float, detach_norm: bool) -> torch.Tensor:
+# How the nodes of an input are pooled: (x, grid) -> (B, C, grid_h, grid_w) float64, as pool_nodes.
+Pool = Callable[[torch.Tensor, NodeGrid], torch.Tensor]
+
+
+def graph_nodes(x: torch.Tensor, grid: NodeGrid, eps: float, detach_norm: bool, pool: Pool = pool_nodes) -> torch.Tensor:
     """(B, C, H, W) input -> (B, C, grid_h, grid_w) pooled, normalised float64 nodes."""
-    return normalize_nodes(pool_nodes(x, grid), eps, detach_norm)
+    return normalize_nodes(pool(x, grid), eps, detach_norm)
 
 
 # ----------------------------------------------------------------------------------------- the full graph

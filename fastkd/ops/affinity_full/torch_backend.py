@@ -37,7 +37,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from fastkd.ops._common import COMPUTE_DTYPE
-from fastkd.ops._graph import NodeGrid, graph_nodes, pool_nodes
+from fastkd.ops._graph import NodeGrid, Pool, graph_nodes, pool_nodes
 
 # The Gram path walks U = [S; T] in chunks of CHUNK_ELEMENTS float64 values (2 MiB: a chunk and its two or
 # three scratch buffers stay in cache between the widening, the normalisation and the GEMMs), or of 1 / MAX_CHUNKS
@@ -260,19 +260,20 @@ class GramTerms(torch.autograd.Function):
         return grads[0], grads[1], None, None, None
 
 
-def gram_nodes(x: torch.Tensor, grid: NodeGrid) -> torch.Tensor:
+def gram_nodes(x: torch.Tensor, grid: NodeGrid, pool: Pool) -> torch.Tensor:
     """(B, C, H, W) -> (B, C, m) nodes, not normalised: the pixels in the input's dtype for a 1 x 1 patch,
     else the float64 pooled nodes."""
     if (grid.kernel_h, grid.kernel_w) == (1, 1):
         return x.flatten(2)
-    return pool_nodes(x, grid).flatten(2)
+    return pool(x, grid).flatten(2)
 
 
 def full_graph_terms(s: torch.Tensor, t: torch.Tensor, grid: NodeGrid, eps: float, detach_norm: bool,
-                     use_gram: bool, per_row: bool) -> torch.Tensor:
-    """``r_i`` (B, m) with ``per_row``, else ``sum_i r_i`` (B,), float64."""
+                     use_gram: bool, per_row: bool, *, pool: Pool = pool_nodes) -> torch.Tensor:
+    """``r_i`` (B, m) with ``per_row``, else ``sum_i r_i`` (B,), float64; the nodes pooled by ``pool`` (the cpp
+    backend passes its compiled pooling)."""
     if use_gram:
-        return GramTerms.apply(gram_nodes(s, grid), gram_nodes(t, grid), eps, detach_norm, per_row)
-    s_hat = graph_nodes(s, grid, eps, detach_norm).flatten(2)
-    t_hat = graph_nodes(t, grid, eps, detach_norm).flatten(2)
+        return GramTerms.apply(gram_nodes(s, grid, pool), gram_nodes(t, grid, pool), eps, detach_norm, per_row)
+    s_hat = graph_nodes(s, grid, eps, detach_norm, pool).flatten(2)
+    t_hat = graph_nodes(t, grid, eps, detach_norm, pool).flatten(2)
     return direct_terms(s_hat, t_hat, per_row)
