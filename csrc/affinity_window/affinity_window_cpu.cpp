@@ -44,6 +44,7 @@
 
 #include "affinity_window_math.cuh"
 #include "../common/cpu_clones.h"
+#include "../common/huge_pages_cpu.h"
 #include "../common/nodes_math.cuh"
 #include "../common/pixel_rows_cpu.h"
 
@@ -582,7 +583,7 @@ at::Tensor affinity_window_backward(const at::Tensor& grad_total, const at::Tens
   TORCH_CHECK(difference.sizes() == at::IntArrayRef({batch, half, m}), "`difference` must be (B, half window, m) = (",
               batch, ", ", half, ", ", m, "), got ", difference.sizes());
   TORCH_CHECK(grad_total.numel() == 1, "`grad_total` must hold one element, got ", grad_total.numel());
-  at::Tensor grad = at::empty_like(x);
+  at::Tensor grad = empty_like_on_huge_pages(x);
   if (x.numel() == 0) return grad;
   const double scale = 4.0 * sign * grad_total.item<double>();
   const at::Tensor norms_double = norms.to(at::kDouble).contiguous();

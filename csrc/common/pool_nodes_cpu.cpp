@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "cpu_clones.h"
+#include "huge_pages_cpu.h"
 #include "precision.cuh"
 
 namespace fastkd {
@@ -300,7 +301,7 @@ at::Tensor pool_nodes_backward(const at::Tensor& grad_nodes, const at::Tensor& x
   TORCH_CHECK(!max_pool || (winners.sizes() == node_shape && winners.scalar_type() == at::kLong), kBackwardName,
               ": `winners` must be int64 of the nodes' shape ", node_shape, ", got ", winners.scalar_type(), " ",
               winners.sizes());
-  at::Tensor grad = at::empty_like(x);
+  at::Tensor grad = empty_like_on_huge_pages(x);
   if (x.numel() == 0) return grad;
   const at::Tensor grad_double = grad_nodes.to(at::kDouble).contiguous();
   const at::Tensor winners_contiguous = max_pool ? winners.contiguous() : winners;

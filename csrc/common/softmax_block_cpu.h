@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "cpu_clones.h"
+#include "huge_pages_cpu.h"
 #include "precision.cuh"
 
 namespace fastkd {
@@ -273,7 +274,7 @@ at::Tensor per_pixel_terms(const at::Tensor& s, const at::Tensor& t, double inv_
 template <typename Gradient>
 at::Tensor per_pixel_gradient(const at::Tensor& grad_terms, const at::Tensor& s, const at::Tensor& t, int64_t wrt,
                               double inv_t, const Gradient& gradient) {
-  at::Tensor grad = at::empty_like(wrt == 0 ? s : t);
+  at::Tensor grad = empty_like_on_huge_pages(wrt == 0 ? s : t);
   const std::int64_t batch = s.size(0), channels = s.size(1), pixels = s.size(2) * s.size(3);
   if (grad.numel() == 0) return grad;
   const at::Tensor g = grad_terms.to(at::kDouble).contiguous();

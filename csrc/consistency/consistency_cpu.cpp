@@ -39,6 +39,7 @@
 
 #include "consistency_math.cuh"
 #include "../common/cpu_clones.h"
+#include "../common/huge_pages_cpu.h"
 #include "../common/pixel_rows_cpu.h"
 
 namespace fastkd {
@@ -411,7 +412,7 @@ at::Tensor consistency_backward(const at::Tensor& grad_loss, const at::Tensor& x
                   difference.size(2) == x.size(3),
               "`difference` must be (B, H, W) = (", x.size(0), ", ", x.size(2), ", ", x.size(3), "), got ",
               difference.sizes());
-  at::Tensor grad = at::empty_like(x);
+  at::Tensor grad = empty_like_on_huge_pages(x);
   if (x.numel() == 0) return grad;
   const double scale = 4.0 * sign * grad_loss.item<double>();
   const at::Tensor difference_double = difference.to(at::kDouble).contiguous();
