@@ -7,8 +7,11 @@
 // run for NCHW), each patch's part of the row is folded into the patch's running max (max pooling is exact in
 // any precision) or its double sum, and into its non-finite check, the sum of pixel - pixel (0, or NaN once a
 // pixel is NaN or +-Inf). A patch holding NaN or +-Inf gives a NaN node, as nodes::pool (the CUDA kernels'
-// pooling) does. Max pooling then finds each node's winner in the band, still in cache: the first pixel equal
-// to the max in row-major patch order (the first NaN of a NaN patch; -1 for +-Inf without NaN). The backward
+// pooling) does. Patches narrower than kWideRun are folded a patch column at a time across the row (a loop
+// over the patches that vectorises), wider ones a patch at a time. Max pooling also keeps each node's winner,
+// the first pixel equal to the max in row-major patch order: the first row whose max exceeds the rows above
+// it, and in it the first column (tracked while folding narrow patches, found by a scan of that row, in cache,
+// for wide ones); a NaN patch's is its first NaN, found by a scan, and +-Inf without NaN has none (-1). The backward
 // writes every pixel of dL/dx once, in x's dtype and layout: dL/df / count over an average's patch, dL/df at a
 // max's winner and 0 elsewhere. Each output element is written by one task: bitwise reproducible for any
 // number of threads.
@@ -37,7 +40,7 @@ constexpr const char* kBackwardName = "fastkd::pool_nodes_backward";
 // Pixels a parallel task reads at least (bands are batched up to it): about 128 KiB of float32.
 constexpr std::int64_t kTaskPixels = 1 << 15;
 
-// How a (B, C, H, W) input is cut into nodes, and one tensor's strides over it.
+// How a (B, C, H, W) input is cut into nodes.
 struct Pooling {
   std::int64_t batch, channels, height, width, kernel_h, kernel_w, grid_h, grid_w;
   bool max_pool;
@@ -48,6 +51,7 @@ struct Pooling {
   }
 };
 
+// A (B, C, H, W) tensor's strides.
 struct Strides {
   std::int64_t b, c, h, w;
 };
