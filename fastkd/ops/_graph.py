@@ -96,7 +96,8 @@ def normalize_nodes(f: torch.Tensor, eps: float, detach_norm: bool) -> torch.Ten
 Pool = Callable[[torch.Tensor, NodeGrid], torch.Tensor]
 
 
-def graph_nodes(x: torch.Tensor, grid: NodeGrid, eps: float, detach_norm: bool, pool: Pool = pool_nodes) -> torch.Tensor:
+def graph_nodes(x: torch.Tensor, grid: NodeGrid, eps: float, detach_norm: bool,
+                pool: Pool = pool_nodes) -> torch.Tensor:
     """(B, C, H, W) input -> (B, C, grid_h, grid_w) pooled, normalised float64 nodes."""
     return normalize_nodes(pool(x, grid), eps, detach_norm)
 
