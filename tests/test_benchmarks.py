@@ -105,14 +105,15 @@ def test_kl_div_averages_over_pixels_not_images(gen):
 
 
 def test_gram_fp32_cancels_near_convergence_where_fp64_does_not(gen):
-    """Why the benchmarks report accuracy: at a 1e-3 mismatch the float32 Gram identity loses the loss."""
+    """Why the benchmarks report accuracy: at a 1e-4 mismatch the float32 Gram identity loses the whole loss
+    (an error of 100% on each of 200 seeds tried; at 1e-3 its error is random, from 0.08% to over 100%)."""
     s = randn((1, 16, 24, 24), gen, torch.float32).relu_()
-    t = s * (1 + 1e-3 * randn(s.shape, gen, torch.float32))
+    t = s * (1 + 1e-4 * randn(s.shape, gen, torch.float32))
     expected = providers.OPS["affinity_full"].reference(s, t)
     fp32 = providers.gram_affinity_full(s, t, torch.float32)
     fp64 = providers.gram_affinity_full(s, t, torch.float64)
     assert abs(fp64.item() / expected.item() - 1) < 1e-6
-    assert abs(fp32.item() / expected.item() - 1) > 1e-2
+    assert abs(fp32.item() / expected.item() - 1) > 0.5
 
 
 def test_kernel_backends_on_cpu_are_listed_as_not_timed():
