@@ -41,25 +41,29 @@ def main() -> None:
         fail(f"build_info archs {info['archs']!r}, expected the default {default!r}")
     print(f"build_info: {torch.ops.fastkd.build_info()}")
 
-    declared = {}  # op schema name -> whether its op has a C++ CPU implementation
+    # op schema name -> (whether it has CUDA kernels (<stem>.cu beside <stem>_schema.cpp, and then an emulated
+    # twin), whether it has a C++ CPU implementation (<stem>_cpu.cpp)); a CPU-only schema (common/pool_nodes) has
+    # neither CUDA kernels nor a twin
+    declared = {}
     for path in sorted(glob.glob("csrc/*/*_schema.cpp")):
-        folder = os.path.dirname(path)
+        stem = path[:-len("_schema.cpp")]
         with open(path) as source:
             for name in re.findall(r'"(\w+)\(Tensor', source.read()):
-                declared[name] = os.path.exists(os.path.join(folder, f"{os.path.basename(folder)}_cpu.cpp"))
+                declared[name] = (os.path.exists(f"{stem}.cu"), os.path.exists(f"{stem}_cpu.cpp"))
     if not declared:
         fail("no op schema is declared in csrc/*/*_schema.cpp")
     has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
-    wrong = [f"fastkd::{name}: CUDA kernel missing" for name in declared if not has_kernel(f"fastkd::{name}", "CUDA")]
+    wrong = [f"fastkd::{name}: CUDA kernel {'missing' if cuda else 'unexpected'}"
+             for name, (cuda, _) in declared.items() if has_kernel(f"fastkd::{name}", "CUDA") != cuda]
     wrong += [f"fastkd::{name}: CPU kernel {'missing' if cpu else 'unexpected'}"
-              for name, cpu in declared.items() if has_kernel(f"fastkd::{name}", "CPU") != cpu]
-    wrong += [f"fastkd_emulated::{name}: CPU kernel missing" for name in declared
-              if not has_kernel(f"fastkd_emulated::{name}", "CPU")]
+              for name, (_, cpu) in declared.items() if has_kernel(f"fastkd::{name}", "CPU") != cpu]
+    wrong += [f"fastkd_emulated::{name}: CPU kernel missing" for name, (cuda, _) in declared.items()
+              if cuda and not has_kernel(f"fastkd_emulated::{name}", "CPU")]
     if wrong:
         fail("dispatcher: " + "; ".join(wrong))
-    print(f"dispatcher: {len(declared)} fastkd:: op schemas, each with a CUDA kernel, a CPU kernel for "
-          f"{', '.join(name for name, cpu in declared.items() if cpu)}, and an emulated twin: "
-          f"{', '.join(declared)}")
+    print(f"dispatcher: {len(declared)} fastkd:: op schemas; with a CUDA kernel and an emulated twin: "
+          f"{', '.join(name for name, (cuda, _) in declared.items() if cuda)}; with a CPU kernel: "
+          f"{', '.join(name for name, (_, cpu) in declared.items() if cpu)}")
 
     library = _extension._C.__file__
     elves = subprocess.run([CUOBJDUMP, "--list-elf", library], capture_output=True, text=True, check=True).stdout
