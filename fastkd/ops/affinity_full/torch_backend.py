@@ -19,7 +19,8 @@ nodes' dtype chunk by chunk. Student and teacher rows of G are used only for the
 
 The nodes: for a 1 x 1 patch the input's pixels, in its dtype (a NaN or Inf there makes its normalised node
 NaN, and every Gram entry it touches: the terms are NaN); pooled nodes come from
-:func:`fastkd.ops._graph.pool_nodes` (float64, a patch times smaller), and autograd differentiates the pooling.
+:func:`fastkd.ops._graph.pool_nodes` (float64, a patch times smaller; the cpp backend passes its compiled pooling
+as ``pool``), and autograd differentiates the pooling.
 
 Direct path (when m is small next to C): the m x m difference of the float64 nodes materialised, differentiated
 by autograd.
