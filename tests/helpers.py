@@ -20,6 +20,8 @@ TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # The CUDA kernels run on the GPU when there is one, else on CPU tensors through fastkd's CUDA emulator
 # (tests set FASTKD_EMULATE_CUDA=1 for them).
 CUDA_DEVICE = TRITON_DEVICE
+# benchmarks/, whose modules (providers, the emulator's profile cases) some tests import.
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
 
 

@@ -14,9 +14,8 @@ import types
 import pytest
 import torch
 
-from helpers import randn
+from helpers import BENCHMARKS, randn
 
-BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 sys.path.insert(0, BENCHMARKS)
 
 import floors  # noqa: E402

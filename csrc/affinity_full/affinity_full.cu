@@ -43,8 +43,8 @@ FASTKD_DEVICE double add_staged_dot(double acc, Tile& a_tile, int a0, int a_step
 
 // Block (kTile, kTile), grid (x tiles * y tiles, splits, B): thread (tx, ty) owns out[x0 + ty][y0 + tx].
 template <typename T>
-FASTKD_GLOBAL void gram_kernel(Nodes<T> x, Nodes<T> y, Grid grid, double eps, const double* weight,
-                               std::int64_t nodes_per_split, double* partials) {
+FASTKD_GLOBAL void gram_kernel(Nodes<T> x, Nodes<T> y, Grid grid, double eps, global_ptr<const double> weight,
+                               std::int64_t nodes_per_split, global_ptr<double> partials) {
   FASTKD_SHARED(double, x_tile, kTileElements);  // [channel][node]
   FASTKD_SHARED(double, y_tile, kTileElements);
   const std::int64_t m = nodes::node_count(grid);
@@ -74,9 +74,9 @@ FASTKD_GLOBAL void gram_kernel(Nodes<T> x, Nodes<T> y, Grid grid, double eps, co
 
 // acc + M[row0 + ty, :] . X_hat[:, n0 + tx] for a contiguous (B, rows, X channels) matrix M.
 template <typename T, typename Tile>
-FASTKD_DEVICE double matrix_times_nodes(const double* matrix, std::int64_t rows, const Nodes<T>& x, const Grid& grid,
-                                        double eps, std::int64_t b, std::int64_t row0, std::int64_t n0,
-                                        Tile& matrix_tile, Tile& node_tile) {
+FASTKD_DEVICE double matrix_times_nodes(global_ptr<const double> matrix, std::int64_t rows, const Nodes<T>& x,
+                                        const Grid& grid, double eps, std::int64_t b, std::int64_t row0,
+                                        std::int64_t n0, Tile& matrix_tile, Tile& node_tile) {
   const int tx = threadIdx.x, ty = threadIdx.y;
   const std::int64_t channels = x.map.channels;
   double acc = 0.0;
@@ -93,9 +93,10 @@ FASTKD_DEVICE double matrix_times_nodes(const double* matrix, std::int64_t rows,
 // n0 + tx for the row tiles r0 = (blockIdx.y + k gridDim.y) kTile. The forms need every row of a node in one
 // block (gridDim.y == 1): each thread sums its rows, then the 16 threads of a node are summed in order.
 template <typename T>
-FASTKD_GLOBAL void apply_kernel(Nodes<T> p, Nodes<T> q, Grid grid, double eps, const double* a1, const double* b1,
-                                const double* a2, const double* b2, const double* weight, double* out,
-                                double* dot_a, double* dot_b) {
+FASTKD_GLOBAL void apply_kernel(Nodes<T> p, Nodes<T> q, Grid grid, double eps, global_ptr<const double> a1,
+                                global_ptr<const double> b1, global_ptr<const double> a2, global_ptr<const double> b2,
+                                global_ptr<const double> weight, global_ptr<double> out, global_ptr<double> dot_a,
+                                global_ptr<double> dot_b) {
   FASTKD_SHARED(double, matrix_tile, kTileElements);
   FASTKD_SHARED(double, node_tile, kTileElements);
   FASTKD_SHARED(double, sums_a, kTileElements);
@@ -160,7 +161,7 @@ FASTKD_DEVICE double affinity(const Nodes<T>& x, const Grid& grid, double eps, s
 
 // Block (kTile, kTile), grid (row tiles, B): thread (tx, ty) forms D[i0 + ty][j0 + tx] for every j tile.
 template <typename T>
-FASTKD_GLOBAL void direct_rows_kernel(Nodes<T> s, Nodes<T> t, Grid grid, double eps, double* rows) {
+FASTKD_GLOBAL void direct_rows_kernel(Nodes<T> s, Nodes<T> t, Grid grid, double eps, global_ptr<double> rows) {
   FASTKD_SHARED(double, i_tile, kTileElements);
   FASTKD_SHARED(double, j_tile, kTileElements);
   FASTKD_SHARED(double, sums, kTileElements);
@@ -185,8 +186,8 @@ FASTKD_GLOBAL void direct_rows_kernel(Nodes<T> s, Nodes<T> t, Grid grid, double 
 // out[:, i0 + tx] += sign sum_j weighted[i][j] x_j over one j tile, thread (tx, ty) owning the channels
 // c0 + ty; out (B, C, m) double. Only this block writes the columns i0..i0 + kTile - 1.
 template <typename T, typename Tile>
-FASTKD_DEVICE void accumulate_columns(double* out, double sign, const Nodes<T>& x, const Grid& grid, double eps,
-                                      std::int64_t b, std::int64_t i0, std::int64_t j0, Tile& weighted,
+FASTKD_DEVICE void accumulate_columns(global_ptr<double> out, double sign, const Nodes<T>& x, const Grid& grid,
+                                      double eps, std::int64_t b, std::int64_t i0, std::int64_t j0, Tile& weighted,
                                       Tile& j_tile) {
   const int tx = threadIdx.x, ty = threadIdx.y;
   const std::int64_t m = nodes::node_count(grid);
@@ -201,8 +202,9 @@ FASTKD_DEVICE void accumulate_columns(double* out, double sign, const Nodes<T>& 
 
 // Block (kTile, kTile), grid (node tiles, B).
 template <typename T>
-FASTKD_GLOBAL void direct_backward_kernel(Nodes<T> s, Nodes<T> t, Grid grid, double eps, const double* weight,
-                                          double* grad_s, double* grad_t) {
+FASTKD_GLOBAL void direct_backward_kernel(Nodes<T> s, Nodes<T> t, Grid grid, double eps,
+                                          global_ptr<const double> weight, global_ptr<double> grad_s,
+                                          global_ptr<double> grad_t) {
   FASTKD_SHARED(double, i_tile, kTileElements);
   FASTKD_SHARED(double, j_tile, kTileElements);
   FASTKD_SHARED(double, weighted, kTileElements);  // [i][j]: 2 (w_i + w_j) D_ij
@@ -222,7 +224,7 @@ FASTKD_GLOBAL void direct_backward_kernel(Nodes<T> s, Nodes<T> t, Grid grid, dou
   }
 }
 
-unsigned tiles_for(std::int64_t items) { return static_cast<unsigned>((items + kTile - 1) / kTile); }
+std::int64_t tiles_for(std::int64_t items) { return (items + kTile - 1) / kTile; }
 
 }  // namespace
 
@@ -230,10 +232,10 @@ template <typename T>
 void affinity_full_gram(const nodes::Nodes<T>& x, const nodes::Nodes<T>& y, const nodes::Grid& grid, double eps,
                         const double* weight, std::int64_t batch, std::int64_t splits, std::int64_t nodes_per_split,
                         double* partials, fastkd_stream_t stream) {
-  const unsigned tiles = tiles_for(x.map.channels) * tiles_for(y.map.channels);
+  const std::int64_t tiles = tiles_for(x.map.channels) * tiles_for(y.map.channels);
   if (tiles == 0 || batch == 0 || splits == 0) return;
-  FASTKD_LAUNCH(gram_kernel<T>, dim3(tiles, static_cast<unsigned>(splits), static_cast<unsigned>(batch)),
-                dim3(kTile, kTile), stream, x, y, grid, eps, weight, nodes_per_split, partials);
+  FASTKD_LAUNCH(gram_kernel<T>, LaunchExtent(tiles, splits, batch), dim3(kTile, kTile), stream, x, y, grid, eps,
+                weight, nodes_per_split, partials);
 }
 
 template <typename T>
@@ -241,19 +243,19 @@ void affinity_full_apply(const nodes::Nodes<T>& p, const nodes::Nodes<T>& q, con
                          const double* a1, const double* b1, const double* a2, const double* b2,
                          const double* weight, std::int64_t batch, double* out, double* dot_a, double* dot_b,
                          fastkd_stream_t stream) {
-  const unsigned node_tiles = tiles_for(nodes::node_count(grid));
-  const unsigned row_groups = dot_a != nullptr ? 1u : tiles_for(p.map.channels);
+  const std::int64_t node_tiles = tiles_for(nodes::node_count(grid));
+  const std::int64_t row_groups = dot_a != nullptr ? 1 : tiles_for(p.map.channels);
   if (node_tiles == 0 || row_groups == 0 || batch == 0) return;
-  FASTKD_LAUNCH(apply_kernel<T>, dim3(node_tiles, row_groups, static_cast<unsigned>(batch)), dim3(kTile, kTile),
+  FASTKD_LAUNCH(apply_kernel<T>, LaunchExtent(node_tiles, row_groups, batch), dim3(kTile, kTile),
                 stream, p, q, grid, eps, a1, b1, a2, b2, weight, out, dot_a, dot_b);
 }
 
 template <typename T>
 void affinity_full_direct_rows(const nodes::Nodes<T>& s, const nodes::Nodes<T>& t, const nodes::Grid& grid,
                                double eps, std::int64_t batch, double* rows, fastkd_stream_t stream) {
-  const unsigned node_tiles = tiles_for(nodes::node_count(grid));
+  const std::int64_t node_tiles = tiles_for(nodes::node_count(grid));
   if (node_tiles == 0 || batch == 0) return;
-  FASTKD_LAUNCH(direct_rows_kernel<T>, dim3(node_tiles, static_cast<unsigned>(batch)), dim3(kTile, kTile), stream,
+  FASTKD_LAUNCH(direct_rows_kernel<T>, LaunchExtent(node_tiles, batch), dim3(kTile, kTile), stream,
                 s, t, grid, eps, rows);
 }
 
@@ -261,9 +263,9 @@ template <typename T>
 void affinity_full_direct_backward(const nodes::Nodes<T>& s, const nodes::Nodes<T>& t, const nodes::Grid& grid,
                                    double eps, const double* weight, std::int64_t batch, double* grad_s,
                                    double* grad_t, fastkd_stream_t stream) {
-  const unsigned node_tiles = tiles_for(nodes::node_count(grid));
+  const std::int64_t node_tiles = tiles_for(nodes::node_count(grid));
   if (node_tiles == 0 || batch == 0 || (grad_s == nullptr && grad_t == nullptr)) return;
-  FASTKD_LAUNCH(direct_backward_kernel<T>, dim3(node_tiles, static_cast<unsigned>(batch)), dim3(kTile, kTile),
+  FASTKD_LAUNCH(direct_backward_kernel<T>, LaunchExtent(node_tiles, batch), dim3(kTile, kTile),
                 stream, s, t, grid, eps, weight, grad_s, grad_t);
 }
 

@@ -34,9 +34,10 @@ FASTKD_DEVICE std::int64_t thread_index() {
 }
 
 template <typename T>
-FASTKD_GLOBAL void affinity_window_forward_kernel(const T* s, Map s_map, const double* s_norms, const T* t,
-                                                  Map t_map, const double* t_norms, Grid grid, std::int64_t batch,
-                                                  double eps, double* difference, double* partials) {
+FASTKD_GLOBAL void affinity_window_forward_kernel(global_ptr<const T> s, Map s_map, global_ptr<const double> s_norms,
+                                                  global_ptr<const T> t, Map t_map, global_ptr<const double> t_norms,
+                                                  Grid grid, std::int64_t batch, double eps,
+                                                  global_ptr<double> difference, global_ptr<double> partials) {
   const std::int64_t m = nodes::node_count(grid);
   const std::int64_t index = thread_index();
   double squares = 0.0;
@@ -51,9 +52,10 @@ FASTKD_GLOBAL void affinity_window_forward_kernel(const T* s, Map s_map, const d
 // grad_hat[b, c, i] = 4 sign grad sum_{j in window(i)} D_ij f_hat_j[c]: d total / d f_hat_i collects
 // 2 D_ij f_hat_j from each of the terms (i, j) and (j, i), and 2 D_ii 2 f_hat_i from the diagonal.
 template <typename T>
-FASTKD_GLOBAL void affinity_window_gradient_kernel(const T* x, Map map, const double* norms, const double* difference,
-                                                   Grid grid, std::int64_t batch, double eps,
-                                                   const double* grad_total, double sign, double* grad_hat) {
+FASTKD_GLOBAL void affinity_window_gradient_kernel(global_ptr<const T> x, Map map, global_ptr<const double> norms,
+                                                   global_ptr<const double> difference, Grid grid, std::int64_t batch,
+                                                   double eps, global_ptr<const double> grad_total, double sign,
+                                                   global_ptr<double> grad_hat) {
   const std::int64_t m = nodes::node_count(grid), half = affinity_window::half_window(grid);
   const std::int64_t per_image = map.channels * m, index = thread_index();
   if (index >= batch * per_image) return;
@@ -63,7 +65,7 @@ FASTKD_GLOBAL void affinity_window_gradient_kernel(const T* x, Map map, const do
                                                      eps);
 }
 
-unsigned blocks_for(std::int64_t items) { return static_cast<unsigned>((items + kThreads - 1) / kThreads); }
+std::int64_t blocks_for(std::int64_t items) { return (items + kThreads - 1) / kThreads; }
 
 }  // namespace
 
@@ -75,9 +77,9 @@ template <typename T>
 void affinity_window_forward(const T* s, const Map& s_map, const double* s_norms, const T* t, const Map& t_map,
                              const double* t_norms, const Grid& grid, std::int64_t batch, double eps,
                              double* difference, double* partials, fastkd_stream_t stream) {
-  const unsigned blocks = blocks_for(batch * nodes::node_count(grid));
-  FASTKD_LAUNCH(affinity_window_forward_kernel<T>, dim3(blocks), dim3(kThreads), stream, s, s_map, s_norms, t, t_map,
-                t_norms, grid, batch, eps, difference, partials);
+  const std::int64_t blocks = blocks_for(batch * nodes::node_count(grid));
+  FASTKD_LAUNCH(affinity_window_forward_kernel<T>, LaunchExtent(blocks), dim3(kThreads), stream, s, s_map, s_norms,
+                t, t_map, t_norms, grid, batch, eps, difference, partials);
 }
 
 template <typename T>
@@ -86,7 +88,7 @@ void affinity_window_backward(const T* x, const Map& map, const double* norms, c
                               const double* grad_total, double sign, double* grad_hat, T* grad, const Map& grad_map,
                               fastkd_stream_t stream) {
   const std::int64_t m = nodes::node_count(grid);
-  FASTKD_LAUNCH(affinity_window_gradient_kernel<T>, dim3(blocks_for(batch * map.channels * m)), dim3(kThreads),
+  FASTKD_LAUNCH(affinity_window_gradient_kernel<T>, LaunchExtent(blocks_for(batch * map.channels * m)), dim3(kThreads),
                 stream, x, map, norms, difference, grid, batch, eps, grad_total, sign, grad_hat);
   node_backward(grad_hat, x, map, norms, grid, eps, detach_norm, batch, grad, grad_map, stream);
 }

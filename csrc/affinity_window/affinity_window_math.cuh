@@ -63,7 +63,8 @@ FASTKD_HOST_DEVICE inline std::int64_t half_partner(const Grid& grid, std::int64
 
 // a_ij = f_hat_i . f_hat_j = (f_i . f_j) / ((||f_i|| + eps) (||f_j|| + eps)); `norms` are image b's.
 template <typename T>
-FASTKD_HOST_DEVICE double affinity(const T* x, const nodes::Map& map, const double* norms, const Grid& grid,
+FASTKD_HOST_DEVICE double affinity(global_ptr<const T> x, const nodes::Map& map, global_ptr<const double> norms,
+                                   const Grid& grid,
                                    std::int64_t b, std::int64_t i, std::int64_t j, double eps) {
   double dot = 0.0;
   for (std::int64_t c = 0; c < map.channels; ++c) {
@@ -76,9 +77,9 @@ FASTKD_HOST_DEVICE double affinity(const T* x, const nodes::Map& map, const doub
 // `difference` ((half, m), contiguous). D_ij of an offset outside the stored half was stored at the partner
 // j under the mirrored offset (D_ji = D_ij).
 template <typename T>
-FASTKD_HOST_DEVICE double window_gradient(const T* x, const nodes::Map& map, const double* norms,
-                                          const double* difference, const Grid& grid, std::int64_t b, std::int64_t c,
-                                          std::int64_t i, double eps) {
+FASTKD_HOST_DEVICE double window_gradient(global_ptr<const T> x, const nodes::Map& map, global_ptr<const double> norms,
+                                          global_ptr<const double> difference, const Grid& grid, std::int64_t b,
+                                          std::int64_t c, std::int64_t i, double eps) {
   const std::int64_t m = nodes::node_count(grid);
   double sum = 0.0;
   for (std::int64_t dy = -grid.reach_h; dy <= grid.reach_h; ++dy) {
@@ -98,9 +99,10 @@ FASTKD_HOST_DEVICE double window_gradient(const T* x, const nodes::Map& map, con
 // and returns the node's share of the total, sum_k D_ik^2 with the diagonal once and the others twice
 // ((i, j) and its mirror (j, i) are one stored offset).
 template <typename S, typename T>
-FASTKD_HOST_DEVICE double half_window_row(const S* s, const nodes::Map& s_map, const double* s_norms, const T* t,
-                                          const nodes::Map& t_map, const double* t_norms, const Grid& grid, std::int64_t b,
-                                          std::int64_t i, double eps, double* difference) {
+FASTKD_HOST_DEVICE double half_window_row(global_ptr<const S> s, const nodes::Map& s_map,
+                                          global_ptr<const double> s_norms, global_ptr<const T> t,
+                                          const nodes::Map& t_map, global_ptr<const double> t_norms, const Grid& grid,
+                                          std::int64_t b, std::int64_t i, double eps, global_ptr<double> difference) {
   const std::int64_t m = nodes::node_count(grid), half = half_window(grid);
   double squares = 0.0;
   for (std::int64_t k = 0; k < half; ++k) {

@@ -3,9 +3,13 @@
 //
 //   FASTKD_GLOBAL / FASTKD_DEVICE / FASTKD_HOST_DEVICE   __global__ / __device__ / __host__ __device__
 //   FASTKD_SHARED(T, name, N)                             a __shared__ T name[N] (race-checked when emulated)
-//   FASTKD_LAUNCH(kernel, grid, block, stream, args...)   kernel<<<grid, block, 0, stream>>>(args...), then a
-//                                                         check of the launch that throws std::runtime_error
+//   FASTKD_LAUNCH(kernel, grid, block, stream, args...)   kernel<<<grid, block, 0, stream>>>(args...), after a
+//                                                         check of grid and block (LaunchExtents, 64-bit)
+//                                                         against CUDA's limits (launch_limits.h), then a
+//                                                         check of the launch; both throw std::runtime_error
 //                                                         naming the kernel and its configuration
+//   fastkd::global_ptr<T>                                 what kernels take global memory as: T*, or the
+//                                                         emulator's checked GlobalPtr<T> when emulated
 //   fastkd_stream_t                                       cudaStream_t
 //   FASTKD_KERNELS                                        the namespace of the kernels: fastkd::cuda, or
 //                                                         fastkd::emulated when emulated (both can be linked)
@@ -16,6 +20,8 @@
 #pragma once
 
 #include <cstdint>
+
+#include "launch_limits.h"
 
 #if defined(__CUDACC__) || defined(FASTKD_CUDA_HOST)
 
@@ -31,26 +37,29 @@
 #define FASTKD_DEVICE __device__
 #define FASTKD_HOST_DEVICE __host__ __device__
 #define FASTKD_SHARED(T, name, N) __shared__ T name[N]
-#define FASTKD_LAUNCH(kernel, grid, block, stream, ...)                               \
-  do {                                                                                \
-    const dim3 fastkd_launch_grid = (grid), fastkd_launch_block = (block);            \
-    kernel<<<fastkd_launch_grid, fastkd_launch_block, 0, (stream)>>>(__VA_ARGS__);    \
-    ::fastkd::check_launch(cudaGetLastError(), #kernel, fastkd_launch_grid, fastkd_launch_block); \
+#define FASTKD_LAUNCH(kernel, grid, block, stream, ...)                                                  \
+  do {                                                                                                   \
+    const ::fastkd::LaunchExtent fastkd_launch_grid = (grid), fastkd_launch_block = (block);             \
+    ::fastkd::check_launch_limits(#kernel, fastkd_launch_grid, fastkd_launch_block);                      \
+    kernel<<<::fastkd::to_dim3(fastkd_launch_grid), ::fastkd::to_dim3(fastkd_launch_block), 0, (stream)>>>( \
+        __VA_ARGS__);                                                                                    \
+    ::fastkd::check_launch(cudaGetLastError(), #kernel, fastkd_launch_grid, fastkd_launch_block);         \
   } while (0)
 
 namespace fastkd {
 
-// The status of the launch just made (cudaGetLastError, which also clears it): a bad configuration, too
-// many resources or no kernel image for this GPU raises here, at the op that launched, instead of at torch's
-// next CUDA call or not at all (leaving the outputs uninitialised). Errors while the kernel runs surface at
-// the next synchronisation, as with C10_CUDA_KERNEL_LAUNCH_CHECK.
-inline void check_launch(cudaError_t status, const char* kernel, dim3 grid, dim3 block) {
+inline dim3 to_dim3(const LaunchExtent& e) {  // within CUDA's limits: check_launch_limits came first
+  return dim3(static_cast<unsigned>(e.x), static_cast<unsigned>(e.y), static_cast<unsigned>(e.z));
+}
+
+// The status of the launch just made (cudaGetLastError, which also clears it): too many resources or no
+// kernel image for this GPU raises here, at the op that launched, instead of at torch's next CUDA call or not
+// at all (leaving the outputs uninitialised). Errors while the kernel runs surface at the next
+// synchronisation, as with C10_CUDA_KERNEL_LAUNCH_CHECK.
+inline void check_launch(cudaError_t status, const char* kernel, const LaunchExtent& grid, const LaunchExtent& block) {
   if (status == cudaSuccess) return;
-  const auto triple = [](dim3 d) {
-    return "(" + std::to_string(d.x) + ", " + std::to_string(d.y) + ", " + std::to_string(d.z) + ")";
-  };
-  throw std::runtime_error(std::string("fastkd: launching ") + kernel + " with grid " + triple(grid) + " and block " +
-                           triple(block) + " failed: " + cudaGetErrorName(status) + ": " + cudaGetErrorString(status));
+  throw std::runtime_error(std::string("fastkd: launching ") + describe_launch(kernel, grid, block) + " failed: " +
+                           cudaGetErrorName(status) + ": " + cudaGetErrorString(status));
 }
 
 }  // namespace fastkd
@@ -72,8 +81,9 @@ using fastkd_bfloat16 = __nv_bfloat16;
 #define FASTKD_SHARED(T, name, N)     \
   static const char name##_site = 0; \
   auto& name = ::fastkd::emu::shared_array<T, N>(&name##_site, #name)
-#define FASTKD_LAUNCH(kernel, grid, block, stream, ...) \
-  ((void)(stream), ::fastkd::emu::launch((grid), (block), [&] { kernel(__VA_ARGS__); }))
+#define FASTKD_LAUNCH(kernel, grid, block, stream, ...)                                                   \
+  ((void)(stream), ::fastkd::emu::launch(#kernel, (grid), (block), #__VA_ARGS__, [&] { kernel(__VA_ARGS__); }, \
+                                         __VA_ARGS__))
 #define FASTKD_KERNELS emulated
 using fastkd_stream_t = void*;
 using fastkd_half = __half;
@@ -83,3 +93,13 @@ using fastkd_bfloat16 = __nv_bfloat16;
 // A plain C++ compiler without the emulator: only the host-device math headers may be included this way.
 #define FASTKD_HOST_DEVICE
 #endif
+
+namespace fastkd {
+#if defined(FASTKD_EMULATE_CUDA) && !defined(__CUDACC__) && !defined(FASTKD_CUDA_HOST)
+template <typename T>
+using global_ptr = emu::GlobalPtr<T>;
+#else
+template <typename T>
+using global_ptr = T*;
+#endif
+}  // namespace fastkd

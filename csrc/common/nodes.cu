@@ -18,7 +18,8 @@ using nodes::Grid;
 using nodes::Map;
 
 template <typename T>
-FASTKD_GLOBAL void node_norm_kernel(const T* x, Map map, Grid grid, std::int64_t batch, double* norms) {
+FASTKD_GLOBAL void node_norm_kernel(global_ptr<const T> x, Map map, Grid grid, std::int64_t batch,
+                                    global_ptr<double> norms) {
   const std::int64_t m = nodes::node_count(grid);
   const std::int64_t index = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (index >= batch * m) return;
@@ -26,15 +27,16 @@ FASTKD_GLOBAL void node_norm_kernel(const T* x, Map map, Grid grid, std::int64_t
 }
 
 template <typename T>
-FASTKD_GLOBAL void node_backward_kernel(const double* grad_hat, const T* x, Map map, const double* norms, Grid grid,
-                                        double eps, bool detach_norm, std::int64_t batch, T* grad, Map grad_map) {
+FASTKD_GLOBAL void node_backward_kernel(global_ptr<const double> grad_hat, global_ptr<const T> x, Map map,
+                                        global_ptr<const double> norms, Grid grid, double eps, bool detach_norm,
+                                        std::int64_t batch, global_ptr<T> grad, Map grad_map) {
   const std::int64_t m = nodes::node_count(grid);
   const std::int64_t index = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (index >= batch * m) return;
   nodes::node_backward(grad_hat, x, map, norms, grid, eps, detach_norm, index / m, index % m, grad, grad_map);
 }
 
-unsigned blocks_for(std::int64_t items) { return static_cast<unsigned>((items + kThreads - 1) / kThreads); }
+std::int64_t blocks_for(std::int64_t items) { return (items + kThreads - 1) / kThreads; }
 
 }  // namespace
 
@@ -43,7 +45,8 @@ void node_norms(const T* x, const nodes::Map& map, const nodes::Grid& grid, std:
                 fastkd_stream_t stream) {
   const std::int64_t items = batch * nodes::node_count(grid);
   if (items == 0) return;
-  FASTKD_LAUNCH(node_norm_kernel<T>, dim3(blocks_for(items)), dim3(kThreads), stream, x, map, grid, batch, norms);
+  FASTKD_LAUNCH(node_norm_kernel<T>, LaunchExtent(blocks_for(items)), dim3(kThreads), stream, x, map, grid, batch,
+                norms);
 }
 
 template <typename T>
@@ -52,8 +55,8 @@ void node_backward(const double* grad_hat, const T* x, const nodes::Map& map, co
                    const nodes::Map& grad_map, fastkd_stream_t stream) {
   const std::int64_t items = batch * nodes::node_count(grid);
   if (items == 0) return;
-  FASTKD_LAUNCH(node_backward_kernel<T>, dim3(blocks_for(items)), dim3(kThreads), stream, grad_hat, x, map, norms,
-                grid, eps, detach_norm, batch, grad, grad_map);
+  FASTKD_LAUNCH(node_backward_kernel<T>, LaunchExtent(blocks_for(items)), dim3(kThreads), stream, grad_hat, x, map,
+                norms, grid, eps, detach_norm, batch, grad, grad_map);
 }
 
 #define FASTKD_INSTANTIATE(T)                                                                                   \

@@ -43,13 +43,25 @@ FASTKD_HOST_DEVICE inline Grid make_grid(std::int64_t height, std::int64_t width
 
 FASTKD_HOST_DEVICE inline std::int64_t node_count(const Grid& grid) { return grid.grid_h * grid.grid_w; }
 
-// One operand of the affinity kernels: the input, its layout and its node norms ((B, m) double).
-template <typename T>
+// One operand of the affinity kernels: the input, its layout and its node norms ((B, m) double). `Input` is
+// the input's pointer type, so that the emulator's Nodes (checked pointers) is a type of its own, apart from
+// the one of the CUDA build linked beside it.
+template <typename T, typename Input = global_ptr<const T>>
 struct Nodes {
-  const T* x;
+  Input x;
   Map map;
-  const double* norm;
+  global_ptr<const double> norm;
 };
+
+#if defined(FASTKD_EMULATE_CUDA)
+// The global memory a Nodes holds, for the emulator's race reports (cuda_emulator.h, add_regions).
+template <typename T, typename Input, typename Visit>
+void emulator_pointers(const Nodes<T, Input>& operand, Visit&& visit) {
+  visit("x", operand.x);
+  visit("norm", operand.norm);
+}
+static_assert(emu::HasPointers<Nodes<float>>::value, "the emulator must find emulator_pointers for Nodes");
+#endif
 
 // The pixels of a node's patch that exist: rows [row0, row0 + rows), columns [col0, col0 + cols).
 struct Patch {
@@ -76,7 +88,7 @@ FASTKD_HOST_DEVICE inline std::int64_t patch_origin(const Map& map, const Patch&
 // the pixel (py * patch.cols + px) its gradient goes to: the first maximal pixel in row-major patch order,
 // NaN being its own max (the first NaN pixel when f is NaN; -1, no pixel, for +-Inf without NaN).
 template <typename T>
-FASTKD_HOST_DEVICE double pool(const T* origin, const Map& map, const Patch& patch, bool max_pool,
+FASTKD_HOST_DEVICE double pool(global_ptr<const T> origin, const Map& map, const Patch& patch, bool max_pool,
                                std::int64_t* winner = nullptr) {
   if (!max_pool) {
     double sum = 0.0;
@@ -106,15 +118,15 @@ FASTKD_HOST_DEVICE double pool(const T* origin, const Map& map, const Patch& pat
 
 // The pooled feature f_c of `node` in image b (channel and node in range).
 template <typename T>
-FASTKD_HOST_DEVICE double pooled(const T* x, const Map& map, const Grid& grid, std::int64_t b, std::int64_t c,
-                                 std::int64_t node) {
+FASTKD_HOST_DEVICE double pooled(global_ptr<const T> x, const Map& map, const Grid& grid, std::int64_t b,
+                                 std::int64_t c, std::int64_t node) {
   const Patch patch = patch_of(map, grid, node);
   return pool(x + patch_origin(map, patch, b, c), map, patch, grid.max_pool);
 }
 
 // ||f||_2 of `node` in image b.
 template <typename T>
-FASTKD_HOST_DEVICE double node_norm(const T* x, const Map& map, const Grid& grid, std::int64_t b,
+FASTKD_HOST_DEVICE double node_norm(global_ptr<const T> x, const Map& map, const Grid& grid, std::int64_t b,
                                     std::int64_t node) {
   double squares = 0.0;
   for (std::int64_t c = 0; c < map.channels; ++c) {
@@ -140,13 +152,13 @@ FASTKD_HOST_DEVICE double normalized(const Nodes<T>& operand, const Grid& grid, 
 // is its own max; see pool). Patches do not overlap: the caller's thread writes every pixel of this node,
 // and no other.
 template <typename T>
-FASTKD_HOST_DEVICE void node_backward(const double* grad_hat, const T* x, const Map& map, const double* norms,
-                                      const Grid& grid, double eps, bool detach_norm, std::int64_t b,
-                                      std::int64_t node, T* grad, const Map& grad_map) {
+FASTKD_HOST_DEVICE void node_backward(global_ptr<const double> grad_hat, global_ptr<const T> x, const Map& map,
+                                      global_ptr<const double> norms, const Grid& grid, double eps, bool detach_norm,
+                                      std::int64_t b, std::int64_t node, global_ptr<T> grad, const Map& grad_map) {
   const std::int64_t m = node_count(grid);
   const double norm = norms[b * m + node];
   const double scale = 1.0 / (norm + eps);
-  const double* g = grad_hat + b * map.channels * m + node;
+  const global_ptr<const double> g = grad_hat + b * map.channels * m + node;
   double radial = 0.0;  // k^2 (f . g) / n, the norm's share of the gradient
   if (!detach_norm && norm > 0) {
     for (std::int64_t c = 0; c < map.channels; ++c) radial += g[c * m] * pooled(x, map, grid, b, c, node);
@@ -158,7 +170,7 @@ FASTKD_HOST_DEVICE void node_backward(const double* grad_hat, const T* x, const 
     std::int64_t winner = -1;
     const double f = pool(x + patch_origin(map, patch, b, c), map, patch, grid.max_pool, &winner);
     const double grad_pooled = g[c * m] * scale - radial * f;
-    T* out = grad + patch_origin(grad_map, patch, b, c);
+    const global_ptr<T> out = grad + patch_origin(grad_map, patch, b, c);
     for (std::int64_t py = 0; py < patch.rows; ++py) {
       for (std::int64_t px = 0; px < patch.cols; ++px) {
         const double value =

@@ -17,6 +17,14 @@ template <typename T>  // c10::Half and c10::BFloat16 in the CPU implementations
 FASTKD_HOST_DEVICE inline double to_double(T value) {
   return static_cast<float>(value);
 }
+#if defined(FASTKD_EMULATE_CUDA)
+// An element of writable global memory under the emulator: its own type's conversion, not the one above
+// (which would round a double through float).
+template <typename T>
+inline double to_double(const emu::GlobalRef<T>& element) {
+  return to_double(static_cast<T>(element));
+}
+#endif
 
 template <typename T>
 FASTKD_HOST_DEVICE inline T from_double(double value) {  // c10::Half, c10::BFloat16, float

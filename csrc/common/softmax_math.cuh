@@ -96,7 +96,8 @@ FASTKD_HOST_DEVICE inline double exp_of(double v, const Running& r, double inv_t
 // the current channel (the compiler does not hoist loads across the branches of exp, nor above the gradient's
 // stores); the last step reloads its own channel, from L1.
 template <typename T>
-FASTKD_HOST_DEVICE inline T channel_ahead(const T* pixel, std::int64_t stride, std::int64_t c, std::int64_t channels) {
+FASTKD_HOST_DEVICE inline T channel_ahead(global_ptr<const T> pixel, std::int64_t stride, std::int64_t c,
+                                         std::int64_t channels) {
   return pixel[(c < channels ? c : channels - 1) * stride];
 }
 

@@ -16,9 +16,9 @@ namespace {
 constexpr int kThreads = 256;
 
 template <typename T>
-FASTKD_GLOBAL void consistency_forward_kernel(const T* s, consistency::Map s_map, const T* t,
+FASTKD_GLOBAL void consistency_forward_kernel(global_ptr<const T> s, consistency::Map s_map, global_ptr<const T> t,
                                               consistency::Map t_map, std::int64_t batch, std::int64_t dilation,
-                                              bool valid, double* difference, double* partials) {
+                                              bool valid, global_ptr<double> difference, global_ptr<double> partials) {
   const std::int64_t pixels = s_map.height * s_map.width;
   const std::int64_t index = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   double square = 0.0;
@@ -36,22 +36,23 @@ FASTKD_GLOBAL void consistency_forward_kernel(const T* s, consistency::Map s_map
 }
 
 template <typename T>
-FASTKD_GLOBAL void consistency_backward_kernel(const T* x, consistency::Map map, const double* difference,
-                                               const double* grad_loss, double sign, std::int64_t batch,
-                                               std::int64_t dilation, T* grad, consistency::Map grad_map) {
+FASTKD_GLOBAL void consistency_backward_kernel(global_ptr<const T> x, consistency::Map map,
+                                               global_ptr<const double> difference, global_ptr<const double> grad_loss,
+                                               double sign, std::int64_t batch, std::int64_t dilation,
+                                               global_ptr<T> grad, consistency::Map grad_map) {
   const std::int64_t pixels = map.height * map.width;
   const std::int64_t index = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (index >= batch * pixels) return;
   const std::int64_t b = index / pixels, y = index % pixels / map.width, col = index % map.width;
   const double scale = 4.0 * sign * grad_loss[0];
-  T* out = grad + b * grad_map.stride_b + y * grad_map.stride_h + col * grad_map.stride_w;
+  const global_ptr<T> out = grad + b * grad_map.stride_b + y * grad_map.stride_h + col * grad_map.stride_w;
   for (std::int64_t c = 0; c < map.channels; ++c) {
     out[c * grad_map.stride_c] =
         from_double<T>(scale * consistency::gradient_at(x, map, difference, b, c, y, col, dilation));
   }
 }
 
-unsigned blocks_for(std::int64_t items) { return static_cast<unsigned>((items + kThreads - 1) / kThreads); }
+std::int64_t blocks_for(std::int64_t items) { return (items + kThreads - 1) / kThreads; }
 
 }  // namespace
 
@@ -63,8 +64,8 @@ template <typename T>
 void consistency_forward(const T* s, const consistency::Map& s_map, const T* t, const consistency::Map& t_map,
                          std::int64_t batch, std::int64_t dilation, bool valid, double* difference, double* partials,
                          fastkd_stream_t stream) {
-  const unsigned blocks = blocks_for(batch * s_map.height * s_map.width);
-  FASTKD_LAUNCH(consistency_forward_kernel<T>, dim3(blocks), dim3(kThreads), stream, s, s_map, t, t_map, batch,
+  const std::int64_t blocks = blocks_for(batch * s_map.height * s_map.width);
+  FASTKD_LAUNCH(consistency_forward_kernel<T>, LaunchExtent(blocks), dim3(kThreads), stream, s, s_map, t, t_map, batch,
                 dilation, valid, difference, partials);
 }
 
@@ -72,9 +73,9 @@ template <typename T>
 void consistency_backward(const T* x, const consistency::Map& map, const double* difference, const double* grad_loss,
                           double sign, std::int64_t batch, std::int64_t dilation, T* grad,
                           const consistency::Map& grad_map, fastkd_stream_t stream) {
-  const unsigned blocks = blocks_for(batch * map.height * map.width);
-  FASTKD_LAUNCH(consistency_backward_kernel<T>, dim3(blocks), dim3(kThreads), stream, x, map, difference, grad_loss,
-                sign, batch, dilation, grad, grad_map);
+  const std::int64_t blocks = blocks_for(batch * map.height * map.width);
+  FASTKD_LAUNCH(consistency_backward_kernel<T>, LaunchExtent(blocks), dim3(kThreads), stream, x, map, difference,
+                grad_loss, sign, batch, dilation, grad, grad_map);
 }
 
 #define FASTKD_INSTANTIATE(T)                                                                                      \

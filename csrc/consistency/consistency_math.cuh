@@ -25,12 +25,12 @@ FASTKD_HOST_DEVICE inline bool defined(const Map& map, std::int64_t y, std::int6
 
 // c(x) = sum over the neighbours y = x + (dy, dx) d inside the image of ||l(y) - l(x)||^2.
 template <typename T>
-FASTKD_HOST_DEVICE double neighbour_sum(const T* logits, const Map& map, std::int64_t b, std::int64_t y,
+FASTKD_HOST_DEVICE double neighbour_sum(global_ptr<const T> logits, const Map& map, std::int64_t b, std::int64_t y,
                                         std::int64_t x, std::int64_t d) {
-  const T* image = logits + b * map.stride_b;
+  const global_ptr<const T> image = logits + b * map.stride_b;
   double sum = 0.0;
   for (std::int64_t c = 0; c < map.channels; ++c) {
-    const T* channel = image + c * map.stride_c;
+    const global_ptr<const T> channel = image + c * map.stride_c;
     const double centre = to_double(channel[y * map.stride_h + x * map.stride_w]);
     for (int dy = -1; dy <= 1; ++dy) {
       for (int dx = -1; dx <= 1; ++dx) {
@@ -48,10 +48,10 @@ FASTKD_HOST_DEVICE double neighbour_sum(const T* logits, const Map& map, std::in
 // enters c(x) and c(y), so dL/dl(x) = sum over neighbours y of 2 (g(x) + g(y)) (l(x) - l(y)), times the
 // factor 2 of d(c_s - c_t)^2: `scale` carries 4 * sign * dL/dloss.
 template <typename T>
-FASTKD_HOST_DEVICE double gradient_at(const T* logits, const Map& map, const double* difference, std::int64_t b,
-                                      std::int64_t c, std::int64_t y, std::int64_t x, std::int64_t d) {
-  const T* channel = logits + b * map.stride_b + c * map.stride_c;
-  const double* g = difference + b * map.height * map.width;
+FASTKD_HOST_DEVICE double gradient_at(global_ptr<const T> logits, const Map& map, global_ptr<const double> difference,
+                                      std::int64_t b, std::int64_t c, std::int64_t y, std::int64_t x, std::int64_t d) {
+  const global_ptr<const T> channel = logits + b * map.stride_b + c * map.stride_c;
+  const global_ptr<const double> g = difference + b * map.height * map.width;
   const double centre = to_double(channel[y * map.stride_h + x * map.stride_w]);
   const double g_centre = g[y * map.width + x];
   double sum = 0.0;

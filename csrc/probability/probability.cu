@@ -47,8 +47,8 @@ struct Moments {
 };
 
 template <typename S, typename T>
-FASTKD_DEVICE Moments moments(const S* s, std::int64_t s_channel, const T* t, std::int64_t t_channel,
-                              std::int64_t channels) {
+FASTKD_DEVICE Moments moments(global_ptr<const S> s, std::int64_t s_channel, global_ptr<const T> t,
+                              std::int64_t t_channel, std::int64_t channels) {
   const double s0 = to_double(s[0]), t0 = to_double(t[0]);
   Moments m{softmax::start(s0), softmax::start(t0), 1.0, 1.0, 1.0, softmax::poison_of(s0) + softmax::poison_of(t0)};
   S s_next = softmax::channel_ahead(s, s_channel, 1, channels);
@@ -69,8 +69,8 @@ FASTKD_DEVICE Moments moments(const S* s, std::int64_t s_channel, const T* t, st
 }
 
 template <typename S, typename T>
-FASTKD_GLOBAL void probability_forward_kernel(const S* s, Map s_map, const T* t, Map t_map, std::int64_t batch,
-                                              double* terms) {
+FASTKD_GLOBAL void probability_forward_kernel(global_ptr<const S> s, Map s_map, global_ptr<const T> t, Map t_map,
+                                              std::int64_t batch, global_ptr<double> terms) {
   const std::int64_t count = batch * s_map.height * s_map.width;
   for (std::int64_t index = softmax::first_pixel(); index < count; index += softmax::pixel_stride()) {
     const softmax::Pixel pixel = softmax::pixel_of(index, s_map.height, s_map.width);
@@ -84,19 +84,20 @@ FASTKD_GLOBAL void probability_forward_kernel(const S* s, Map s_map, const T* t,
 
 // dL/ds (kStudent) or dL/dt into grad (G: the storage type of that input).
 template <bool kStudent, typename S, typename T, typename G>
-FASTKD_GLOBAL void probability_backward_kernel(const double* grad_terms, const S* s, Map s_map, const T* t,
-                                               Map t_map, std::int64_t batch, G* grad, Map grad_map) {
+FASTKD_GLOBAL void probability_backward_kernel(global_ptr<const double> grad_terms, global_ptr<const S> s, Map s_map,
+                                               global_ptr<const T> t, Map t_map, std::int64_t batch, global_ptr<G> grad,
+                                               Map grad_map) {
   const std::int64_t count = batch * s_map.height * s_map.width, channels = s_map.channels;
   for (std::int64_t index = softmax::first_pixel(); index < count; index += softmax::pixel_stride()) {
     const softmax::Pixel pixel = softmax::pixel_of(index, s_map.height, s_map.width);
-    G* out = grad + softmax::offset_of(grad_map, pixel);
+    const global_ptr<G> out = grad + softmax::offset_of(grad_map, pixel);
     const double g = grad_terms[index];
     if (g == 0.0) {  // an uncounted pixel: exactly 0, whatever its logits
       for (std::int64_t c = 0; c < channels; ++c) out[c * grad_map.stride_c] = from_double<G>(0.0);
       continue;
     }
-    const S* s_pixel = s + softmax::offset_of(s_map, pixel);
-    const T* t_pixel = t + softmax::offset_of(t_map, pixel);
+    const global_ptr<const S> s_pixel = s + softmax::offset_of(s_map, pixel);
+    const global_ptr<const T> t_pixel = t + softmax::offset_of(t_map, pixel);
     const Moments m = moments(s_pixel, s_map.stride_c, t_pixel, t_map.stride_c, channels);
     const double inv_s = 1.0 / m.s.sum, inv_t = 1.0 / m.t.sum, cross = m.st * inv_s * inv_t;
     const double dot = kStudent ? m.ss * inv_s * inv_s - cross : cross - m.tt * inv_t * inv_t;  // sum_c d_c p_x,c
