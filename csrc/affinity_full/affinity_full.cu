@@ -25,7 +25,11 @@ namespace FASTKD_KERNELS {
 namespace {
 
 constexpr int kTile = kAffinityFullTile;
-constexpr int kTileElements = kTile * kTile;
+// Row stride of the shared tiles, one double more than a row: the 16 lanes of a half warp reading down a
+// column (t[i * kPitch + k], i = lane) then hit 16 different bank pairs; at a stride of kTile doubles (128
+// bytes) they would all hit one (a 16-way bank conflict, seen in the emulator's profile).
+constexpr int kPitch = kTile + 1;
+constexpr int kTileElements = kTile * kPitch;
 
 using nodes::Grid;
 using nodes::Map;
@@ -64,9 +68,9 @@ FASTKD_GLOBAL void gram_kernel(Nodes<T> x, Nodes<T> y, Grid grid, double eps, gl
       if (weight != nullptr) x_value *= weight[b * m + node];
       y_value = nodes::normalized(y, grid, eps, b, y0 + ty, node);
     }
-    x_tile[ty * kTile + tx] = x_value;
-    y_tile[ty * kTile + tx] = y_value;
-    acc = add_staged_dot(acc, x_tile, ty * kTile, 1, y_tile, tx * kTile, 1);
+    x_tile[ty * kPitch + tx] = x_value;
+    y_tile[ty * kPitch + tx] = y_value;
+    acc = add_staged_dot(acc, x_tile, ty * kPitch, 1, y_tile, tx * kPitch, 1);
   }
   const std::int64_t row = x0 + ty, col = y0 + tx;
   if (row < x_channels && col < y_channels) partials[((b * splits + split) * x_channels + row) * y_channels + col] = acc;
@@ -82,9 +86,9 @@ FASTKD_DEVICE double matrix_times_nodes(global_ptr<const double> matrix, std::in
   double acc = 0.0;
   for (std::int64_t c0 = 0; c0 < channels; c0 += kTile) {
     const std::int64_t row = row0 + ty, column = c0 + tx;
-    matrix_tile[ty * kTile + tx] = row < rows && column < channels ? matrix[(b * rows + row) * channels + column] : 0.0;
-    node_tile[ty * kTile + tx] = nodes::normalized(x, grid, eps, b, c0 + ty, n0 + tx);
-    acc = add_staged_dot(acc, matrix_tile, ty * kTile, 1, node_tile, tx, kTile);
+    matrix_tile[ty * kPitch + tx] = row < rows && column < channels ? matrix[(b * rows + row) * channels + column] : 0.0;
+    node_tile[ty * kPitch + tx] = nodes::normalized(x, grid, eps, b, c0 + ty, n0 + tx);
+    acc = add_staged_dot(acc, matrix_tile, ty * kPitch, 1, node_tile, tx, kPitch);
   }
   return acc;
 }
@@ -130,14 +134,14 @@ FASTKD_GLOBAL void apply_kernel(Nodes<T> p, Nodes<T> q, Grid grid, double eps, g
     }
   }
   if (dot_a != nullptr) {
-    sums_a[ty * kTile + tx] = form_a;
-    sums_b[ty * kTile + tx] = form_b;
+    sums_a[ty * kPitch + tx] = form_a;
+    sums_b[ty * kPitch + tx] = form_b;
     __syncthreads();
     if (ty == 0 && node < m) {
       double total_a = 0.0, total_b = 0.0;
       for (int k = 0; k < kTile; ++k) {
-        total_a += sums_a[k * kTile + tx];
-        total_b += sums_b[k * kTile + tx];
+        total_a += sums_a[k * kPitch + tx];
+        total_b += sums_b[k * kPitch + tx];
       }
       dot_a[b * m + node] = total_a;
       dot_b[b * m + node] = total_b;
@@ -152,9 +156,9 @@ FASTKD_DEVICE double affinity(const Nodes<T>& x, const Grid& grid, double eps, s
   const int tx = threadIdx.x, ty = threadIdx.y;
   double acc = 0.0;
   for (std::int64_t c0 = 0; c0 < x.map.channels; c0 += kTile) {
-    i_tile[ty * kTile + tx] = nodes::normalized(x, grid, eps, b, c0 + ty, i0 + tx);  // [channel][node]
-    j_tile[ty * kTile + tx] = nodes::normalized(x, grid, eps, b, c0 + ty, j0 + tx);
-    acc = add_staged_dot(acc, i_tile, ty, kTile, j_tile, tx, kTile);
+    i_tile[ty * kPitch + tx] = nodes::normalized(x, grid, eps, b, c0 + ty, i0 + tx);  // [channel][node]
+    j_tile[ty * kPitch + tx] = nodes::normalized(x, grid, eps, b, c0 + ty, j0 + tx);
+    acc = add_staged_dot(acc, i_tile, ty, kPitch, j_tile, tx, kPitch);
   }
   return acc;
 }
@@ -174,11 +178,11 @@ FASTKD_GLOBAL void direct_rows_kernel(Nodes<T> s, Nodes<T> t, Grid grid, double 
                               affinity(t, grid, eps, b, i0, j0, i_tile, j_tile);
     row += difference * difference;
   }
-  sums[ty * kTile + tx] = row;
+  sums[ty * kPitch + tx] = row;
   __syncthreads();
   if (tx == 0 && i0 + ty < m) {
     double total = 0.0;
-    for (int k = 0; k < kTile; ++k) total += sums[ty * kTile + k];
+    for (int k = 0; k < kTile; ++k) total += sums[ty * kPitch + k];
     rows[b * m + i0 + ty] = total;
   }
 }
@@ -193,8 +197,8 @@ FASTKD_DEVICE void accumulate_columns(global_ptr<double> out, double sign, const
   const std::int64_t m = nodes::node_count(grid);
   const std::int64_t channels = x.map.channels;
   for (std::int64_t c0 = 0; c0 < channels; c0 += kTile) {
-    j_tile[ty * kTile + tx] = nodes::normalized(x, grid, eps, b, c0 + ty, j0 + tx);  // [channel][node]
-    const double sum = add_staged_dot(0.0, weighted, tx * kTile, 1, j_tile, ty * kTile, 1);
+    j_tile[ty * kPitch + tx] = nodes::normalized(x, grid, eps, b, c0 + ty, j0 + tx);  // [channel][node]
+    const double sum = add_staged_dot(0.0, weighted, tx * kPitch, 1, j_tile, ty * kPitch, 1);
     const std::int64_t c = c0 + ty, i = i0 + tx;
     if (c < channels && i < m) out[(b * channels + c) * m + i] += sign * sum;
   }
@@ -217,7 +221,7 @@ FASTKD_GLOBAL void direct_backward_kernel(Nodes<T> s, Nodes<T> t, Grid grid, dou
                               affinity(t, grid, eps, b, i0, j0, i_tile, j_tile);
     const double weight_j = j0 + tx < m ? weight[b * m + j0 + tx] : 0.0;
     // The last readers of `weighted` (the previous tile's accumulation) passed the barriers in affinity().
-    weighted[ty * kTile + tx] = 2.0 * (weight_i + weight_j) * difference;
+    weighted[ty * kPitch + tx] = 2.0 * (weight_i + weight_j) * difference;
     __syncthreads();
     if (grad_s != nullptr) accumulate_columns(grad_s, 1.0, s, grid, eps, b, i0, j0, weighted, j_tile);
     if (grad_t != nullptr) accumulate_columns(grad_t, -1.0, t, grid, eps, b, i0, j0, weighted, j_tile);
