@@ -65,7 +65,10 @@ def test_provider_matches_the_reference_loss_and_gradient(gen, op_name, name):
         assert (grad - expected_grad).norm() <= 1e-3 * expected_grad.norm()
     else:
         torch.testing.assert_close(loss, expected, rtol=1e-9, atol=0)
-        torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-13 * expected_grad.abs().max().item())
+        # float64 rounding of sums taken in another order: CIRKD's formulation differs from the reference by up
+        # to 3.8e-13 of the largest gradient element beyond rtol over seeds 0-299 (1e-13 failed on 8 of them);
+        # the providers that share the reference's formula agree within rtol alone
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-12 * expected_grad.abs().max().item())
 
 
 @pytest.mark.parametrize("op_name,name", [(op_name, name) for op_name, op in providers.OPS.items()
