@@ -25,6 +25,7 @@ from typing import Callable, Dict, Iterator, List
 import torch
 
 import fastkd.functional as F
+from report import write_record
 
 RECORD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "emulator-profile")
 
@@ -128,14 +129,9 @@ def main(argv=None) -> int:
     text = table(rows)
     print(text)
     if args.write:
-        os.makedirs(RECORD, exist_ok=True)
-        with open(os.path.join(RECORD, "profile.json"), "w") as f:
-            json.dump(rows, f, indent=1)
-            f.write("\n")
-        with open(os.path.join(RECORD, "profile.md"), "w") as f:
-            f.write("# The CUDA emulator's profile of every kernel\n\nWritten by `python "
-                    "benchmarks/emulator_profile.py --write` (see its docstring); checked by "
-                    "tests/test_emulator_profile.py.\n\n" + text)
+        write_record(RECORD, "profile", rows, "The CUDA emulator's profile of every kernel",
+                     "Written by `python benchmarks/emulator_profile.py --write` (see its docstring); checked by "
+                     "tests/test_emulator_profile.py.\n\n" + text)
     return 0
 
 

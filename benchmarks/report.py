@@ -19,6 +19,16 @@ MODES = ("forward", "backward", "forward+backward")
 HEADLINE_MODE = "forward+backward"
 
 
+def write_record(folder: str, name: str, data, title: str, text: str) -> None:
+    """Writes a recorded table: ``folder/name.json`` (``data``) and ``folder/name.md`` (``title``, then ``text``)."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{name}.json"), "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+    with open(os.path.join(folder, f"{name}.md"), "w") as f:
+        f.write(f"# {title}\n\n{text}")
+
+
 def _number(text: str) -> Optional[float]:
     return float(text) if text not in ("", None) else None
 

@@ -20,20 +20,18 @@ import argparse
 import multiprocessing
 import os
 import re
-import subprocess
 import sys
-import tempfile
 
 assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET: interpreted kernels do not compile"
 
-import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
-from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
-import fastkd  # noqa: E402
 from fastkd._triton import TRITON_ERROR  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+from triton_launches import record_launches, resources, specialise  # noqa: E402
 
 ARCHS = (80, 89, 90)
 # FP64 tensor-core MMA: m8n8k4 (sm_80 and up; triton 3.8 and 3.9 use it on sm_90 too) or the sm_90 shapes
@@ -41,64 +39,6 @@ ARCHS = (80, 89, 90)
 FP64_MMA = re.compile(r"mma\.sync\.aligned\.m\d+n\d+k\d+\.row\.col\.f64")
 FP64_MMA_ARCHS = (80, 90)  # sm_89 (and sm_86) have no FP64 tensor cores: float64 tl.dot is FMAs there
 FLOAT64_SCALARS = ("eps", "sign", "inverse_temperature")
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-
-
-def record_launches():
-    """Every Triton kernel launch of the losses' forward and backward passes, as (kernel, args, kwargs)."""
-    launches = []
-
-    def record(kernel, *args, grid, warmup, **kwargs):
-        launches.append((kernel, args, kwargs))
-
-    # The kernels were decorated for compiling (TRITON_INTERPRET unset when triton was imported); fastkd only
-    # asks for TRITON_INTERPRET to accept CPU tensors, and the recorder runs nothing.
-    os.environ["TRITON_INTERPRET"] = "1"
-    original_run, JITFunction.run = JITFunction.run, record
-    try:
-        generator = torch.Generator().manual_seed(0)
-        for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            for shape in ((2, 32, 32, 48), (2, 19, 13, 21)):  # sizes divisible by 16 and odd ones
-                s = torch.randn(*shape, generator=generator).to(dtype).requires_grad_()
-                t = torch.randn(*shape, generator=generator).to(dtype).requires_grad_()
-                losses = [fastkd.ConsistencyLoss(border="valid", backend="triton"),
-                          fastkd.ConsistencyLoss(border="same", dilation=2, backend="triton")]
-                for algorithm in ("gram", "direct"):
-                    options = dict(algorithm=algorithm, backend="triton")
-                    losses += [fastkd.PairwiseAffinityLoss(**options),
-                               fastkd.PairwiseAffinityLoss(patch=2, **options),
-                               fastkd.PairwiseAffinityLoss(patch=2, pool="max", detach_norm=True, **options),
-                               fastkd.AffinityDistillationLoss(**options)]
-                losses += [fastkd.PairwiseAffinityLoss(window=2, backend="triton"),
-                           fastkd.PairwiseAffinityLoss(window=1, patch=2, pool="max", detach_norm=True,
-                                                       backend="triton"),
-                           fastkd.PixelwiseKDLoss(temperature=4.0, backend="triton"),
-                           fastkd.ProbabilityLoss(backend="triton")]
-                for loss in losses:
-                    loss(s, t).backward()
-    finally:
-        JITFunction.run = original_run
-        del os.environ["TRITON_INTERPRET"]
-    return launches
-
-
-def specialise(kernel, args, kwargs, backend):
-    """(signature, constexprs, attrs, options) as Triton's launcher computes them for this backend."""
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    bound_args, specialization, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
-    return signature, constexprs, attrs, options
-
-
-def resources(cubin: bytes):
-    """(registers, stack bytes, local bytes) of the one kernel in a cubin."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
-        file.write(cubin)
-        file.flush()
-        usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", file.name], capture_output=True, text=True,
-                               check=True).stdout
-    values = {key: int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage)}
-    return values["REG"], values["STACK"], values["LOCAL"]
 
 
 def variants(launches):

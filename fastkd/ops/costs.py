@@ -149,6 +149,10 @@ EXAMPLES = [
      window_graph, (Shape(8, 256, 256, 128, 256, 8192), 2)),
     ("ConsistencyLoss(), B=8, C=19+19, 512x1024",
      consistency, (Shape(8, 19, 19, 512, 1024, 512 * 1024),)),
+    ("PixelwiseKDLoss(), B=8, C=19+19, 512x1024",
+     pixelwise_kd, (Shape(8, 19, 19, 512, 1024, 512 * 1024),)),
+    ("ProbabilityLoss(), B=8, C=19+19, 512x1024",
+     probability, (Shape(8, 19, 19, 512, 1024, 512 * 1024),)),
 ]
 
 
