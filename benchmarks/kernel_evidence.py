@@ -250,14 +250,15 @@ def demangle(symbols: List[str]) -> Dict[str, str]:
     return dict(zip(symbols, result.stdout.splitlines()))
 
 
-def float32_instantiation(demangled: str) -> Optional[str]:
-    """The kernel's name when this is its float32 instantiation (every storage type float)."""
+def float32_instantiation(demangled: str) -> Optional[Tuple[str, str]]:
+    """(the kernel's name, its template arguments) when this is a float32 instantiation (every storage type
+    float; every variant of the other arguments, such as the full-graph kernels' flat path, is one)."""
     found = re.search(r"(\w+_kernel)<([^()]*)>\(", demangled)
     if not found:
         return None
-    types = [t.strip() for t in re.split(r",\s*", found.group(2))]
-    storage = [t for t in types if t not in ("true", "false") and not t.lstrip("-").isdigit()]
-    return found.group(1) if storage and all(t == "float" for t in storage) else None
+    arguments = [t.strip() for t in re.split(r",\s*", found.group(2))]
+    storage = [t for t in arguments if t not in ("true", "false") and not t.lstrip("-").isdigit()]
+    return (found.group(1), ", ".join(arguments)) if storage and all(t == "float" for t in storage) else None
 
 
 def resource_usage(path: str) -> Dict[str, Dict[str, int]]:
@@ -306,12 +307,14 @@ def cuda_kernels(objects: str) -> List[Dict[str, object]]:
         usage = resource_usage(path)
         names = demangle(list(functions))
         for symbol, (instructions, labels) in functions.items():
-            kernel = float32_instantiation(names[symbol])
-            if kernel is None or kernel not in SERVES or (kernel, arch) in seen:
+            found = float32_instantiation(names[symbol])
+            if found is None or found[0] not in SERVES or (found, arch) in seen:
                 continue
-            seen.add((kernel, arch))
+            seen.add((found, arch))
+            kernel, arguments = found
             first, last = main_loop(instructions, labels)
-            rows.append(dict(backend="cuda", kernel=kernel, arch=f"sm_{arch}", **usage[symbol],
+            rows.append(dict(backend="cuda", kernel=kernel, instantiation=f"{kernel}<{arguments}>",
+                             arch=f"sm_{arch}", **usage[symbol],
                              main_loop=mix(instructions[first:last + 1]), whole_kernel=mix(instructions)))
     return rows
 
@@ -344,7 +347,9 @@ def triton_kernels() -> List[Dict[str, object]]:
             usage["shared"] = compiled.metadata.shared  # dynamic shared memory, which ptxas does not see
             first, last = main_loop(instructions, labels)
             constants = {kernel.arg_names[path[0]]: value for path, value in sorted(constexprs.items())}
+            flags = {key: value for key, value in constants.items() if key.isupper() and not key.startswith("BLOCK")}
             rows.append(dict(backend="triton", kernel=name, arch=f"sm_{arch}", **usage, warps=options.num_warps,
+                             instantiation=name + "".join(f" {key}={value}" for key, value in flags.items()),
                              constexprs={key: value for key, value in constants.items() if key.isupper()},
                              main_loop=mix(instructions[first:last + 1]), whole_kernel=mix(instructions)))
     return rows
@@ -396,7 +401,7 @@ def table(rows: List[Dict[str, object]]) -> str:
         floors = row.get("floors")
         h100, a100 = (row["model"][gpu.name] for gpu in GPUS)
         lines.append(
-            f"| {row['backend']} | `{row['kernel']}` | {row['arch']} | {row['bound']} | {row['registers']} | "
+            f"| {row['backend']} | `{row['instantiation']}` | {row['arch']} | {row['bound']} | {row['registers']} | "
             f"{row['stack']} + {row['local']} | {row['shared']} | {loop.get('dmma', 0)} / {loop.get('dfma', 0)} / "
             f"{loop.get('dadd_dmul', 0)} | {loop.get('mufu', 0)} ({loop.get('rcp64h', 0)}) / "
             f"{loop.get('double_division_calls', 0) + loop.get('integer_division_calls', 0)} / "
@@ -448,7 +453,8 @@ def main(argv=None) -> int:
     rows += triton_kernels()
     emulated = emulator_figures()
     rows = [with_evidence(row, emulated) for row in sorted(rows, key=lambda r: (r["kernel"].lstrip("_"),
-                                                                             r["backend"], r["arch"]))]
+                                                                             r["backend"], r["instantiation"],
+                                                                             r["arch"]))]
     text = table(rows)
     print(text)
     if args.write:

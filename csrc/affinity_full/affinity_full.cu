@@ -13,7 +13,9 @@
 //   direct_backward_kernel the same tiles, weighted by 2 (w_i + w_j), times the nodes j: the block owns the
 //                          columns i of the outputs
 // The node norms ahead and the normalisation and pooling backward after are the node launchers shared with
-// the windowed graph (common/nodes.cu).
+// the windowed graph (common/nodes.cu); the glue turns each norm into the node's scale 1 / (||f|| + eps) once,
+// so that normalising a staged element is one product. Every kernel has a flat variant (kFlat: one pixel a
+// node, rows back to back) whose staging is one load: no pooling loop, no division of node indices.
 //
 // Everything is accumulated in double (the Gram terms cancel to ~1e-6 of their size near convergence). No
 // atomics: each output element is written by one thread, so the result is the same on every run.
@@ -46,8 +48,8 @@ FASTKD_DEVICE double add_staged_dot(double acc, Tile& a_tile, int a0, int a_step
 }
 
 // Block (kTile, kTile), grid (x tiles * y tiles, splits, B): thread (tx, ty) owns out[x0 + ty][y0 + tx].
-template <typename T>
-FASTKD_GLOBAL void gram_kernel(Nodes<T> x, Nodes<T> y, Grid grid, double eps, global_ptr<const double> weight,
+template <typename T, bool kFlat>
+FASTKD_GLOBAL void gram_kernel(Nodes<T> x, Nodes<T> y, Grid grid, global_ptr<const double> weight,
                                std::int64_t nodes_per_split, global_ptr<double> partials) {
   FASTKD_SHARED(double, x_tile, kTileElements);  // [channel][node]
   FASTKD_SHARED(double, y_tile, kTileElements);
@@ -64,9 +66,9 @@ FASTKD_GLOBAL void gram_kernel(Nodes<T> x, Nodes<T> y, Grid grid, double eps, gl
     const std::int64_t node = n0 + tx;
     double x_value = 0.0, y_value = 0.0;
     if (node < last) {
-      x_value = nodes::normalized(x, grid, eps, b, x0 + ty, node);
+      x_value = nodes::normalized<kFlat>(x, grid, b, x0 + ty, node);
       if (weight != nullptr) x_value *= weight[b * m + node];
-      y_value = nodes::normalized(y, grid, eps, b, y0 + ty, node);
+      y_value = nodes::normalized<kFlat>(y, grid, b, y0 + ty, node);
     }
     x_tile[ty * kPitch + tx] = x_value;
     y_tile[ty * kPitch + tx] = y_value;
@@ -77,9 +79,9 @@ FASTKD_GLOBAL void gram_kernel(Nodes<T> x, Nodes<T> y, Grid grid, double eps, gl
 }
 
 // acc + M[row0 + ty, :] . X_hat[:, n0 + tx] for a contiguous (B, rows, X channels) matrix M.
-template <typename T, typename Tile>
+template <bool kFlat, typename T, typename Tile>
 FASTKD_DEVICE double matrix_times_nodes(global_ptr<const double> matrix, std::int64_t rows, const Nodes<T>& x,
-                                        const Grid& grid, double eps, std::int64_t b, std::int64_t row0,
+                                        const Grid& grid, std::int64_t b, std::int64_t row0,
                                         std::int64_t n0, Tile& matrix_tile, Tile& node_tile) {
   const int tx = threadIdx.x, ty = threadIdx.y;
   const std::int64_t channels = x.map.channels;
@@ -87,7 +89,7 @@ FASTKD_DEVICE double matrix_times_nodes(global_ptr<const double> matrix, std::in
   for (std::int64_t c0 = 0; c0 < channels; c0 += kTile) {
     const std::int64_t row = row0 + ty, column = c0 + tx;
     matrix_tile[ty * kPitch + tx] = row < rows && column < channels ? matrix[(b * rows + row) * channels + column] : 0.0;
-    node_tile[ty * kPitch + tx] = nodes::normalized(x, grid, eps, b, c0 + ty, n0 + tx);
+    node_tile[ty * kPitch + tx] = nodes::normalized<kFlat>(x, grid, b, c0 + ty, n0 + tx);
     acc = add_staged_dot(acc, matrix_tile, ty * kPitch, 1, node_tile, tx, kPitch);
   }
   return acc;
@@ -96,8 +98,8 @@ FASTKD_DEVICE double matrix_times_nodes(global_ptr<const double> matrix, std::in
 // Block (kTile, kTile), grid (node tiles, row groups, B): thread (tx, ty) computes row r0 + ty and node
 // n0 + tx for the row tiles r0 = (blockIdx.y + k gridDim.y) kTile. The forms need every row of a node in one
 // block (gridDim.y == 1): each thread sums its rows, then the 16 threads of a node are summed in order.
-template <typename T>
-FASTKD_GLOBAL void apply_kernel(Nodes<T> p, Nodes<T> q, Grid grid, double eps, global_ptr<const double> a1,
+template <typename T, bool kFlat>
+FASTKD_GLOBAL void apply_kernel(Nodes<T> p, Nodes<T> q, Grid grid, global_ptr<const double> a1,
                                 global_ptr<const double> b1, global_ptr<const double> a2, global_ptr<const double> b2,
                                 global_ptr<const double> weight, global_ptr<double> out, global_ptr<double> dot_a,
                                 global_ptr<double> dot_b) {
@@ -114,12 +116,12 @@ FASTKD_GLOBAL void apply_kernel(Nodes<T> p, Nodes<T> q, Grid grid, double eps, g
   double form_a = 0.0, form_b = 0.0;
   for (std::int64_t r0 = static_cast<std::int64_t>(blockIdx.y) * kTile; r0 < rows;
        r0 += static_cast<std::int64_t>(gridDim.y) * kTile) {
-    const double from_p = matrix_times_nodes(a1, rows, p, grid, eps, b, r0, n0, matrix_tile, node_tile);
+    const double from_p = matrix_times_nodes<kFlat>(a1, rows, p, grid, b, r0, n0, matrix_tile, node_tile);
     double from_q = 0.0, weighted = 0.0;
-    if (b1 != nullptr) from_q = matrix_times_nodes(b1, rows, q, grid, eps, b, r0, n0, matrix_tile, node_tile);
+    if (b1 != nullptr) from_q = matrix_times_nodes<kFlat>(b1, rows, q, grid, b, r0, n0, matrix_tile, node_tile);
     if (a2 != nullptr) {
-      weighted = matrix_times_nodes(a2, rows, p, grid, eps, b, r0, n0, matrix_tile, node_tile);
-      if (b1 != nullptr) weighted += matrix_times_nodes(b2, rows, q, grid, eps, b, r0, n0, matrix_tile, node_tile);
+      weighted = matrix_times_nodes<kFlat>(a2, rows, p, grid, b, r0, n0, matrix_tile, node_tile);
+      if (b1 != nullptr) weighted += matrix_times_nodes<kFlat>(b2, rows, q, grid, b, r0, n0, matrix_tile, node_tile);
     }
     const std::int64_t row = r0 + ty;
     if (out != nullptr && row < rows && node < m) {
@@ -128,7 +130,7 @@ FASTKD_GLOBAL void apply_kernel(Nodes<T> p, Nodes<T> q, Grid grid, double eps, g
       out[(b * rows + row) * m + node] = result;
     }
     if (dot_a != nullptr) {
-      const double p_value = nodes::normalized(p, grid, eps, b, row, node);
+      const double p_value = nodes::normalized<kFlat>(p, grid, b, row, node);
       form_a += p_value * from_p;
       form_b += p_value * from_q;
     }
@@ -150,22 +152,22 @@ FASTKD_GLOBAL void apply_kernel(Nodes<T> p, Nodes<T> q, Grid grid, double eps, g
 }
 
 // a_ij = x_i . x_j for i = i0 + threadIdx.y, j = j0 + threadIdx.x (0 for a node out of range).
-template <typename T, typename Tile>
-FASTKD_DEVICE double affinity(const Nodes<T>& x, const Grid& grid, double eps, std::int64_t b, std::int64_t i0,
-                              std::int64_t j0, Tile& i_tile, Tile& j_tile) {
+template <bool kFlat, typename T, typename Tile>
+FASTKD_DEVICE double affinity(const Nodes<T>& x, const Grid& grid, std::int64_t b, std::int64_t i0, std::int64_t j0,
+                              Tile& i_tile, Tile& j_tile) {
   const int tx = threadIdx.x, ty = threadIdx.y;
   double acc = 0.0;
   for (std::int64_t c0 = 0; c0 < x.map.channels; c0 += kTile) {
-    i_tile[ty * kPitch + tx] = nodes::normalized(x, grid, eps, b, c0 + ty, i0 + tx);  // [channel][node]
-    j_tile[ty * kPitch + tx] = nodes::normalized(x, grid, eps, b, c0 + ty, j0 + tx);
+    i_tile[ty * kPitch + tx] = nodes::normalized<kFlat>(x, grid, b, c0 + ty, i0 + tx);  // [channel][node]
+    j_tile[ty * kPitch + tx] = nodes::normalized<kFlat>(x, grid, b, c0 + ty, j0 + tx);
     acc = add_staged_dot(acc, i_tile, ty, kPitch, j_tile, tx, kPitch);
   }
   return acc;
 }
 
 // Block (kTile, kTile), grid (row tiles, B): thread (tx, ty) forms D[i0 + ty][j0 + tx] for every j tile.
-template <typename T>
-FASTKD_GLOBAL void direct_rows_kernel(Nodes<T> s, Nodes<T> t, Grid grid, double eps, global_ptr<double> rows) {
+template <typename T, bool kFlat>
+FASTKD_GLOBAL void direct_rows_kernel(Nodes<T> s, Nodes<T> t, Grid grid, global_ptr<double> rows) {
   FASTKD_SHARED(double, i_tile, kTileElements);
   FASTKD_SHARED(double, j_tile, kTileElements);
   FASTKD_SHARED(double, sums, kTileElements);
@@ -174,8 +176,8 @@ FASTKD_GLOBAL void direct_rows_kernel(Nodes<T> s, Nodes<T> t, Grid grid, double 
   const int tx = threadIdx.x, ty = threadIdx.y;
   double row = 0.0;
   for (std::int64_t j0 = 0; j0 < m; j0 += kTile) {
-    const double difference = affinity(s, grid, eps, b, i0, j0, i_tile, j_tile) -
-                              affinity(t, grid, eps, b, i0, j0, i_tile, j_tile);
+    const double difference = affinity<kFlat>(s, grid, b, i0, j0, i_tile, j_tile) -
+                              affinity<kFlat>(t, grid, b, i0, j0, i_tile, j_tile);
     row += difference * difference;
   }
   sums[ty * kPitch + tx] = row;
@@ -189,15 +191,15 @@ FASTKD_GLOBAL void direct_rows_kernel(Nodes<T> s, Nodes<T> t, Grid grid, double 
 
 // out[:, i0 + tx] += sign sum_j weighted[i][j] x_j over one j tile, thread (tx, ty) owning the channels
 // c0 + ty; out (B, C, m) double. Only this block writes the columns i0..i0 + kTile - 1.
-template <typename T, typename Tile>
+template <bool kFlat, typename T, typename Tile>
 FASTKD_DEVICE void accumulate_columns(global_ptr<double> out, double sign, const Nodes<T>& x, const Grid& grid,
-                                      double eps, std::int64_t b, std::int64_t i0, std::int64_t j0, Tile& weighted,
+                                      std::int64_t b, std::int64_t i0, std::int64_t j0, Tile& weighted,
                                       Tile& j_tile) {
   const int tx = threadIdx.x, ty = threadIdx.y;
   const std::int64_t m = nodes::node_count(grid);
   const std::int64_t channels = x.map.channels;
   for (std::int64_t c0 = 0; c0 < channels; c0 += kTile) {
-    j_tile[ty * kPitch + tx] = nodes::normalized(x, grid, eps, b, c0 + ty, j0 + tx);  // [channel][node]
+    j_tile[ty * kPitch + tx] = nodes::normalized<kFlat>(x, grid, b, c0 + ty, j0 + tx);  // [channel][node]
     const double sum = add_staged_dot(0.0, weighted, tx * kPitch, 1, j_tile, ty * kPitch, 1);
     const std::int64_t c = c0 + ty, i = i0 + tx;
     if (c < channels && i < m) out[(b * channels + c) * m + i] += sign * sum;
@@ -205,9 +207,9 @@ FASTKD_DEVICE void accumulate_columns(global_ptr<double> out, double sign, const
 }
 
 // Block (kTile, kTile), grid (node tiles, B).
-template <typename T>
-FASTKD_GLOBAL void direct_backward_kernel(Nodes<T> s, Nodes<T> t, Grid grid, double eps,
-                                          global_ptr<const double> weight, global_ptr<double> grad_s,
+template <typename T, bool kFlat>
+FASTKD_GLOBAL void direct_backward_kernel(Nodes<T> s, Nodes<T> t, Grid grid, global_ptr<const double> weight,
+                                          global_ptr<double> grad_s,
                                           global_ptr<double> grad_t) {
   FASTKD_SHARED(double, i_tile, kTileElements);
   FASTKD_SHARED(double, j_tile, kTileElements);
@@ -217,74 +219,102 @@ FASTKD_GLOBAL void direct_backward_kernel(Nodes<T> s, Nodes<T> t, Grid grid, dou
   const int tx = threadIdx.x, ty = threadIdx.y;
   const double weight_i = i0 + ty < m ? weight[b * m + i0 + ty] : 0.0;
   for (std::int64_t j0 = 0; j0 < m; j0 += kTile) {
-    const double difference = affinity(s, grid, eps, b, i0, j0, i_tile, j_tile) -
-                              affinity(t, grid, eps, b, i0, j0, i_tile, j_tile);
+    const double difference = affinity<kFlat>(s, grid, b, i0, j0, i_tile, j_tile) -
+                              affinity<kFlat>(t, grid, b, i0, j0, i_tile, j_tile);
     const double weight_j = j0 + tx < m ? weight[b * m + j0 + tx] : 0.0;
     // The last readers of `weighted` (the previous tile's accumulation) passed the barriers in affinity().
     weighted[ty * kPitch + tx] = 2.0 * (weight_i + weight_j) * difference;
     __syncthreads();
-    if (grad_s != nullptr) accumulate_columns(grad_s, 1.0, s, grid, eps, b, i0, j0, weighted, j_tile);
-    if (grad_t != nullptr) accumulate_columns(grad_t, -1.0, t, grid, eps, b, i0, j0, weighted, j_tile);
+    if (grad_s != nullptr) accumulate_columns<kFlat>(grad_s, 1.0, s, grid, b, i0, j0, weighted, j_tile);
+    if (grad_t != nullptr) accumulate_columns<kFlat>(grad_t, -1.0, t, grid, b, i0, j0, weighted, j_tile);
   }
 }
 
 std::int64_t tiles_for(std::int64_t items) { return (items + kTile - 1) / kTile; }
 
+// Whether both operands take the flat path (one pixel a node, rows back to back; nodes_math.cuh).
+template <typename T>
+bool flat(const Nodes<T>& x, const Nodes<T>& y, const Grid& grid) {
+  return nodes::flat_pixels(x.map, grid) && nodes::flat_pixels(y.map, grid);
+}
+
 }  // namespace
 
 template <typename T>
-void affinity_full_gram(const nodes::Nodes<T>& x, const nodes::Nodes<T>& y, const nodes::Grid& grid, double eps,
+void affinity_full_gram(const nodes::Nodes<T>& x, const nodes::Nodes<T>& y, const nodes::Grid& grid,
                         const double* weight, std::int64_t batch, std::int64_t splits, std::int64_t nodes_per_split,
                         double* partials, fastkd_stream_t stream) {
   const std::int64_t tiles = tiles_for(x.map.channels) * tiles_for(y.map.channels);
   if (tiles == 0 || batch == 0 || splits == 0) return;
-  FASTKD_LAUNCH(gram_kernel<T>, LaunchExtent(tiles, splits, batch), dim3(kTile, kTile), stream, x, y, grid, eps,
-                weight, nodes_per_split, partials);
+  const LaunchExtent blocks(tiles, splits, batch);
+  if (flat(x, y, grid)) {
+    FASTKD_LAUNCH((gram_kernel<T, true>), blocks, dim3(kTile, kTile), stream, x, y, grid, weight, nodes_per_split,
+                  partials);
+  } else {
+    FASTKD_LAUNCH((gram_kernel<T, false>), blocks, dim3(kTile, kTile), stream, x, y, grid, weight, nodes_per_split,
+                  partials);
+  }
 }
 
 template <typename T>
-void affinity_full_apply(const nodes::Nodes<T>& p, const nodes::Nodes<T>& q, const nodes::Grid& grid, double eps,
+void affinity_full_apply(const nodes::Nodes<T>& p, const nodes::Nodes<T>& q, const nodes::Grid& grid,
                          const double* a1, const double* b1, const double* a2, const double* b2,
                          const double* weight, std::int64_t batch, double* out, double* dot_a, double* dot_b,
                          fastkd_stream_t stream) {
   const std::int64_t node_tiles = tiles_for(nodes::node_count(grid));
   const std::int64_t row_groups = dot_a != nullptr ? 1 : tiles_for(p.map.channels);
   if (node_tiles == 0 || row_groups == 0 || batch == 0) return;
-  FASTKD_LAUNCH(apply_kernel<T>, LaunchExtent(node_tiles, row_groups, batch), dim3(kTile, kTile),
-                stream, p, q, grid, eps, a1, b1, a2, b2, weight, out, dot_a, dot_b);
+  const LaunchExtent blocks(node_tiles, row_groups, batch);
+  if (flat(p, q, grid)) {
+    FASTKD_LAUNCH((apply_kernel<T, true>), blocks, dim3(kTile, kTile), stream, p, q, grid, a1, b1, a2, b2, weight,
+                  out, dot_a, dot_b);
+  } else {
+    FASTKD_LAUNCH((apply_kernel<T, false>), blocks, dim3(kTile, kTile), stream, p, q, grid, a1, b1, a2, b2, weight,
+                  out, dot_a, dot_b);
+  }
 }
 
 template <typename T>
 void affinity_full_direct_rows(const nodes::Nodes<T>& s, const nodes::Nodes<T>& t, const nodes::Grid& grid,
-                               double eps, std::int64_t batch, double* rows, fastkd_stream_t stream) {
+                               std::int64_t batch, double* rows, fastkd_stream_t stream) {
   const std::int64_t node_tiles = tiles_for(nodes::node_count(grid));
   if (node_tiles == 0 || batch == 0) return;
-  FASTKD_LAUNCH(direct_rows_kernel<T>, LaunchExtent(node_tiles, batch), dim3(kTile, kTile), stream,
-                s, t, grid, eps, rows);
+  const LaunchExtent blocks(node_tiles, batch);
+  if (flat(s, t, grid)) {
+    FASTKD_LAUNCH((direct_rows_kernel<T, true>), blocks, dim3(kTile, kTile), stream, s, t, grid, rows);
+  } else {
+    FASTKD_LAUNCH((direct_rows_kernel<T, false>), blocks, dim3(kTile, kTile), stream, s, t, grid, rows);
+  }
 }
 
 template <typename T>
 void affinity_full_direct_backward(const nodes::Nodes<T>& s, const nodes::Nodes<T>& t, const nodes::Grid& grid,
-                                   double eps, const double* weight, std::int64_t batch, double* grad_s,
-                                   double* grad_t, fastkd_stream_t stream) {
+                                   const double* weight, std::int64_t batch, double* grad_s, double* grad_t,
+                                   fastkd_stream_t stream) {
   const std::int64_t node_tiles = tiles_for(nodes::node_count(grid));
   if (node_tiles == 0 || batch == 0 || (grad_s == nullptr && grad_t == nullptr)) return;
-  FASTKD_LAUNCH(direct_backward_kernel<T>, LaunchExtent(node_tiles, batch), dim3(kTile, kTile),
-                stream, s, t, grid, eps, weight, grad_s, grad_t);
+  const LaunchExtent blocks(node_tiles, batch);
+  if (flat(s, t, grid)) {
+    FASTKD_LAUNCH((direct_backward_kernel<T, true>), blocks, dim3(kTile, kTile), stream, s, t, grid, weight, grad_s,
+                  grad_t);
+  } else {
+    FASTKD_LAUNCH((direct_backward_kernel<T, false>), blocks, dim3(kTile, kTile), stream, s, t, grid, weight,
+                  grad_s, grad_t);
+  }
 }
 
 #define FASTKD_INSTANTIATE(T)                                                                                      \
-  template void affinity_full_gram<T>(const nodes::Nodes<T>&, const nodes::Nodes<T>&, const nodes::Grid&, double,  \
+  template void affinity_full_gram<T>(const nodes::Nodes<T>&, const nodes::Nodes<T>&, const nodes::Grid&,          \
                                       const double*, std::int64_t, std::int64_t, std::int64_t, double*,            \
                                       fastkd_stream_t);                                                            \
-  template void affinity_full_apply<T>(const nodes::Nodes<T>&, const nodes::Nodes<T>&, const nodes::Grid&, double, \
+  template void affinity_full_apply<T>(const nodes::Nodes<T>&, const nodes::Nodes<T>&, const nodes::Grid&,         \
                                        const double*, const double*, const double*, const double*, const double*,  \
                                        std::int64_t, double*, double*, double*, fastkd_stream_t);                  \
   template void affinity_full_direct_rows<T>(const nodes::Nodes<T>&, const nodes::Nodes<T>&, const nodes::Grid&,   \
-                                             double, std::int64_t, double*, fastkd_stream_t);                      \
+                                             std::int64_t, double*, fastkd_stream_t);                              \
   template void affinity_full_direct_backward<T>(const nodes::Nodes<T>&, const nodes::Nodes<T>&,                   \
-                                                 const nodes::Grid&, double, const double*, std::int64_t, double*, \
-                                                 double*, fastkd_stream_t);;
+                                                 const nodes::Grid&, const double*, std::int64_t, double*,         \
+                                                 double*, fastkd_stream_t);
 FASTKD_FOR_EACH_STORAGE_TYPE(FASTKD_INSTANTIATE)
 #undef FASTKD_INSTANTIATE
 

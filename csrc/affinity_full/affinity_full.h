@@ -1,8 +1,10 @@
 // Launchers of the full-graph affinity kernels (affinity_full.cu): raw pointers, sizes, strides and a
 // stream. Declared for the namespace the including file compiles for (fastkd::cuda or fastkd::emulated).
 //
-// Operands are nodes::Nodes<T> (an input of any strides plus its (B, m) double node norms); every output is
-// a contiguous double buffer the caller allocates. Matrices are contiguous double (B, rows, cols).
+// Operands are nodes::Nodes<T> (an input of any strides plus its (B, m) double node scales 1 / (||f|| + eps));
+// every output is a contiguous double buffer the caller allocates. Where both operands are flat (one pixel a
+// node, rows back to back: nodes::flat_pixels), the launchers run the kernels' flat variant, which neither
+// pools nor divides node indices. Matrices are contiguous double (B, rows, cols).
 #pragma once
 
 #include <cstdint>
@@ -21,7 +23,7 @@ constexpr int kAffinityFullTile = 16;
 // of each image, for the normalised nodes X, Y and W = diag(weight) (weight (B, m), or nullptr: identity).
 // nodes_per_split must be a multiple of kAffinityFullTile; the caller sums the partials in a fixed order.
 template <typename T>
-void affinity_full_gram(const nodes::Nodes<T>& x, const nodes::Nodes<T>& y, const nodes::Grid& grid, double eps,
+void affinity_full_gram(const nodes::Nodes<T>& x, const nodes::Nodes<T>& y, const nodes::Grid& grid,
                         const double* weight, std::int64_t batch, std::int64_t splits, std::int64_t nodes_per_split,
                         double* partials, fastkd_stream_t stream);
 
@@ -31,7 +33,7 @@ void affinity_full_gram(const nodes::Nodes<T>& x, const nodes::Nodes<T>& y, cons
 // A1, A2: (B, Cp, Cp); B1, B2: (B, Cp, Cq). b1 == nullptr: no Q terms (q is not read); a2 == nullptr: no
 // weighted terms (b2, weight not read).
 template <typename T>
-void affinity_full_apply(const nodes::Nodes<T>& p, const nodes::Nodes<T>& q, const nodes::Grid& grid, double eps,
+void affinity_full_apply(const nodes::Nodes<T>& p, const nodes::Nodes<T>& q, const nodes::Grid& grid,
                          const double* a1, const double* b1, const double* a2, const double* b2,
                          const double* weight, std::int64_t batch, double* out, double* dot_a, double* dot_b,
                          fastkd_stream_t stream);
@@ -39,14 +41,14 @@ void affinity_full_apply(const nodes::Nodes<T>& p, const nodes::Nodes<T>& q, con
 // rows (B, m): r_i = sum_j D_ij^2 with D = S'S - T'T formed tile by tile.
 template <typename T>
 void affinity_full_direct_rows(const nodes::Nodes<T>& s, const nodes::Nodes<T>& t, const nodes::Grid& grid,
-                               double eps, std::int64_t batch, double* rows, fastkd_stream_t stream);
+                               std::int64_t batch, double* rows, fastkd_stream_t stream);
 
 // grad_s (B, Cs, m) += 2 sum_j (w_i + w_j) D_ij s_j and grad_t (B, Ct, m) -= 2 sum_j (w_i + w_j) D_ij t_j,
 // for row weights weight (B, m); either output may be nullptr (not needed). Both must be zeroed first.
 template <typename T>
 void affinity_full_direct_backward(const nodes::Nodes<T>& s, const nodes::Nodes<T>& t, const nodes::Grid& grid,
-                                   double eps, const double* weight, std::int64_t batch, double* grad_s,
-                                   double* grad_t, fastkd_stream_t stream);
+                                   const double* weight, std::int64_t batch, double* grad_s, double* grad_t,
+                                   fastkd_stream_t stream);
 
 }  // namespace FASTKD_KERNELS
 }  // namespace fastkd

@@ -23,9 +23,12 @@ namespace {  // one copy per including file: the two call different launchers
 using glue::map_of;
 
 template <typename scalar_t>
-nodes::Nodes<storage_t<scalar_t>> affinity_full_nodes(const at::Tensor& x, const at::Tensor& norm) {
-  return {storage_data<scalar_t>(x), map_of(x), norm.const_data_ptr<double>()};
+nodes::Nodes<storage_t<scalar_t>> affinity_full_nodes(const at::Tensor& x, const at::Tensor& scale) {
+  return {storage_data<scalar_t>(x), map_of(x), scale.const_data_ptr<double>()};
 }
+
+// The scale 1 / (||f|| + eps) (B, m) of every node, from its norm: what the kernels multiply a staged element by.
+at::Tensor affinity_full_scales(const at::Tensor& norm, double eps) { return (norm + eps).reciprocal(); }
 
 const double* affinity_full_pointer(const at::Tensor& x) {
   return x.defined() ? x.const_data_ptr<double>() : nullptr;
@@ -54,8 +57,8 @@ at::Tensor affinity_full_norms(const at::Tensor& x, const nodes::Grid& grid) {
 }
 
 // X W Y' (B, Cx, Cy) double for the normalised nodes of x and y (one dtype), W = diag(weight) or identity.
-at::Tensor affinity_full_gram(const at::Tensor& x, const at::Tensor& x_norm, const at::Tensor& y,
-                              const at::Tensor& y_norm, const nodes::Grid& grid, double eps,
+at::Tensor affinity_full_gram(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& y,
+                              const at::Tensor& y_scale, const nodes::Grid& grid,
                               const at::Tensor& weight = at::Tensor()) {
   const int64_t batch = x.size(0), m = nodes::node_count(grid);
   const int64_t tile = FASTKD_KERNELS::kAffinityFullTile;
@@ -71,8 +74,8 @@ at::Tensor affinity_full_gram(const at::Tensor& x, const at::Tensor& x_norm, con
   splits = (m + nodes_per_split - 1) / nodes_per_split;
   at::Tensor partials = at::empty({batch, splits, x.size(1), y.size(1)}, doubles);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "affinity_full_gram", [&] {
-    FASTKD_KERNELS::affinity_full_gram(affinity_full_nodes<scalar_t>(x, x_norm),
-                                       affinity_full_nodes<scalar_t>(y, y_norm), grid, eps,
+    FASTKD_KERNELS::affinity_full_gram(affinity_full_nodes<scalar_t>(x, x_scale),
+                                       affinity_full_nodes<scalar_t>(y, y_scale), grid,
                                        affinity_full_pointer(weight), batch, splits, nodes_per_split,
                                        partials.mutable_data_ptr<double>(), FASTKD_GLUE_STREAM());
   });
@@ -82,8 +85,8 @@ at::Tensor affinity_full_gram(const at::Tensor& x, const at::Tensor& x_norm, con
 // out = A1 P + B1 Q + w (A2 P + B2 Q) (B, Cp, m) when `store`, and with `dots` the per-node forms
 // (p . A1 p, p . B1 q) (B, m). Undefined b1: no Q terms; undefined a2: no weighted terms.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_full_apply(
-    const at::Tensor& p, const at::Tensor& p_norm, const at::Tensor& q, const at::Tensor& q_norm,
-    const nodes::Grid& grid, double eps, const at::Tensor& a1, const at::Tensor& b1, const at::Tensor& a2,
+    const at::Tensor& p, const at::Tensor& p_scale, const at::Tensor& q, const at::Tensor& q_scale,
+    const nodes::Grid& grid, const at::Tensor& a1, const at::Tensor& b1, const at::Tensor& a2,
     const at::Tensor& b2, const at::Tensor& weight, bool store, bool dots) {
   const int64_t batch = p.size(0), m = nodes::node_count(grid);
   const auto doubles = p.options().dtype(at::kDouble);
@@ -95,10 +98,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_full_apply(
   const at::Tensor a2_c = a2.defined() ? a2.contiguous() : a2;
   const at::Tensor b2_c = b2.defined() ? b2.contiguous() : b2;
   const at::Tensor& q_used = b1.defined() ? q : p;  // not read without B1
-  const at::Tensor& q_norm_used = b1.defined() ? q_norm : p_norm;
+  const at::Tensor& q_scale_used = b1.defined() ? q_scale : p_scale;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "affinity_full_apply", [&] {
     FASTKD_KERNELS::affinity_full_apply(
-        affinity_full_nodes<scalar_t>(p, p_norm), affinity_full_nodes<scalar_t>(q_used, q_norm_used), grid, eps,
+        affinity_full_nodes<scalar_t>(p, p_scale), affinity_full_nodes<scalar_t>(q_used, q_scale_used), grid,
         affinity_full_pointer(a1_c), affinity_full_pointer(b1_c), affinity_full_pointer(a2_c),
         affinity_full_pointer(b2_c), affinity_full_pointer(weight), batch,
         store ? out.mutable_data_ptr<double>() : nullptr, dots ? dot_a.mutable_data_ptr<double>() : nullptr,
@@ -116,6 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   glue::check_same_device("affinity_full_forward", {{"s", s}, {"t", t}});
   FASTKD_GLUE_GUARD(s);
   const at::Tensor s_norm = affinity_full_norms(s, grid), t_norm = affinity_full_norms(t, grid);
+  const at::Tensor s_scale = affinity_full_scales(s_norm, eps), t_scale = affinity_full_scales(t_norm, eps);
   // Mixed dtypes are widened to the common one (exact: float16/bfloat16 -> float32 -> float64).
   const auto common = at::promote_types(s.scalar_type(), t.scalar_type());
   const at::Tensor s_c = s.to(common), t_c = t.to(common);
@@ -124,25 +128,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (!use_gram) {
     at::Tensor rows = at::empty({batch, m}, doubles);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, common, "affinity_full_direct_rows", [&] {
-      FASTKD_KERNELS::affinity_full_direct_rows(affinity_full_nodes<scalar_t>(s_c, s_norm),
-                                                affinity_full_nodes<scalar_t>(t_c, t_norm), grid, eps, batch,
+      FASTKD_KERNELS::affinity_full_direct_rows(affinity_full_nodes<scalar_t>(s_c, s_scale),
+                                                affinity_full_nodes<scalar_t>(t_c, t_scale), grid, batch,
                                                 rows.mutable_data_ptr<double>(), FASTKD_GLUE_STREAM());
     });
     return {per_row ? rows : rows.sum(1), s_norm, t_norm, at::empty({0}, doubles), at::empty({0}, doubles),
             at::empty({0}, doubles)};
   }
-  at::Tensor gram_ss = affinity_full_gram(s_c, s_norm, s_c, s_norm, grid, eps);
-  at::Tensor gram_st = affinity_full_gram(s_c, s_norm, t_c, t_norm, grid, eps);
-  at::Tensor gram_tt = affinity_full_gram(t_c, t_norm, t_c, t_norm, grid, eps);
+  at::Tensor gram_ss = affinity_full_gram(s_c, s_scale, s_c, s_scale, grid);
+  at::Tensor gram_st = affinity_full_gram(s_c, s_scale, t_c, t_scale, grid);
+  at::Tensor gram_tt = affinity_full_gram(t_c, t_scale, t_c, t_scale, grid);
   at::Tensor terms;
   if (per_row) {
     // r_i = s_i'(SS')s_i - 2 s_i'(ST')t_i + t_i'(TT')t_i; values within 64 ulps of the forms are rounding
     // noise and become exactly 0 (as in the torch backend): identical rows have a zero loss and gradient.
     const at::Tensor none;
-    const auto st_forms = affinity_full_apply(s_c, s_norm, t_c, t_norm, grid, eps, gram_ss, gram_st.neg(), none,
+    const auto st_forms = affinity_full_apply(s_c, s_scale, t_c, t_scale, grid, gram_ss, gram_st.neg(), none,
                                               none, none, false, true);
     const auto tt_forms =
-        affinity_full_apply(t_c, t_norm, t_c, t_norm, grid, eps, gram_tt, none, none, none, none, false, true);
+        affinity_full_apply(t_c, t_scale, t_c, t_scale, grid, gram_tt, none, none, none, none, false, true);
     const at::Tensor& form_ss = std::get<1>(st_forms);
     const at::Tensor& minus_form_st = std::get<2>(st_forms);
     const at::Tensor& form_tt = std::get<1>(tt_forms);
@@ -172,6 +176,7 @@ std::tuple<at::Tensor, at::Tensor> affinity_full_backward_op(
   TORCH_CHECK(grad_terms.dim() == 1 || (grad_terms.dim() == 2 && grad_terms.size(1) == m),
               "`grad_terms` must be (B,) or (B, m)");
   const at::Tensor s_norm = s_norm_in.to(at::kDouble).contiguous(), t_norm = t_norm_in.to(at::kDouble).contiguous();
+  const at::Tensor s_scale = affinity_full_scales(s_norm, eps), t_scale = affinity_full_scales(t_norm, eps);
   const bool uniform = grad_terms.dim() == 1;
   at::Tensor weight = grad_terms.to(at::kDouble).contiguous();  // autograd may hand in an expanded tensor
   const auto common = at::promote_types(s.scalar_type(), t.scalar_type());
@@ -185,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor> affinity_full_backward_op(
     if (need_t) grad_t_hat = at::zeros({batch, t.size(1), m}, doubles);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, common, "affinity_full_direct_backward", [&] {
       FASTKD_KERNELS::affinity_full_direct_backward(
-          affinity_full_nodes<scalar_t>(s_c, s_norm), affinity_full_nodes<scalar_t>(t_c, t_norm), grid, eps,
+          affinity_full_nodes<scalar_t>(s_c, s_scale), affinity_full_nodes<scalar_t>(t_c, t_scale), grid,
           weight.const_data_ptr<double>(), batch, need_s ? grad_s_hat.mutable_data_ptr<double>() : nullptr,
           need_t ? grad_t_hat.mutable_data_ptr<double>() : nullptr, FASTKD_GLUE_STREAM());
     });
@@ -195,23 +200,23 @@ std::tuple<at::Tensor, at::Tensor> affinity_full_backward_op(
     if (uniform) {  // w_k = w: dL/ds = 4 w (SS' s - ST' t), dL/dt = 4 w (TT' t - TS' s)
       const at::Tensor w = weight.view({-1, 1, 1});
       if (need_s) {
-        grad_s_hat = std::get<0>(affinity_full_apply(s_c, s_norm, t_c, t_norm, grid, eps, 4 * w * ss, -4 * w * st,
+        grad_s_hat = std::get<0>(affinity_full_apply(s_c, s_scale, t_c, t_scale, grid, 4 * w * ss, -4 * w * st,
                                                      none, none, none, true, false));
       }
       if (need_t) {
-        grad_t_hat = std::get<0>(affinity_full_apply(t_c, t_norm, s_c, s_norm, grid, eps, 4 * w * tt, -4 * w * ts,
+        grad_t_hat = std::get<0>(affinity_full_apply(t_c, t_scale, s_c, s_scale, grid, 4 * w * tt, -4 * w * ts,
                                                      none, none, none, true, false));
       }
     } else {  // 2 w_k (SS' s_k - ST' t_k) + 2 (S W S' s_k - S W T' t_k), and the same for t
-      const at::Tensor weighted_st = affinity_full_gram(s_c, s_norm, t_c, t_norm, grid, eps, weight);  // S W T'
+      const at::Tensor weighted_st = affinity_full_gram(s_c, s_scale, t_c, t_scale, grid, weight);  // S W T'
       if (need_s) {
-        const at::Tensor weighted_ss = affinity_full_gram(s_c, s_norm, s_c, s_norm, grid, eps, weight);
-        grad_s_hat = std::get<0>(affinity_full_apply(s_c, s_norm, t_c, t_norm, grid, eps, 2 * weighted_ss,
+        const at::Tensor weighted_ss = affinity_full_gram(s_c, s_scale, s_c, s_scale, grid, weight);
+        grad_s_hat = std::get<0>(affinity_full_apply(s_c, s_scale, t_c, t_scale, grid, 2 * weighted_ss,
                                                      -2 * weighted_st, 2 * ss, -2 * st, weight, true, false));
       }
       if (need_t) {
-        const at::Tensor weighted_tt = affinity_full_gram(t_c, t_norm, t_c, t_norm, grid, eps, weight);
-        grad_t_hat = std::get<0>(affinity_full_apply(t_c, t_norm, s_c, s_norm, grid, eps, 2 * weighted_tt,
+        const at::Tensor weighted_tt = affinity_full_gram(t_c, t_scale, t_c, t_scale, grid, weight);
+        grad_t_hat = std::get<0>(affinity_full_apply(t_c, t_scale, s_c, s_scale, grid, 2 * weighted_tt,
                                                      -2 * weighted_st.transpose(1, 2), 2 * tt, -2 * ts, weight,
                                                      true, false));
       }

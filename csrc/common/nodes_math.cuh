@@ -43,14 +43,15 @@ FASTKD_HOST_DEVICE inline Grid make_grid(std::int64_t height, std::int64_t width
 
 FASTKD_HOST_DEVICE inline std::int64_t node_count(const Grid& grid) { return grid.grid_h * grid.grid_w; }
 
-// One operand of the affinity kernels: the input, its layout and its node norms ((B, m) double). `Input` is
-// the input's pointer type, so that the emulator's Nodes (checked pointers) is a type of its own, apart from
-// the one of the CUDA build linked beside it.
+// One operand of the full-graph kernels: the input, its layout and the scale 1 / (||f|| + eps) of every node
+// ((B, m) double, computed once per node, so that normalising a staged element is a product). `Input` is the
+// input's pointer type, so that the emulator's Nodes (checked pointers) is a type of its own, apart from the
+// one of the CUDA build linked beside it.
 template <typename T, typename Input = global_ptr<const T>>
 struct Nodes {
   Input x;
   Map map;
-  global_ptr<const double> norm;
+  global_ptr<const double> scale;
 };
 
 #if defined(FASTKD_EMULATE_CUDA)
@@ -58,7 +59,7 @@ struct Nodes {
 template <typename T, typename Input, typename Visit>
 void emulator_pointers(const Nodes<T, Input>& operand, Visit&& visit) {
   visit("x", operand.x);
-  visit("norm", operand.norm);
+  visit("scale", operand.scale);
 }
 static_assert(emu::HasPointers<Nodes<float>>::value, "the emulator must find emulator_pointers for Nodes");
 #endif
@@ -136,13 +137,24 @@ FASTKD_HOST_DEVICE double node_norm(global_ptr<const T> x, const Map& map, const
   return sqrt(squares);
 }
 
+// Whether every node of `map` is one pixel and node n is the pixel at n * stride_w (rows back to back, as in
+// contiguous and channels-last tensors): then kernels can take the flat path of `normalized`, with no pooling
+// loop and no division of node indices.
+FASTKD_HOST_DEVICE inline bool flat_pixels(const Map& map, const Grid& grid) {
+  return grid.kernel_h == 1 && grid.kernel_w == 1 && (map.height == 1 || map.stride_h == map.width * map.stride_w);
+}
+
 // f_hat_c = f_c / (||f|| + eps) of `node` in image b; 0 for a channel or node out of range (tile padding).
-template <typename T>
-FASTKD_HOST_DEVICE double normalized(const Nodes<T>& operand, const Grid& grid, double eps, std::int64_t b,
-                                     std::int64_t c, std::int64_t node) {
+// kFlat: flat_pixels(operand.map, grid) holds, and f_c is the node's pixel.
+template <bool kFlat, typename T>
+FASTKD_HOST_DEVICE double normalized(const Nodes<T>& operand, const Grid& grid, std::int64_t b, std::int64_t c,
+                                     std::int64_t node) {
   const std::int64_t m = node_count(grid);
   if (c >= operand.map.channels || node >= m) return 0.0;
-  return pooled(operand.x, operand.map, grid, b, c, node) / (operand.norm[b * m + node] + eps);
+  const Map& map = operand.map;
+  const double f = kFlat ? to_double(operand.x[b * map.stride_b + c * map.stride_c + node * map.stride_w])
+                         : pooled(operand.x, map, grid, b, c, node);
+  return f * operand.scale[b * m + node];
 }
 
 // dL/dx for every pixel of `node` in image b from g = dL/df_hat (grad_hat: (B, C, m) contiguous double;
