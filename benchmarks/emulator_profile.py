@@ -46,35 +46,39 @@ def parse(line: str) -> Dict[str, object]:
     return figures
 
 
-def _inputs(*shapes, seed=0):
+def _inputs(*shapes, device="cpu", seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=gen).relu_().requires_grad_() for shape in shapes]
+    return [torch.randn(shape, generator=gen).relu_().to(device).requires_grad_() for shape in shapes]
 
 
-def _backward(loss_of: Callable[..., torch.Tensor], *shapes) -> List[torch.Tensor]:
-    inputs = _inputs(*shapes)
+def _backward(loss_of: Callable[..., torch.Tensor], *shapes, device="cpu") -> List[torch.Tensor]:
+    inputs = _inputs(*shapes, device=device)
     loss = loss_of(*inputs)
     loss.backward()
     return [loss.detach()] + [x.grad for x in inputs if x.grad is not None]
 
 
-# name -> what runs (forward and backward) at the op's representative shape, returning the loss and gradients
-CASES: Dict[str, Callable[[], List[torch.Tensor]]] = {
-    "affinity_full gram, C = 32 + 48, 24 x 24, B = 2": lambda: _backward(
-        lambda s, t: F.pairwise_affinity_loss(s, t, backend="cuda", algorithm="gram"), (2, 32, 24, 24),
-        (2, 48, 24, 24)),
-    "affinity_full direct, C = 32 + 48, 16 x 16, B = 2": lambda: _backward(
-        lambda s, t: F.pairwise_affinity_loss(s, t, backend="cuda", algorithm="direct"), (2, 32, 16, 16),
-        (2, 48, 16, 16)),
-    "affinity_window window = 2, C = 32, 32 x 32, B = 2": lambda: _backward(
-        lambda s, t: F.pairwise_affinity_loss(s, t, window=2, backend="cuda"), (2, 32, 32, 32), (2, 32, 32, 32)),
-    "consistency C = 19, 32 x 64, B = 2": lambda: _backward(
-        lambda s, t: F.consistency_loss(s, t, backend="cuda"), (2, 19, 32, 64), (2, 19, 32, 64)),
-    "pixelwise_kd C = 19, 32 x 64, B = 2": lambda: _backward(
-        lambda s, t: F.pixelwise_kd_loss(s, t.detach(), temperature=2.0, backend="cuda"), (2, 19, 32, 64),
-        (2, 19, 32, 64)),
-    "probability C = 19, 32 x 64, B = 2": lambda: _backward(
-        lambda s, t: F.probability_loss(s, t.detach(), backend="cuda"), (2, 19, 32, 64), (2, 19, 32, 64)),
+# name -> what runs (forward and backward) at the op's representative shape on a backend and device, returning
+# the loss and gradients (the profile runs backend "cuda" on CPU tensors; benchmarks/gpu_check.sh runs the
+# same cases on a GPU under compute-sanitizer)
+CASES: Dict[str, Callable[[str, str], List[torch.Tensor]]] = {
+    "affinity_full gram, C = 32 + 48, 24 x 24, B = 2": lambda backend, device: _backward(
+        lambda s, t: F.pairwise_affinity_loss(s, t, backend=backend, algorithm="gram"), (2, 32, 24, 24),
+        (2, 48, 24, 24), device=device),
+    "affinity_full direct, C = 32 + 48, 16 x 16, B = 2": lambda backend, device: _backward(
+        lambda s, t: F.pairwise_affinity_loss(s, t, backend=backend, algorithm="direct"), (2, 32, 16, 16),
+        (2, 48, 16, 16), device=device),
+    "affinity_window window = 2, C = 32, 32 x 32, B = 2": lambda backend, device: _backward(
+        lambda s, t: F.pairwise_affinity_loss(s, t, window=2, backend=backend), (2, 32, 32, 32), (2, 32, 32, 32),
+        device=device),
+    "consistency C = 19, 32 x 64, B = 2": lambda backend, device: _backward(
+        lambda s, t: F.consistency_loss(s, t, backend=backend), (2, 19, 32, 64), (2, 19, 32, 64), device=device),
+    "pixelwise_kd C = 19, 32 x 64, B = 2": lambda backend, device: _backward(
+        lambda s, t: F.pixelwise_kd_loss(s, t.detach(), temperature=2.0, backend=backend), (2, 19, 32, 64),
+        (2, 19, 32, 64), device=device),
+    "probability C = 19, 32 x 64, B = 2": lambda backend, device: _backward(
+        lambda s, t: F.probability_loss(s, t.detach(), backend=backend), (2, 19, 32, 64), (2, 19, 32, 64),
+        device=device),
 }
 
 
@@ -96,7 +100,7 @@ def profile(case: str) -> List[Dict[str, object]]:
     """The profile of every kernel launch of one case, in launch order (the blocks in their default order)."""
     with _environment(FASTKD_EMULATE_CUDA="1", FASTKD_EMULATOR_PROFILE="1", FASTKD_EMULATOR_ORDER="launch"):
         torch.ops.fastkd_emulated.emulator_take_profile()
-        CASES[case]()
+        CASES[case]("cuda", "cpu")
         return [dict(case=case, **parse(line)) for line in torch.ops.fastkd_emulated.emulator_take_profile()]
 
 

@@ -59,10 +59,10 @@ def test_without_the_flag_nothing_is_profiled(gen):
 
 @pytest.mark.parametrize("case", list(emulator_profile.CASES))
 def test_results_are_bitwise_the_same_in_a_random_order(monkeypatch, case):
-    expected = emulator_profile.CASES[case]()
+    expected = emulator_profile.CASES[case]("cuda", "cpu")
     monkeypatch.setenv("FASTKD_EMULATOR_ORDER", "random")
     monkeypatch.setenv("FASTKD_EMULATOR_SEED", "7")
-    results = emulator_profile.CASES[case]()
+    results = emulator_profile.CASES[case]("cuda", "cpu")
     assert len(results) == len(expected) >= 2
     for result, reference in zip(results, expected):
         assert torch.equal(result, reference)
