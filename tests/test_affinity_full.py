@@ -6,7 +6,8 @@ nodes pooled by compiled C++ (``fastkd::pool_nodes_*``, tested on its own at the
 Without a GPU the Triton kernels run under the Triton interpreter on CPU tensors and the CUDA kernels under
 fastkd's CUDA emulator (FASTKD_EMULATE_CUDA=1), so the maps are small; node and channel counts straddle
 each backend's block size (``helpers.BLOCKS``: Triton programs of 32 nodes x 32 channels, CUDA tiles of
-16 x 16). The windowed graph is tested in test_affinity_window.py.
+16 x 16, and the CUDA Gram kernel's 64-channel tiles staging 32 nodes at a time). The windowed graph is
+tested in test_affinity_window.py.
 """
 
 import functools
@@ -40,13 +41,15 @@ def distillation(backend, s, t, **config):
     return fastkd.AffinityDistillationLoss(backend=backend.name, **config)(s, t)
 
 
-def block_edges(backend):
+def block_edges(backend, algorithm):
     """(B, Cs, Ct, H, W): node counts and channel counts block - 1, block, block + 1, and two nodes.
     (With one node only a_11 = (|f| / (|f| + eps))^2 ~ 1 - 2 eps / |f| exists, and its ~1e-14 loss is
     below the Gram identity's float64 rounding of terms of size 1.) The torch backend has no blocks: it
-    takes the Triton kernels' sizes."""
-    n = helpers.BLOCKS[("affinity_full", "cuda" if backend.name == "cuda" else "triton")]["nodes"]
-    return [(1, n - 1, n + 1, 1, n - 1), (2, n, 3, 4, n // 4), (1, n + 1, n, 1, n + 1), (2, 2, 1, 1, 2)]
+    takes the Triton kernels' sizes. The CUDA Gram kernel has blocks of its own."""
+    blocks = helpers.BLOCKS[("affinity_full", "cuda" if backend.name == "cuda" else "triton")]
+    prefix = "gram_" if algorithm == "gram" and "gram_nodes" in blocks else ""
+    n, c = blocks[prefix + "nodes"], blocks[prefix + "channels"]
+    return [(1, c - 1, c + 1, 1, n - 1), (2, c, 3, 4, n // 4), (1, c + 1, c, 1, n + 1), (2, 2, 1, 1, 2)]
 
 
 def reference_config(config):
@@ -94,7 +97,7 @@ def test_pairwise_configurations(backend, config, algorithm, gen):
 @pytest.mark.parametrize("edge", range(4))
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_pairwise_block_boundaries(backend, edge, algorithm, gen):
-    check_pairwise(backend, pair(block_edges(backend)[edge], gen, torch.float32), algorithm=algorithm)
+    check_pairwise(backend, pair(block_edges(backend, algorithm)[edge], gen, torch.float32), algorithm=algorithm)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -106,7 +109,7 @@ def test_distillation_matches_reference_in_every_dtype(backend, algorithm, dtype
 @pytest.mark.parametrize("edge", range(4))
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_distillation_block_boundaries(backend, edge, algorithm, gen):
-    check_distillation(backend, pair(block_edges(backend)[edge], gen, torch.float32), algorithm=algorithm,
+    check_distillation(backend, pair(block_edges(backend, algorithm)[edge], gen, torch.float32), algorithm=algorithm,
                        reduction="sum")
 
 

@@ -80,9 +80,39 @@ def test_shared_index_out_of_bounds_is_reported(gen):
 
 
 def test_shuffle_reading_an_exited_lane_is_reported():
-    with pytest.raises(RuntimeError, match=r"a shuffle in exited_lane_shuffle_kernel by thread 0 with mask "
+    with pytest.raises(RuntimeError, match=r"a warp shuffle in exited_lane_shuffle_kernel by thread 0 with mask "
                                            r"0xffffffff names lane 16 \(thread 16\), which has exited"):
         run("exited_lane_shuffle")
+
+
+def test_fp64_mma_has_the_ptx_fragments(gen):
+    """mma.sync m8n8k4 f64 (csrc/common/mma.cuh): lane l holds A[l / 4][l % 4], B[l % 4][l / 4] and
+    D[l / 4][2 (l % 4) + i]. Small integers make every product and sum exact, so the layout is checked bitwise."""
+    values = torch.randint(-8, 9, (1024,), generator=gen).to(torch.float64)
+    a, b_transposed, c = values[:32].view(8, 4), values[32:64].view(8, 4), values[64:128].view(8, 8)
+    assert torch.equal(run("mma", values), (c + a @ b_transposed.T).flatten())
+
+
+def test_fp64_mma_is_float64_accurate(gen):
+    """Random values: D within the rounding of 4 fused steps (and of the check's own 8 roundings) of C + A B."""
+    values = randn((1024,), gen, torch.float64)
+    a, b_transposed, c = values[:32].view(8, 4), values[32:64].view(8, 4), values[64:128].view(8, 8)
+    expected = c + a @ b_transposed.T
+    bound = 12 * 2.0 ** -53 * (c.abs() + a.abs() @ b_transposed.abs().T)
+    error = (run("mma", values) - expected.flatten()).abs()
+    assert bool((error <= bound.flatten()).all()), error.max()
+
+
+def test_mma_that_half_the_warp_skips_is_reported():
+    with pytest.raises(RuntimeError, match=r"a warp mma.sync in mma_kernel by thread 0 with mask 0xffffffff names "
+                                           r"lane 16 \(thread 16\), which has exited"):
+        run("divergent_mma")
+
+
+def test_mma_in_a_partial_warp_is_reported():
+    with pytest.raises(RuntimeError, match=r"a warp mma.sync in mma_kernel by thread 0 with mask 0xffffffff names "
+                                           r"lane 16 of a warp with only 16 lanes \(inactive lanes\)"):
+        run("mma_in_a_partial_warp")
 
 
 @pytest.mark.parametrize("kernel, limit", [

@@ -4,11 +4,13 @@
 // docstring has the math): with S (Cs x m), T (Ct x m) the pooled, normalised nodes of one image and
 // D = S'S - T'T, r_i = sum_j D_ij^2.
 //
-//   gram_kernel            16 x 16 threads compute a 16 x 16 tile of X W Y' over one range of nodes, staging
-//                          16-channel x 16-node tiles of the normalised nodes in shared memory; one partial
-//                          matrix per (image, split), summed by the caller in a fixed order
-//   apply_kernel           out = A1 P + B1 Q + w (A2 P + B2 Q) for 16 rows x 16 nodes per block (matrix and
-//                          node tiles in shared memory), and/or the per-node forms p . (A1 p), p . (B1 q)
+//   gram_kernel            4 warps compute a 64 x 64 tile of X W Y' over one range of nodes with FP64 tensor-core
+//                          products (mma.sync m8n8k4, common/mma.cuh; 32 x 32 outputs a warp in registers),
+//                          staging 64-channel x 32-node tiles of the normalised nodes in shared memory; one
+//                          partial matrix per (image, split), summed by the caller in a fixed order
+//   apply_kernel           out = A1 P + B1 Q + w (A2 P + B2 Q) for 64 rows x 32 nodes per block with the same
+//                          tensor-core products (32 x 16 outputs a warp), or the per-node forms p . (A1 p),
+//                          p . (B1 q) for all rows of 32 nodes
 //   direct_rows_kernel     a block owns 16 rows i and sweeps j in 16-node tiles of D formed in shared memory
 //   direct_backward_kernel the same tiles, weighted by 2 (w_i + w_j), times the nodes j: the block owns the
 //                          columns i of the outputs
@@ -20,6 +22,10 @@
 // Everything is accumulated in double (the Gram terms cancel to ~1e-6 of their size near convergence). No
 // atomics: each output element is written by one thread, so the result is the same on every run.
 #include "affinity_full.h"
+
+#include <stdexcept>
+
+#include "../common/mma.cuh"
 #include "../common/nodes_math.cuh"
 
 namespace fastkd {
@@ -47,106 +53,271 @@ FASTKD_DEVICE double add_staged_dot(double acc, Tile& a_tile, int a0, int a_step
   return acc;
 }
 
-// Block (kTile, kTile), grid (x tiles * y tiles, splits, B): thread (tx, ty) owns out[x0 + ty][y0 + tx].
+// Where output (r, c) of a block's outputs, `width` columns a row, lies in shared memory on its way out:
+// row-major, each row's columns permuted by an XOR of bits 0 and 3 with bits 1 and 0 of r. The fragment stores
+// (lane l: row l / 4, column 2 (l % 4) + e) then hit 16 different bank pairs per half warp, and a warp reading
+// 32 columns of one row reads a permutation of them: both take the ideal 2 wavefronts (without it, the stores
+// would conflict 2-way). Stored this way, each warp writes 32 consecutive elements of a row to global memory
+// (the fragments hold 2 of every 8).
+FASTKD_DEVICE inline int output_index(int r, int c, int width) {
+  return r * width + (c ^ ((r & 1) * 8 + (r >> 1 & 1)));
+}
+
+// The Gram kernel's block: 4 warps (2 x 2) own a kGramSide x kGramSide tile of outputs, each warp 32 x 32 as
+// 4 x 4 FP64 mma tiles of 8 x 8 held in registers (32 doubles a lane); nodes are staged kGramChunk at a time.
+constexpr int kGramSide = kAffinityGramSide;
+constexpr int kGramChunk = kAffinityGramChunk;
+constexpr int kGramWarpTiles = 4;                 // mma tiles of 8 along each side of a warp's outputs
+constexpr int kGramWarpSide = 8 * kGramWarpTiles;  // 32
+constexpr int kGramWarps = (kGramSide / kGramWarpSide) * (kGramSide / kGramWarpSide);
+constexpr int kGramThreads = 32 * kGramWarps;
+// Row stride of the [channel][node] tiles in doubles, 4 (mod 16) doubles: a fragment load (lane l reads row
+// l / 4, node l % 4) then covers the 16 bank pairs once per half warp, and a staging store (32 consecutive
+// nodes of one row) is contiguous; both take the ideal 2 wavefronts.
+constexpr int kGramPitch = kGramChunk + 4;
+static_assert(kGramSide % kGramWarpSide == 0 && kGramChunk % 32 == 0 && kGramPitch % 16 == 4, "Gram tiling");
+
+constexpr int kGramTileElements = kGramSide * kGramPitch;
+static_assert(kGramSide * kGramSide <= 2 * kGramTileElements, "the outputs fit where the tiles were staged");
+
+// tile[offset + r * kGramPitch + n] = the normalised x[row0 + r] at node n0 + n, times the node's weight, or 0
+// past `last` or the channels: lane n of each warp stages node n0 + n of every kGramWarps-th row (coalesced
+// along the nodes).
+template <bool kFlat, typename T, typename Tile>
+FASTKD_DEVICE void stage_gram_chunk(Tile& tile, int offset, const Nodes<T>& x, const Grid& grid,
+                                    global_ptr<const double> weight, std::int64_t b, std::int64_t row0,
+                                    std::int64_t n0, std::int64_t last) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int n = lane; n < kGramChunk; n += 32) {
+    const std::int64_t node = n0 + n;
+    const bool inside = node < last;
+    const double node_weight = inside && weight != nullptr ? weight[b * nodes::node_count(grid) + node] : 1.0;
+    for (int r = warp; r < kGramSide; r += kGramWarps) {
+      const double value = inside ? nodes::normalized<kFlat>(x, grid, b, row0 + r, node) * node_weight : 0.0;
+      tile[offset + r * kGramPitch + n] = value;
+    }
+  }
+}
+
+// Block kGramThreads, grid (x tiles * y tiles, splits, B) for tiles of kGramSide channels: the partial
+// X W Y' of one output tile over one range of nodes.
 template <typename T, bool kFlat>
 FASTKD_GLOBAL void gram_kernel(Nodes<T> x, Nodes<T> y, Grid grid, global_ptr<const double> weight,
                                std::int64_t nodes_per_split, global_ptr<double> partials) {
-  FASTKD_SHARED(double, x_tile, kTileElements);  // [channel][node]
-  FASTKD_SHARED(double, y_tile, kTileElements);
+  // The x tile, then the y tile ([channel][node] each); at the end, the block's outputs (output_index).
+  FASTKD_SHARED(double, staged, 2 * kGramTileElements);
   const std::int64_t m = nodes::node_count(grid);
   const std::int64_t x_channels = x.map.channels, y_channels = y.map.channels;
-  const std::int64_t y_tiles = (y_channels + kTile - 1) / kTile;
-  const std::int64_t x0 = blockIdx.x / y_tiles * kTile, y0 = blockIdx.x % y_tiles * kTile;
+  const std::int64_t y_tiles = (y_channels + kGramSide - 1) / kGramSide;
+  const std::int64_t x0 = blockIdx.x / y_tiles * kGramSide, y0 = blockIdx.x % y_tiles * kGramSide;
   const std::int64_t split = blockIdx.y, splits = gridDim.y, b = blockIdx.z;
-  const int tx = threadIdx.x, ty = threadIdx.y;
   const std::int64_t first = split * nodes_per_split;
   const std::int64_t last = first + nodes_per_split < m ? first + nodes_per_split : m;
-  double acc = 0.0;
-  for (std::int64_t n0 = first; n0 < last; n0 += kTile) {
-    const std::int64_t node = n0 + tx;
-    double x_value = 0.0, y_value = 0.0;
-    if (node < last) {
-      x_value = nodes::normalized<kFlat>(x, grid, b, x0 + ty, node);
-      if (weight != nullptr) x_value *= weight[b * m + node];
-      y_value = nodes::normalized<kFlat>(y, grid, b, y0 + ty, node);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int group = lane / 4, in_group = lane % 4;  // the fragments' row (column of B) and k
+  const int warp_x = warp / (kGramSide / kGramWarpSide) * kGramWarpSide;
+  const int warp_y = warp % (kGramSide / kGramWarpSide) * kGramWarpSide;
+  // A warp whose outputs all lie past the channels (at C < kGramSide) stages but skips the products; the
+  // condition is the same for all its lanes, as mma.sync needs.
+  const bool products = x0 + warp_x < x_channels && y0 + warp_y < y_channels;
+  double acc[kGramWarpTiles][kGramWarpTiles][2] = {};
+  for (std::int64_t n0 = first; n0 < last; n0 += kGramChunk) {
+    stage_gram_chunk<kFlat>(staged, 0, x, grid, weight, b, x0, n0, last);
+    stage_gram_chunk<kFlat>(staged, kGramTileElements, y, grid, nullptr, b, y0, n0, last);
+    __syncthreads();
+    if (products) {
+      for (int k0 = 0; k0 < kGramChunk; k0 += 4) {
+        double a[kGramWarpTiles], b_fragment[kGramWarpTiles];
+        for (int i = 0; i < kGramWarpTiles; ++i) {
+          const int k = k0 + in_group;
+          a[i] = staged[(warp_x + 8 * i + group) * kGramPitch + k];                              // X[rows][k]
+          b_fragment[i] = staged[kGramTileElements + (warp_y + 8 * i + group) * kGramPitch + k];  // Y[cols][k]
+        }
+        for (int i = 0; i < kGramWarpTiles; ++i) {
+          for (int j = 0; j < kGramWarpTiles; ++j) mma_m8n8k4(acc[i][j], a[i], b_fragment[j]);
+        }
+      }
     }
-    x_tile[ty * kPitch + tx] = x_value;
-    y_tile[ty * kPitch + tx] = y_value;
-    acc = add_staged_dot(acc, x_tile, ty * kPitch, 1, y_tile, tx * kPitch, 1);
+    __syncthreads();
   }
-  const std::int64_t row = x0 + ty, col = y0 + tx;
-  if (row < x_channels && col < y_channels) partials[((b * splits + split) * x_channels + row) * y_channels + col] = acc;
+  // The outputs go out through shared memory (output_index); the loop's last barrier has passed, so the
+  // tiles may be overwritten.
+  FASTKD_UNROLL
+  for (int i = 0; i < kGramWarpTiles; ++i) {
+    for (int j = 0; j < kGramWarpTiles; ++j) {
+      for (int e = 0; e < 2; ++e) {
+        staged[output_index(warp_x + 8 * i + group, warp_y + 8 * j + 2 * in_group + e, kGramSide)] = acc[i][j][e];
+      }
+    }
+  }
+  __syncthreads();
+  for (int r = warp; r < kGramSide; r += kGramWarps) {
+    const std::int64_t row = x0 + r;
+    for (int c = lane; c < kGramSide; c += 32) {
+      const std::int64_t col = y0 + c;
+      if (row < x_channels && col < y_channels) {
+        partials[((b * splits + split) * x_channels + row) * y_channels + col] = staged[output_index(r, c, kGramSide)];
+      }
+    }
+  }
 }
 
-// acc + M[row0 + ty, :] . X_hat[:, n0 + tx] for a contiguous (B, rows, X channels) matrix M.
+// The apply kernel's block: 4 warps (2 x 2) own kApplyRows rows x kApplyNodes nodes of M X (M a matrix, X the
+// nodes), each warp 32 rows x 16 nodes as 4 x 2 FP64 mma tiles in registers; channels (the k of the product)
+// are staged kApplyChunk at a time: up to two matrices' [row][channel] tiles and one [channel][node] tile.
+constexpr int kApplyRows = 64;
+constexpr int kApplyNodes = 32;  // one node a lane when staging
+constexpr int kApplyChunk = 16;
+constexpr int kApplyWarpRows = 32, kApplyWarpNodes = 16;
+constexpr int kApplyRowTiles = kApplyWarpRows / 8, kApplyNodeTiles = kApplyWarpNodes / 8;
+constexpr int kApplyWarps = (kApplyRows / kApplyWarpRows) * (kApplyNodes / kApplyWarpNodes);
+constexpr int kApplyThreads = 32 * kApplyWarps;
+// Pitches 4 (mod 16) doubles, as kGramPitch: fragment loads and staging stores take the ideal 2 wavefronts.
+constexpr int kMatrixPitch = kApplyChunk + 4;
+constexpr int kNodePitch = kApplyNodes + 4;
+constexpr int kMatrixTileElements = kApplyRows * kMatrixPitch;
+constexpr int kApplyStagedElements = 2 * kMatrixTileElements + kApplyChunk * kNodePitch;
+static_assert(kApplyNodes == 32 && kApplyChunk == 16 && kMatrixPitch % 16 == 4 && kNodePitch % 16 == 4, "apply tiling");
+static_assert(kApplyRows * kApplyNodes <= kApplyStagedElements, "the outputs fit where the tiles were staged");
+
+using ApplyAccumulators = double[kApplyRowTiles][kApplyNodeTiles][2];
+
+// Stages channels c0..c0 + kApplyChunk - 1 of the rows r0.. of `first` (and of `second`, unless nullptr; both
+// contiguous (B, rows, x channels)) and of the normalised nodes n0.. of x; 0 past the rows, channels, nodes.
 template <bool kFlat, typename T, typename Tile>
-FASTKD_DEVICE double matrix_times_nodes(global_ptr<const double> matrix, std::int64_t rows, const Nodes<T>& x,
-                                        const Grid& grid, std::int64_t b, std::int64_t row0,
-                                        std::int64_t n0, Tile& matrix_tile, Tile& node_tile) {
-  const int tx = threadIdx.x, ty = threadIdx.y;
-  const std::int64_t channels = x.map.channels;
-  double acc = 0.0;
-  for (std::int64_t c0 = 0; c0 < channels; c0 += kTile) {
-    const std::int64_t row = row0 + ty, column = c0 + tx;
-    matrix_tile[ty * kPitch + tx] = row < rows && column < channels ? matrix[(b * rows + row) * channels + column] : 0.0;
-    node_tile[ty * kPitch + tx] = nodes::normalized<kFlat>(x, grid, b, c0 + ty, n0 + tx);
-    acc = add_staged_dot(acc, matrix_tile, ty * kPitch, 1, node_tile, tx, kPitch);
+FASTKD_DEVICE void stage_apply_chunk(Tile& staged, global_ptr<const double> first, global_ptr<const double> second,
+                                     std::int64_t rows, const Nodes<T>& x, const Grid& grid, std::int64_t b,
+                                     std::int64_t r0, std::int64_t c0, std::int64_t n0) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const std::int64_t channels = x.map.channels, column = c0 + lane % kApplyChunk;
+  for (int r = 2 * warp + lane / kApplyChunk; r < kApplyRows; r += 2 * kApplyWarps) {  // half a warp a row
+    const std::int64_t row = r0 + r, at = (b * rows + row) * channels + column;
+    const bool inside = row < rows && column < channels;
+    const int to = r * kMatrixPitch + lane % kApplyChunk;
+    staged[to] = inside ? first[at] : 0.0;
+    if (second != nullptr) staged[kMatrixTileElements + to] = inside ? second[at] : 0.0;
   }
-  return acc;
+  for (int c = warp; c < kApplyChunk; c += kApplyWarps) {
+    staged[2 * kMatrixTileElements + c * kNodePitch + lane] = nodes::normalized<kFlat>(x, grid, b, c0 + c, n0 + lane);
+  }
 }
 
-// Block (kTile, kTile), grid (node tiles, row groups, B): thread (tx, ty) computes row r0 + ty and node
-// n0 + tx for the row tiles r0 = (blockIdx.y + k gridDim.y) kTile. The forms need every row of a node in one
-// block (gridDim.y == 1): each thread sums its rows, then the 16 threads of a node are summed in order.
+// acc += the staged matrix tile at `matrix` (0: the first, kMatrixTileElements: the second) times the staged
+// node tile, for the warp's 32 rows from warp_row and 16 nodes from warp_node.
+template <typename Tile>
+FASTKD_DEVICE void add_apply_products(ApplyAccumulators& acc, Tile& staged, int matrix, int warp_row, int warp_node) {
+  const int lane = threadIdx.x % 32, group = lane / 4, in_group = lane % 4;
+  for (int k0 = 0; k0 < kApplyChunk; k0 += 4) {
+    const int k = k0 + in_group;
+    double a[kApplyRowTiles], b_fragment[kApplyNodeTiles];
+    for (int i = 0; i < kApplyRowTiles; ++i) a[i] = staged[matrix + (warp_row + 8 * i + group) * kMatrixPitch + k];
+    for (int j = 0; j < kApplyNodeTiles; ++j) {
+      b_fragment[j] = staged[2 * kMatrixTileElements + k * kNodePitch + warp_node + 8 * j + group];
+    }
+    for (int i = 0; i < kApplyRowTiles; ++i) {
+      for (int j = 0; j < kApplyNodeTiles; ++j) mma_m8n8k4(acc[i][j], a[i], b_fragment[j]);
+    }
+  }
+}
+
+// acc += first X (and acc_second += second X unless second is nullptr) over all channels of x, for the
+// block's rows r0.. and nodes n0..; `products`: whether this warp's outputs reach the rows and nodes.
+template <bool kFlat, typename T, typename Tile>
+FASTKD_DEVICE void add_matrices_times_nodes(ApplyAccumulators& acc, ApplyAccumulators& acc_second,
+                                            global_ptr<const double> first, global_ptr<const double> second,
+                                            std::int64_t rows, const Nodes<T>& x, const Grid& grid, std::int64_t b,
+                                            std::int64_t r0, std::int64_t n0, bool products, int warp_row,
+                                            int warp_node, Tile& staged) {
+  for (std::int64_t c0 = 0; c0 < x.map.channels; c0 += kApplyChunk) {
+    stage_apply_chunk<kFlat>(staged, first, second, rows, x, grid, b, r0, c0, n0);
+    __syncthreads();
+    if (products) {
+      add_apply_products(acc, staged, 0, warp_row, warp_node);
+      if (second != nullptr) add_apply_products(acc_second, staged, kMatrixTileElements, warp_row, warp_node);
+    }
+    __syncthreads();
+  }
+}
+
+// Block kApplyThreads, grid (node tiles, row groups, B): the block computes the rows r0 = (blockIdx.y + k
+// gridDim.y) kApplyRows.. of its kApplyNodes nodes. Either out (A1 P + B1 Q + w (A2 P + B2 Q)) or the forms
+// (dot_a, dot_b; a2 == nullptr, gridDim.y == 1: every row of a node in one block) are computed.
 template <typename T, bool kFlat>
 FASTKD_GLOBAL void apply_kernel(Nodes<T> p, Nodes<T> q, Grid grid, global_ptr<const double> a1,
                                 global_ptr<const double> b1, global_ptr<const double> a2, global_ptr<const double> b2,
                                 global_ptr<const double> weight, global_ptr<double> out, global_ptr<double> dot_a,
                                 global_ptr<double> dot_b) {
-  FASTKD_SHARED(double, matrix_tile, kTileElements);
-  FASTKD_SHARED(double, node_tile, kTileElements);
-  FASTKD_SHARED(double, sums_a, kTileElements);
-  FASTKD_SHARED(double, sums_b, kTileElements);
+  // Two matrix tiles and a node tile; between row tiles, the outputs on their way out (output_index).
+  FASTKD_SHARED(double, staged, kApplyStagedElements);
+  FASTKD_SHARED(double, form_sums, 2 * 2 * kApplyNodes);  // [form][warp row][node]
   const std::int64_t m = nodes::node_count(grid);
   const std::int64_t rows = p.map.channels;
-  const std::int64_t b = blockIdx.z, n0 = static_cast<std::int64_t>(blockIdx.x) * kTile;
-  const int tx = threadIdx.x, ty = threadIdx.y;
-  const std::int64_t node = n0 + tx;
-  const double w = a2 != nullptr && node < m ? weight[b * m + node] : 0.0;
-  double form_a = 0.0, form_b = 0.0;
-  for (std::int64_t r0 = static_cast<std::int64_t>(blockIdx.y) * kTile; r0 < rows;
-       r0 += static_cast<std::int64_t>(gridDim.y) * kTile) {
-    const double from_p = matrix_times_nodes<kFlat>(a1, rows, p, grid, b, r0, n0, matrix_tile, node_tile);
-    double from_q = 0.0, weighted = 0.0;
-    if (b1 != nullptr) from_q = matrix_times_nodes<kFlat>(b1, rows, q, grid, b, r0, n0, matrix_tile, node_tile);
-    if (a2 != nullptr) {
-      weighted = matrix_times_nodes<kFlat>(a2, rows, p, grid, b, r0, n0, matrix_tile, node_tile);
-      if (b1 != nullptr) weighted += matrix_times_nodes<kFlat>(b2, rows, q, grid, b, r0, n0, matrix_tile, node_tile);
+  const std::int64_t b = blockIdx.z, n0 = static_cast<std::int64_t>(blockIdx.x) * kApplyNodes;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, group = lane / 4, in_group = lane % 4;
+  const int warp_row = warp / (kApplyNodes / kApplyWarpNodes) * kApplyWarpRows;
+  const int warp_node = warp % (kApplyNodes / kApplyWarpNodes) * kApplyWarpNodes;
+  const bool forms = dot_a != nullptr;
+  double form[2][kApplyNodeTiles][2] = {};  // this lane's sums over its rows of p . (A1 p), p . (B1 q)
+  for (std::int64_t r0 = static_cast<std::int64_t>(blockIdx.y) * kApplyRows; r0 < rows;
+       r0 += static_cast<std::int64_t>(gridDim.y) * kApplyRows) {
+    // plain: A1 P + B1 Q; weighted: A2 P + B2 Q. For the forms, plain is A1 P and weighted B1 Q.
+    ApplyAccumulators plain = {}, weighted = {};
+    const bool products = r0 + warp_row < rows && n0 + warp_node < m;  // the same for the warp's lanes
+    add_matrices_times_nodes<kFlat>(plain, weighted, a1, a2, rows, p, grid, b, r0, n0, products, warp_row,
+                                    warp_node, staged);
+    // (Two calls, not a choice of accumulators at run time, which would put them in local memory.)
+    if (b1 != nullptr && forms) {
+      add_matrices_times_nodes<kFlat>(weighted, weighted, b1, nullptr, rows, q, grid, b, r0, n0, products, warp_row,
+                                      warp_node, staged);
+    } else if (b1 != nullptr) {
+      add_matrices_times_nodes<kFlat>(plain, weighted, b1, a2 != nullptr ? b2 : nullptr, rows, q, grid, b, r0, n0,
+                                      products, warp_row, warp_node, staged);
     }
-    const std::int64_t row = r0 + ty;
-    if (out != nullptr && row < rows && node < m) {
-      double result = from_p + from_q;
-      if (a2 != nullptr) result += w * weighted;
-      out[(b * rows + row) * m + node] = result;
+    FASTKD_UNROLL
+    for (int i = 0; i < kApplyRowTiles; ++i) {
+      const int r = warp_row + 8 * i + group;
+      for (int j = 0; j < kApplyNodeTiles; ++j) {
+        for (int e = 0; e < 2; ++e) {
+          const int c = warp_node + 8 * j + 2 * in_group + e;
+          if (forms) {
+            const double p_value = nodes::normalized<kFlat>(p, grid, b, r0 + r, n0 + c);
+            form[0][j][e] += p_value * plain[i][j][e];
+            form[1][j][e] += p_value * weighted[i][j][e];
+          } else {
+            double value = plain[i][j][e];
+            if (a2 != nullptr && n0 + c < m) value += weight[b * m + n0 + c] * weighted[i][j][e];
+            staged[output_index(r, c, kApplyNodes)] = value;  // the last barrier came after the products
+          }
+        }
+      }
     }
-    if (dot_a != nullptr) {
-      const double p_value = nodes::normalized<kFlat>(p, grid, b, row, node);
-      form_a += p_value * from_p;
-      form_b += p_value * from_q;
+    if (!forms) {
+      __syncthreads();
+      for (int r = warp; r < kApplyRows; r += kApplyWarps) {
+        if (r0 + r < rows && n0 + lane < m) {
+          out[(b * rows + r0 + r) * m + n0 + lane] = staged[output_index(r, lane, kApplyNodes)];
+        }
+      }
+      __syncthreads();  // before the next row tile stages
     }
   }
-  if (dot_a != nullptr) {
-    sums_a[ty * kPitch + tx] = form_a;
-    sums_b[ty * kPitch + tx] = form_b;
-    __syncthreads();
-    if (ty == 0 && node < m) {
-      double total_a = 0.0, total_b = 0.0;
-      for (int k = 0; k < kTile; ++k) {
-        total_a += sums_a[k * kPitch + tx];
-        total_b += sums_b[k * kPitch + tx];
+  if (forms) {
+    // Sum each column's 8 row groups (lanes l, l ^ 4, l ^ 8, ... share l % 4), then the 2 warp rows, in order.
+    FASTKD_UNROLL
+    for (int f = 0; f < 2; ++f) {
+      for (int j = 0; j < kApplyNodeTiles; ++j) {
+        for (int e = 0; e < 2; ++e) {
+          double sum = form[f][j][e];
+          for (int mask = 4; mask < 32; mask *= 2) sum += __shfl_xor_sync(0xffffffffu, sum, mask);
+          const int column = warp_node + 8 * j + 2 * in_group + e;
+          if (group == 0) form_sums[(f * 2 + warp_row / kApplyWarpRows) * kApplyNodes + column] = sum;
+        }
       }
-      dot_a[b * m + node] = total_a;
-      dot_b[b * m + node] = total_b;
+    }
+    __syncthreads();
+    if (warp == 0 && n0 + lane < m) {
+      dot_a[b * m + n0 + lane] = form_sums[lane] + form_sums[kApplyNodes + lane];
+      dot_b[b * m + n0 + lane] = form_sums[2 * kApplyNodes + lane] + form_sums[3 * kApplyNodes + lane];
     }
   }
 }
@@ -231,6 +402,7 @@ FASTKD_GLOBAL void direct_backward_kernel(Nodes<T> s, Nodes<T> t, Grid grid, glo
 }
 
 std::int64_t tiles_for(std::int64_t items) { return (items + kTile - 1) / kTile; }
+std::int64_t gram_tiles_for(std::int64_t channels) { return (channels + kGramSide - 1) / kGramSide; }
 
 // Whether both operands take the flat path (one pixel a node, rows back to back; nodes_math.cuh).
 template <typename T>
@@ -244,14 +416,14 @@ template <typename T>
 void affinity_full_gram(const nodes::Nodes<T>& x, const nodes::Nodes<T>& y, const nodes::Grid& grid,
                         const double* weight, std::int64_t batch, std::int64_t splits, std::int64_t nodes_per_split,
                         double* partials, fastkd_stream_t stream) {
-  const std::int64_t tiles = tiles_for(x.map.channels) * tiles_for(y.map.channels);
+  const std::int64_t tiles = gram_tiles_for(x.map.channels) * gram_tiles_for(y.map.channels);
   if (tiles == 0 || batch == 0 || splits == 0) return;
   const LaunchExtent blocks(tiles, splits, batch);
   if (flat(x, y, grid)) {
-    FASTKD_LAUNCH((gram_kernel<T, true>), blocks, dim3(kTile, kTile), stream, x, y, grid, weight, nodes_per_split,
+    FASTKD_LAUNCH((gram_kernel<T, true>), blocks, dim3(kGramThreads), stream, x, y, grid, weight, nodes_per_split,
                   partials);
   } else {
-    FASTKD_LAUNCH((gram_kernel<T, false>), blocks, dim3(kTile, kTile), stream, x, y, grid, weight, nodes_per_split,
+    FASTKD_LAUNCH((gram_kernel<T, false>), blocks, dim3(kGramThreads), stream, x, y, grid, weight, nodes_per_split,
                   partials);
   }
 }
@@ -261,16 +433,19 @@ void affinity_full_apply(const nodes::Nodes<T>& p, const nodes::Nodes<T>& q, con
                          const double* a1, const double* b1, const double* a2, const double* b2,
                          const double* weight, std::int64_t batch, double* out, double* dot_a, double* dot_b,
                          fastkd_stream_t stream) {
-  const std::int64_t node_tiles = tiles_for(nodes::node_count(grid));
-  const std::int64_t row_groups = dot_a != nullptr ? 1 : tiles_for(p.map.channels);
+  if ((out == nullptr) == (dot_a == nullptr) || (dot_a != nullptr && (dot_b == nullptr || a2 != nullptr))) {
+    throw std::invalid_argument("affinity_full_apply: either out, or dot_a and dot_b without a2");
+  }
+  const std::int64_t node_tiles = (nodes::node_count(grid) + kApplyNodes - 1) / kApplyNodes;
+  const std::int64_t row_groups = dot_a != nullptr ? 1 : (p.map.channels + kApplyRows - 1) / kApplyRows;
   if (node_tiles == 0 || row_groups == 0 || batch == 0) return;
   const LaunchExtent blocks(node_tiles, row_groups, batch);
   if (flat(p, q, grid)) {
-    FASTKD_LAUNCH((apply_kernel<T, true>), blocks, dim3(kTile, kTile), stream, p, q, grid, a1, b1, a2, b2, weight,
+    FASTKD_LAUNCH((apply_kernel<T, true>), blocks, dim3(kApplyThreads), stream, p, q, grid, a1, b1, a2, b2, weight,
                   out, dot_a, dot_b);
   } else {
-    FASTKD_LAUNCH((apply_kernel<T, false>), blocks, dim3(kTile, kTile), stream, p, q, grid, a1, b1, a2, b2, weight,
-                  out, dot_a, dot_b);
+    FASTKD_LAUNCH((apply_kernel<T, false>), blocks, dim3(kApplyThreads), stream, p, q, grid, a1, b1, a2, b2,
+                  weight, out, dot_a, dot_b);
   }
 }
 

@@ -16,22 +16,25 @@
 namespace fastkd {
 namespace FASTKD_KERNELS {
 
-// Side of the square tiles (threads per block: tile x tile) of the Gram, apply and direct kernels.
+// Side of the square tiles (threads per block: tile x tile) of the apply and direct kernels.
 constexpr int kAffinityFullTile = 16;
+// The Gram kernel's output tiles (kAffinityGramSide channels square) and the nodes it stages at a time.
+constexpr int kAffinityGramSide = 64;
+constexpr int kAffinityGramChunk = 32;
 
 // partials (B, splits, Cx, Cy): X W Y' over the nodes [split * nodes_per_split, (split + 1) * nodes_per_split)
 // of each image, for the normalised nodes X, Y and W = diag(weight) (weight (B, m), or nullptr: identity).
-// nodes_per_split must be a multiple of kAffinityFullTile; the caller sums the partials in a fixed order.
+// nodes_per_split must be a multiple of kAffinityGramChunk; the caller sums the partials in a fixed order.
 template <typename T>
 void affinity_full_gram(const nodes::Nodes<T>& x, const nodes::Nodes<T>& y, const nodes::Grid& grid,
                         const double* weight, std::int64_t batch, std::int64_t splits, std::int64_t nodes_per_split,
                         double* partials, fastkd_stream_t stream);
 
-// For the normalised nodes P (Cp x m) and Q (Cq x m) of each image:
+// For the normalised nodes P (Cp x m) and Q (Cq x m) of each image, one of:
 //   out = A1 P + B1 Q + w (A2 P + B2 Q)      (B, Cp, m), when out is not nullptr
-//   dot_a_i = p_i . (A1 p_i), dot_b_i = p_i . (B1 q_i)  (B, m), when dot_a is not nullptr (then dot_b too)
+//   dot_a_i = p_i . (A1 p_i), dot_b_i = p_i . (B1 q_i)  (B, m), when dot_a and dot_b are not nullptr (a2 is)
 // A1, A2: (B, Cp, Cp); B1, B2: (B, Cp, Cq). b1 == nullptr: no Q terms (q is not read); a2 == nullptr: no
-// weighted terms (b2, weight not read).
+// weighted terms (b2, weight not read). Other combinations throw std::invalid_argument.
 template <typename T>
 void affinity_full_apply(const nodes::Nodes<T>& p, const nodes::Nodes<T>& q, const nodes::Grid& grid,
                          const double* a1, const double* b1, const double* a2, const double* b2,

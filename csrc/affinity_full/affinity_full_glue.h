@@ -61,16 +61,16 @@ at::Tensor affinity_full_gram(const at::Tensor& x, const at::Tensor& x_scale, co
                               const at::Tensor& y_scale, const nodes::Grid& grid,
                               const at::Tensor& weight = at::Tensor()) {
   const int64_t batch = x.size(0), m = nodes::node_count(grid);
-  const int64_t tile = FASTKD_KERNELS::kAffinityFullTile;
+  const int64_t side = FASTKD_KERNELS::kAffinityGramSide, chunk = FASTKD_KERNELS::kAffinityGramChunk;
   const auto doubles = x.options().dtype(at::kDouble);
   if (m == 0 || batch == 0) return at::zeros({batch, x.size(1), y.size(1)}, doubles);
   // The node range is split so that small batches still fill a GPU (one partial matrix per split, about 1024
   // blocks in all); the emulator splits the same way, so that it runs what a GPU runs.
-  const int64_t tiles = ((x.size(1) + tile - 1) / tile) * ((y.size(1) + tile - 1) / tile);
-  const int64_t node_tiles = (m + tile - 1) / tile;
+  const int64_t tiles = ((x.size(1) + side - 1) / side) * ((y.size(1) + side - 1) / side);
+  const int64_t chunks = (m + chunk - 1) / chunk;
   const int64_t splits_wanted = 1024 / std::max<int64_t>(1, tiles * batch);
-  int64_t splits = std::max<int64_t>(1, std::min<int64_t>(node_tiles, splits_wanted));
-  const int64_t nodes_per_split = (node_tiles + splits - 1) / splits * tile;
+  int64_t splits = std::max<int64_t>(1, std::min<int64_t>(chunks, splits_wanted));
+  const int64_t nodes_per_split = (chunks + splits - 1) / splits * chunk;
   splits = (m + nodes_per_split - 1) / nodes_per_split;
   at::Tensor partials = at::empty({batch, splits, x.size(1), y.size(1)}, doubles);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "affinity_full_gram", [&] {

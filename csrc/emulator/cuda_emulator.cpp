@@ -5,6 +5,7 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
@@ -46,7 +47,9 @@ struct Fiber {
   const char* barrier_file = nullptr;
   int barrier_line = 0;
   std::uint64_t warp_value = 0;
+  double warp_operands[2] = {0.0, 0.0};  // a lane's A and B elements at an mma.sync
   unsigned warp_mask = 0;
+  const char* warp_operation = nullptr;  // what a fiber at a warp barrier waits in: "shuffle" or "mma.sync"
   std::unordered_map<const void*, std::uint32_t> occurrences;  // per access site, in profiled blocks only
 };
 
@@ -205,7 +208,8 @@ std::string where(const Fiber& fiber) {
     case State::kAtBlockBarrier:
       return "__syncthreads() at " + std::string(fiber.barrier_file) + ":" + std::to_string(fiber.barrier_line);
     case State::kAtWarpBarrier:
-      return "a warp shuffle";
+      return "a warp " + std::string(fiber.warp_operation);
+
     case State::kDone:
       return "exited";
     default:
@@ -219,9 +223,9 @@ std::string hex(unsigned mask) {
   return text;
 }
 
-// Releases the lanes of each warp whose mask's lanes all wait at a shuffle with that mask; true if any was
-// released. A mask naming a lane that does not exist or has exited is an error: on a GPU the shuffle would
-// hang or read an undefined value.
+// Releases the lanes of each warp whose mask's lanes all wait at one warp operation (a shuffle or an
+// mma.sync) with that mask; true if any was released. A mask naming a lane that does not exist or has exited
+// is an error: on a GPU the operation would hang or read an undefined value.
 bool release_warps(Block& block) {
   bool released = false;
   const std::size_t threads = block.fibers.size();
@@ -233,21 +237,24 @@ bool release_warps(Block& block) {
       for (int lane = 0; lane < kWarpSize; ++lane) {
         if (!(waiting.warp_mask >> lane & 1u)) continue;
         const std::size_t other = first + static_cast<std::size_t>(lane);
-        const std::string shuffle = "a shuffle in " + std::string(g_launch->kernel) + " by thread " +
-                                    std::to_string(waiting.thread.linear) + " with mask " + hex(waiting.warp_mask);
+        const auto operation = [&] {  // built only for a report
+          return "a warp " + std::string(waiting.warp_operation) + " in " + g_launch->kernel + " by thread " +
+                 std::to_string(waiting.thread.linear) + " with mask " + hex(waiting.warp_mask);
+        };
         if (other >= threads) {
-          fail(shuffle + " names lane " + std::to_string(lane) + " of a warp with only " +
+          fail(operation() + " names lane " + std::to_string(lane) + " of a warp with only " +
                std::to_string(threads - first) + " lanes (inactive lanes)");
         }
         const Fiber& partner = block.fibers[other];
         if (partner.state == State::kDone) {
-          fail(shuffle + " names lane " + std::to_string(lane) + " (thread " + std::to_string(other) +
+          fail(operation() + " names lane " + std::to_string(lane) + " (thread " + std::to_string(other) +
                "), which has exited");
         }
         if (partner.state != State::kAtWarpBarrier) {
           all = false;
-        } else if (partner.warp_mask != waiting.warp_mask) {
-          fail(shuffle + " meets thread " + std::to_string(other) + " shuffling with mask " + hex(partner.warp_mask));
+        } else if (partner.warp_mask != waiting.warp_mask || partner.warp_operation != waiting.warp_operation) {
+          fail(operation() + " meets thread " + std::to_string(other) + " at a warp " + partner.warp_operation +
+               " with mask " + hex(partner.warp_mask));
         }
       }
       if (!all) continue;
@@ -454,6 +461,7 @@ std::uint64_t warp_exchange(std::uint64_t value, int source_lane, unsigned mask)
   }
   fiber.warp_value = value;
   fiber.warp_mask = mask;
+  fiber.warp_operation = "shuffle";
   wait(State::kAtWarpBarrier);  // every lane of the mask has published its value
   std::uint64_t result = value;
   if (source_lane >= 0 && source_lane < kWarpSize) {
@@ -466,6 +474,25 @@ std::uint64_t warp_exchange(std::uint64_t value, int source_lane, unsigned mask)
   }
   wait(State::kAtWarpBarrier);  // every lane has read before any publishes again
   return result;
+}
+
+void warp_mma_m8n8k4_f64(double a, double b, double (&d)[2]) {
+  Fiber& fiber = running_fiber();
+  fiber.warp_operands[0] = a;
+  fiber.warp_operands[1] = b;
+  fiber.warp_mask = 0xffffffffu;
+  fiber.warp_operation = "mma.sync";
+  wait(State::kAtWarpBarrier);  // all 32 lanes have published their A and B elements
+  const int lane = fiber.thread.linear % kWarpSize;
+  const std::size_t warp = static_cast<std::size_t>(fiber.thread.linear / kWarpSize * kWarpSize);
+  const auto element = [&](int from_lane, int which) { return g_block->fibers[warp + from_lane].warp_operands[which]; };
+  // The PTX fragments of m8n8k4 (row.col): lane l holds A[l / 4][l % 4], B[l % 4][l / 4], and D[l / 4][2 (l % 4) + i].
+  const int row = lane / 4;
+  for (int i = 0; i < 2; ++i) {
+    const int col = 2 * (lane % 4) + i;
+    for (int k = 0; k < 4; ++k) d[i] = std::fma(element(row * 4 + k, 0), element(col * 4 + k, 1), d[i]);
+  }
+  wait(State::kAtWarpBarrier);  // every lane has read before any publishes again
 }
 
 void global_load(const void* address, std::size_t bytes, bool writable_pointer) {

@@ -33,8 +33,8 @@
 // than 64 blocks are sampled: every ceil(blocks / 64)-th block is profiled (all are checked).
 //
 // Only what the kernels use is emulated: threadIdx/blockIdx/blockDim/gridDim (x, y, z), __syncthreads,
-// __shfl_down_sync / __shfl_xor_sync, and the __half / __nv_bfloat16 storage types with their float
-// conversions.
+// __shfl_down_sync / __shfl_xor_sync, the FP64 mma.sync m8n8k4 (through common/mma.cuh), and the __half /
+// __nv_bfloat16 storage types with their float conversions.
 #pragma once
 
 #include <cstddef>
@@ -83,6 +83,11 @@ void syncthreads(const char* file, int line);
 // `source_lane` put in (the caller's own value if `source_lane` is outside the warp, as __shfl_down_sync past
 // the last lane returns).
 std::uint64_t warp_exchange(std::uint64_t value, int source_lane, unsigned mask);
+// mma.sync.aligned.m8n8k4.row.col.f64 with D = C: d += A B for the 8 x 4 matrix A and the 4 x 8 matrix B
+// whose elements the 32 lanes of the warp hold (a = A[lane / 4][lane % 4], b = B[lane % 4][lane / 4]);
+// d[i] is D[lane / 4][2 (lane % 4) + i]. Every lane of the warp must reach it (a full-warp collective); each
+// element is c + the products in the order of k, each added with one rounding (fma).
+void warp_mma_m8n8k4_f64(double a, double b, double (&d)[2]);
 std::uint64_t block_epoch();  // number of __syncthreads() the current block has passed
 [[noreturn]] void fail(const std::string& message);
 

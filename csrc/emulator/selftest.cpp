@@ -2,7 +2,8 @@
 // fastkd_emulated::emulator_selftest(kernel, values): a correct block reduction and warp reduction, and planted
 // bugs of every class it checks: a missing __syncthreads(), a __syncthreads() in divergent code, a shuffle in
 // divergent code, a shuffle reading an exited lane, a shared-memory index out of bounds, a grid and a static
-// shared array over CUDA's limits, and races between blocks through global memory; and access patterns its
+// shared array over CUDA's limits, races between blocks through global memory, an mma.sync in divergent code
+// and in a warp of 16 lanes; the FP64 mma.sync's fragments; and access patterns its
 // profile must tell apart: shared-memory reads with and without bank conflicts, global loads with and without
 // coalescing.
 #define FASTKD_EMULATE_CUDA 1
@@ -12,6 +13,7 @@
 #include <string>
 
 #include "../common/fastkd_cuda.cuh"
+#include "../common/mma.cuh"
 
 namespace fastkd {
 namespace emulated {
@@ -109,6 +111,19 @@ FASTKD_GLOBAL void global_stride_kernel(global_ptr<const double> values, global_
   out[threadIdx.x] = values[threadIdx.x * stride];
 }
 
+// One FP64 mma.sync by the first warp: D = C + A B with A = values[0:32] (8 x 4), B' = values[32:64] (8 x 4,
+// one row per column of B), C = values[64:128] (8 x 8); out = D (8 x 8). Lanes at or past `lanes` skip it
+// and exit: with fewer than 32, the others wait for lanes that never come (a hang on a GPU).
+FASTKD_GLOBAL void mma_kernel(global_ptr<const double> values, global_ptr<double> out, int lanes) {
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  double d[2] = {values[64 + 2 * lane], values[64 + 2 * lane + 1]};
+  if (lane < lanes) mma_m8n8k4(d, values[lane], values[32 + lane]);
+  if (threadIdx.x < 32) {
+    out[2 * lane] = d[0];
+    out[2 * lane + 1] = d[1];
+  }
+}
+
 at::Tensor emulator_selftest(const std::string& kernel, const at::Tensor& values) {
   TORCH_CHECK(values.scalar_type() == at::kDouble && values.is_contiguous() && values.numel() >= 32 * 32,
               "`values` must be at least 1024 contiguous float64 values");
@@ -142,6 +157,12 @@ at::Tensor emulator_selftest(const std::string& kernel, const at::Tensor& values
     FASTKD_LAUNCH(shared_stride_kernel, dim3(1), dim3(32), stream, in, result, kernel == "shared_stride_1" ? 1 : 16);
   } else if (kernel == "global_stride_1" || kernel == "global_stride_32") {
     FASTKD_LAUNCH(global_stride_kernel, dim3(1), dim3(32), stream, in, result, kernel == "global_stride_1" ? 1 : 32);
+  } else if (kernel == "mma") {
+    FASTKD_LAUNCH(mma_kernel, dim3(1), dim3(32), stream, in, result, 32);
+  } else if (kernel == "divergent_mma") {
+    FASTKD_LAUNCH(mma_kernel, dim3(1), dim3(32), stream, in, result, 16);
+  } else if (kernel == "mma_in_a_partial_warp") {
+    FASTKD_LAUNCH(mma_kernel, dim3(1), dim3(16), stream, in, result, 32);
   } else {
     TORCH_CHECK(false, "unknown emulator self-test kernel '", kernel, "'");
   }
