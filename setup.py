@@ -23,7 +23,8 @@ default
     Pure-Python install: no ``fastkd._C``, no compiler and no torch needed at build time. ``import fastkd``
     and its ``torch`` backend work; the ``cuda`` backend reports that the extension is not built.
 ``TORCH_CUDA_ARCH_LIST``
-    GPU architectures for the CUDA extension (torch's variable, e.g. ``"8.0;9.0+PTX"``). Default for
+    GPU architectures for the CUDA extension (torch's variable, e.g. ``"8.0;9.0+PTX"``; 8.0 or newer: the
+    kernels use FP64 ``mma.sync``, and an older one stops the build with that reason). Default for
     fastkd: ``"8.0;8.6;8.9;9.0+PTX"`` (SASS for A100/A30, RTX 30/A10/A40, RTX 40/L4/L40, H100/H200, and
     compute_90 PTX that newer GPUs, sm_100 and sm_120, compile when the extension loads), so the result does
     not depend on the GPU of the build machine. sm_80 SASS would run on sm_86/sm_89 too, but ptxas schedules

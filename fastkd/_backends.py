@@ -35,11 +35,21 @@ from fastkd import _extension, _triton
 
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
 
-# The order ``auto`` tries, per device type. The fused kernels are faster than the torch path wherever
+# The order ``auto`` tries, per device type and op. The fused kernels are faster than the torch path wherever
 # they can run (on a 2-core CPU, benchmarks/run.py: the cpp windowed graph took 0.06-0.22x the torch backend's
 # time from 8x16 to 128x256, the cpp consistency loss 0.06-0.30x from 8x16 to 512x1024, both a quarter of its
-# memory or less); ``torch`` is always last and always available.
-AUTO_PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
+# memory or less); ``torch`` is always last and always available. On CUDA tensors, cuda or triton first by the
+# kernels' estimated fractions of the H100 floor (benchmarks/results/kernel-evidence/evidence.md, sm_90, no GPU
+# run yet): full graph, cuda (Gram 100% against 18%, its backward 44% against 28%); per-pixel losses, cuda
+# (50-100% against 28-30%); windowed graph, triton (50% and 36% against 46% and 29%); consistency, triton
+# (95% against 88-90%).
+_CUDA_FIRST, _TRITON_FIRST = ("cuda", "triton", "torch"), ("triton", "cuda", "torch")
+AUTO_PREFERENCE: Dict[str, Dict[str, Tuple[str, ...]]] = {
+    "cuda": {"affinity_full": _CUDA_FIRST, "affinity_window": _TRITON_FIRST, "consistency": _TRITON_FIRST,
+             "pixelwise_kd": _CUDA_FIRST, "probability": _CUDA_FIRST},
+    "cpu": {op: ("cpp", "torch") for op in ("affinity_full", "affinity_window", "consistency", "pixelwise_kd",
+                                            "probability")},
+}
 DEFAULT_PREFERENCE = ("torch",)
 
 
@@ -171,7 +181,7 @@ def resolve(backend: str, loss: str, op: str, device: torch.device) -> Tuple[str
     check_backend(backend, loss)
     implementations = IMPLEMENTATIONS[op]
     if backend == "auto":
-        for name in AUTO_PREFERENCE.get(device.type, DEFAULT_PREFERENCE):
+        for name in AUTO_PREFERENCE.get(device.type, {}).get(op, DEFAULT_PREFERENCE):
             if name in implementations and _machine_reason(name, loss) is None and _device_reason(name, device) is None:
                 return name, implementations[name].load(device)
         raise AssertionError(f"{loss}: the torch backend must always be available")  # unreachable

@@ -71,7 +71,28 @@ def fake_registry(monkeypatch, *backends):
     table = {name: _backends.Implementation("consistency", "torch_backend", "consistency_sum") for name in backends}
     monkeypatch.setattr(_backends, "IMPLEMENTATIONS", {"op": table})
     monkeypatch.setattr(_backends, "LOSS_OPS", {"Loss": ("op",)})
+    monkeypatch.setattr(_backends, "AUTO_PREFERENCE", {"cuda": {"op": ("cuda", "triton", "torch")},
+                                                       "cpu": {"op": ("cpp", "torch")}})
     return table
+
+
+def test_auto_orders_every_op_on_each_device_with_torch_last():
+    for device, orders in _backends.AUTO_PREFERENCE.items():
+        assert sorted(orders) == sorted(OPS), device
+        for op, order in orders.items():
+            assert order[-1] == "torch" and set(order) <= set(_backends.IMPLEMENTATIONS[op]), (device, op)
+
+
+def test_auto_on_cuda_tensors_takes_the_faster_kernel_per_op_as_the_evidence_table_says(monkeypatch):
+    """The order the README states, decided by benchmarks/results/kernel-evidence/evidence.md."""
+    monkeypatch.setattr(_triton, "TRITON_ERROR", None)
+    monkeypatch.setattr(_extension, "LOAD_ERROR", None)
+    monkeypatch.setattr(_extension, "build_info", lambda: {"loaded": True, "cuda": True})
+    expected = {"affinity_full": "cuda", "affinity_window": "triton", "consistency": "triton",
+                "pixelwise_kd": "cuda", "probability": "cuda"}
+    for loss, ops in _backends.LOSS_OPS.items():
+        for op in ops:
+            assert _backends.resolve("auto", loss, op, torch.device("cuda"))[0] == expected[op], (loss, op)
 
 
 def test_auto_prefers_fused_kernels_on_cuda_tensors_and_torch_elsewhere(monkeypatch):
