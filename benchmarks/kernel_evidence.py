@@ -151,12 +151,16 @@ def disassemble(cubin: str) -> Dict[str, Tuple[List[Instruction], Dict[str, int]
 DIVISION_DFMAS = 7  # a double division is MUFU.RCP64H, 7 DFMA (Newton steps and the correction) and a DMUL
 
 
+def products_of(counts: Dict[str, int]) -> int:
+    """The FP64 product FMAs of an instruction mix (:func:`mix`) of one warp: 256 per DMMA (m8n8k4), 32 per DFMA
+    that is not part of a double division."""
+    divisions = DIVISION_DFMAS * counts.get("rcp64h", 0)
+    return 256 * counts.get("dmma", 0) + 32 * max(0, counts.get("dfma", 0) - divisions)
+
+
 def fp64_products(body: List[Instruction]) -> int:
-    """The FP64 product FMAs of one warp instruction stream: 256 per DMMA (m8n8k4), 32 per DFMA that is not part
-    of a double division."""
-    count = Counter("dmma" if i.opcode.startswith("DMMA") else "dfma" if i.opcode.startswith("DFMA") else
-                    "rcp64h" if i.opcode.startswith("MUFU.RCP64H") else "other" for i in body)
-    return 256 * count["dmma"] + 32 * max(0, count["dfma"] - DIVISION_DFMAS * count["rcp64h"])
+    """The FP64 product FMAs of one warp instruction stream."""
+    return products_of(mix(body))
 
 
 def main_loop(instructions: List[Instruction], labels: Dict[str, int]) -> Tuple[int, int]:
@@ -228,7 +232,7 @@ def estimate(counts: Dict[str, int], bound: str, gpu: Gpu, shared_wavefronts_per
         "mufu": 32 * counts.get("mufu", 0) / MUFU_LANES_PER_CYCLE,
         "shared memory": shared_requests * shared_wavefronts_per_request / SHARED_WAVEFRONTS_PER_CYCLE,
     }
-    products = 256 * counts.get("dmma", 0) + 32 * max(0, counts.get("dfma", 0) - DIVISION_DFMAS * counts.get("rcp64h", 0))
+    products = products_of(counts)
     if bound == "memory":  # the loop's loads at HBM speed; the floor: only the unavoidable share of them
         cycles["hbm"] = counts.get("global_bytes", 0) * sector_ratio / hbm_bytes
         floor = counts.get("global_bytes", 0) * unavoidable_share / hbm_bytes

@@ -412,6 +412,16 @@ bool flat(const Nodes<T>& x, const Nodes<T>& y, const Grid& grid) {
 
 }  // namespace
 
+// Launches kernel<T, true> (the flat variant) where `is_flat`, else kernel<T, false>.
+#define FASTKD_LAUNCH_FLAT_OR_GENERAL(kernel, is_flat, ...) \
+  do {                                                     \
+    if (is_flat) {                                         \
+      FASTKD_LAUNCH((kernel<T, true>), __VA_ARGS__);       \
+    } else {                                               \
+      FASTKD_LAUNCH((kernel<T, false>), __VA_ARGS__);      \
+    }                                                      \
+  } while (0)
+
 template <typename T>
 void affinity_full_gram(const nodes::Nodes<T>& x, const nodes::Nodes<T>& y, const nodes::Grid& grid,
                         const double* weight, std::int64_t batch, std::int64_t splits, std::int64_t nodes_per_split,
@@ -419,13 +429,8 @@ void affinity_full_gram(const nodes::Nodes<T>& x, const nodes::Nodes<T>& y, cons
   const std::int64_t tiles = gram_tiles_for(x.map.channels) * gram_tiles_for(y.map.channels);
   if (tiles == 0 || batch == 0 || splits == 0) return;
   const LaunchExtent blocks(tiles, splits, batch);
-  if (flat(x, y, grid)) {
-    FASTKD_LAUNCH((gram_kernel<T, true>), blocks, dim3(kGramThreads), stream, x, y, grid, weight, nodes_per_split,
-                  partials);
-  } else {
-    FASTKD_LAUNCH((gram_kernel<T, false>), blocks, dim3(kGramThreads), stream, x, y, grid, weight, nodes_per_split,
-                  partials);
-  }
+  FASTKD_LAUNCH_FLAT_OR_GENERAL(gram_kernel, flat(x, y, grid), blocks, dim3(kGramThreads), stream, x, y, grid, weight,
+                                nodes_per_split, partials);
 }
 
 template <typename T>
@@ -440,13 +445,8 @@ void affinity_full_apply(const nodes::Nodes<T>& p, const nodes::Nodes<T>& q, con
   const std::int64_t row_groups = dot_a != nullptr ? 1 : (p.map.channels + kApplyRows - 1) / kApplyRows;
   if (node_tiles == 0 || row_groups == 0 || batch == 0) return;
   const LaunchExtent blocks(node_tiles, row_groups, batch);
-  if (flat(p, q, grid)) {
-    FASTKD_LAUNCH((apply_kernel<T, true>), blocks, dim3(kApplyThreads), stream, p, q, grid, a1, b1, a2, b2, weight,
-                  out, dot_a, dot_b);
-  } else {
-    FASTKD_LAUNCH((apply_kernel<T, false>), blocks, dim3(kApplyThreads), stream, p, q, grid, a1, b1, a2, b2,
-                  weight, out, dot_a, dot_b);
-  }
+  FASTKD_LAUNCH_FLAT_OR_GENERAL(apply_kernel, flat(p, q, grid), blocks, dim3(kApplyThreads), stream, p, q, grid, a1,
+                                b1, a2, b2, weight, out, dot_a, dot_b);
 }
 
 template <typename T>
@@ -455,11 +455,8 @@ void affinity_full_direct_rows(const nodes::Nodes<T>& s, const nodes::Nodes<T>& 
   const std::int64_t node_tiles = tiles_for(nodes::node_count(grid));
   if (node_tiles == 0 || batch == 0) return;
   const LaunchExtent blocks(node_tiles, batch);
-  if (flat(s, t, grid)) {
-    FASTKD_LAUNCH((direct_rows_kernel<T, true>), blocks, dim3(kTile, kTile), stream, s, t, grid, rows);
-  } else {
-    FASTKD_LAUNCH((direct_rows_kernel<T, false>), blocks, dim3(kTile, kTile), stream, s, t, grid, rows);
-  }
+  FASTKD_LAUNCH_FLAT_OR_GENERAL(direct_rows_kernel, flat(s, t, grid), blocks, dim3(kTile, kTile), stream, s, t, grid,
+                                rows);
 }
 
 template <typename T>
@@ -469,14 +466,11 @@ void affinity_full_direct_backward(const nodes::Nodes<T>& s, const nodes::Nodes<
   const std::int64_t node_tiles = tiles_for(nodes::node_count(grid));
   if (node_tiles == 0 || batch == 0 || (grad_s == nullptr && grad_t == nullptr)) return;
   const LaunchExtent blocks(node_tiles, batch);
-  if (flat(s, t, grid)) {
-    FASTKD_LAUNCH((direct_backward_kernel<T, true>), blocks, dim3(kTile, kTile), stream, s, t, grid, weight, grad_s,
-                  grad_t);
-  } else {
-    FASTKD_LAUNCH((direct_backward_kernel<T, false>), blocks, dim3(kTile, kTile), stream, s, t, grid, weight,
-                  grad_s, grad_t);
-  }
+  FASTKD_LAUNCH_FLAT_OR_GENERAL(direct_backward_kernel, flat(s, t, grid), blocks, dim3(kTile, kTile), stream, s, t,
+                                grid, weight, grad_s, grad_t);
 }
+
+#undef FASTKD_LAUNCH_FLAT_OR_GENERAL
 
 #define FASTKD_INSTANTIATE(T)                                                                                      \
   template void affinity_full_gram<T>(const nodes::Nodes<T>&, const nodes::Nodes<T>&, const nodes::Grid&,          \
