@@ -53,19 +53,20 @@ def load_pooled(x_ptr, b, channels, nodes, num_channels, num_nodes, height, widt
                 count += inside.to(tl.float64)
     if MAX_POOL:  # a max ignores -Inf, but FORMULAS.md asks that non-finite input give NaN
         pooled = tl.where(non_finite, float("nan"), pooled)
-    else:
-        pooled = pooled / tl.maximum(count, 1.0)[None, :]
+    else:  # one division a node, not one an element
+        pooled = pooled * (1.0 / tl.maximum(count, 1.0))[None, :]
     return tl.where(valid, pooled, 0.0)
 
 
 @triton.jit
 def load_normalized(x_ptr, norm_ptr, b, channels, nodes, num_channels, num_nodes, height, width, grid_w,
                     stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, eps, MAX_POOL: tl.constexpr):
-    """``f_hat = f / (||f|| + eps)`` for a (BLOCK_C, BLOCK_N) tile, from the precomputed node norms."""
+    """``f_hat = f / (||f|| + eps)`` for a (BLOCK_C, BLOCK_N) tile, from the precomputed node norms: each node's
+    scale ``1 / (||f|| + eps)`` once, then one product an element (as the CUDA kernels' node scales)."""
     pooled = load_pooled(x_ptr, b, channels, nodes, num_channels, num_nodes, height, width, grid_w,
                          stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL)
     norm = tl.load(norm_ptr + b * num_nodes + nodes, mask=nodes < num_nodes, other=0.0)
-    return pooled / (norm + eps)[None, :]
+    return pooled * (1.0 / (norm + eps))[None, :]
 
 
 @triton.jit
