@@ -92,8 +92,9 @@ FASTKD_DEVICE void stage_gram_chunk(Tile& tile, int offset, const Nodes<T>& x, c
     const std::int64_t node = n0 + n;
     const bool inside = node < last;
     const double node_weight = inside && weight != nullptr ? weight[b * nodes::node_count(grid) + node] : 1.0;
+    const nodes::NodeAt at = nodes::locate<kFlat>(x, grid, b, node);  // once for all the rows
     for (int r = warp; r < kGramSide; r += kGramWarps) {
-      const double value = inside ? nodes::normalized<kFlat>(x, grid, b, row0 + r, node) * node_weight : 0.0;
+      const double value = inside ? nodes::normalized_at<kFlat>(x, grid, at, b, row0 + r) * node_weight : 0.0;
       tile[offset + r * kGramPitch + n] = value;
     }
   }

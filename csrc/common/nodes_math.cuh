@@ -89,15 +89,18 @@ FASTKD_HOST_DEVICE inline std::int64_t patch_origin(const Map& map, const Patch&
 // the pixel (py * patch.cols + px) its gradient goes to: the first maximal pixel in row-major patch order,
 // NaN being its own max (the first NaN pixel when f is NaN; -1, no pixel, for +-Inf without NaN).
 template <typename T>
+FASTKD_HOST_DEVICE double patch_sum(global_ptr<const T> origin, const Map& map, const Patch& patch) {
+  double sum = 0.0;
+  for (std::int64_t py = 0; py < patch.rows; ++py) {
+    for (std::int64_t px = 0; px < patch.cols; ++px) sum += to_double(origin[py * map.stride_h + px * map.stride_w]);
+  }
+  return sum;
+}
+
+template <typename T>
 FASTKD_HOST_DEVICE double pool(global_ptr<const T> origin, const Map& map, const Patch& patch, bool max_pool,
                                std::int64_t* winner = nullptr) {
-  if (!max_pool) {
-    double sum = 0.0;
-    for (std::int64_t py = 0; py < patch.rows; ++py) {
-      for (std::int64_t px = 0; px < patch.cols; ++px) sum += to_double(origin[py * map.stride_h + px * map.stride_w]);
-    }
-    return sum / static_cast<double>(patch.rows * patch.cols);
-  }
+  if (!max_pool) return patch_sum(origin, map, patch) / static_cast<double>(patch.rows * patch.cols);
   double best = to_double(origin[0]);
   double non_finite = 0.0;  // sum of (pixel - pixel): 0, or NaN once a pixel is NaN or +-Inf
   std::int64_t best_at = 0, first_nan = -1;
@@ -144,17 +147,56 @@ FASTKD_HOST_DEVICE inline bool flat_pixels(const Map& map, const Grid& grid) {
   return grid.kernel_h == 1 && grid.kernel_w == 1 && (map.height == 1 || map.stride_h == map.width * map.stride_w);
 }
 
-// f_hat_c = f_c / (||f|| + eps) of `node` in image b; 0 for a channel or node out of range (tile padding).
-// kFlat: flat_pixels(operand.map, grid) holds, and f_c is the node's pixel.
+// What normalising any channel of one node of image b needs, found once for a kernel that stages several
+// channels of it: where its pixels are (for kFlat, the pixel at node * stride_w), and the factor that turns
+// its pooled value into f_hat: the scale 1 / (||f|| + eps), over the pixel count for an average (so that
+// the patch's sum times it is f_hat: no division per channel).
+struct NodeAt {
+  Patch patch;
+  double factor;
+  bool inside;  // node < m
+};
+
+template <bool kFlat, typename T>
+FASTKD_HOST_DEVICE NodeAt locate(const Nodes<T>& operand, const Grid& grid, std::int64_t b, std::int64_t node) {
+  NodeAt at{};
+  const std::int64_t m = node_count(grid);
+  at.inside = node < m;
+  if (!at.inside) return at;
+  at.factor = operand.scale[b * m + node];
+  if (kFlat) {
+    at.patch.col0 = node;
+  } else {
+    at.patch = patch_of(operand.map, grid, node);
+    if (!grid.max_pool) at.factor /= static_cast<double>(at.patch.rows * at.patch.cols);
+  }
+  return at;
+}
+
+// f_hat_c = f_c / (||f|| + eps) of the located node in image b; 0 for a channel or node out of range (tile
+// padding). kFlat: flat_pixels(operand.map, grid) holds, and f_c is the node's pixel.
+template <bool kFlat, typename T>
+FASTKD_HOST_DEVICE double normalized_at(const Nodes<T>& operand, const Grid& grid, const NodeAt& at, std::int64_t b,
+                                        std::int64_t c) {
+  if (!at.inside || c >= operand.map.channels) return 0.0;
+  const Map& map = operand.map;
+  if (kFlat) {
+    return to_double(operand.x[b * map.stride_b + c * map.stride_c + at.patch.col0 * map.stride_w]) * at.factor;
+  }
+  const global_ptr<const T> origin = operand.x + patch_origin(map, at.patch, b, c);
+  return (grid.max_pool ? pool(origin, map, at.patch, true) : patch_sum(origin, map, at.patch)) * at.factor;
+}
+
+// normalized_at for one channel of `node`. (A flat node's pixel is read directly: through locate, the flat
+// staging of the apply and direct kernels took 5-14% more instructions.)
 template <bool kFlat, typename T>
 FASTKD_HOST_DEVICE double normalized(const Nodes<T>& operand, const Grid& grid, std::int64_t b, std::int64_t c,
                                      std::int64_t node) {
+  if (!kFlat) return normalized_at<false>(operand, grid, locate<false>(operand, grid, b, node), b, c);
   const std::int64_t m = node_count(grid);
   if (c >= operand.map.channels || node >= m) return 0.0;
   const Map& map = operand.map;
-  const double f = kFlat ? to_double(operand.x[b * map.stride_b + c * map.stride_c + node * map.stride_w])
-                         : pooled(operand.x, map, grid, b, c, node);
-  return f * operand.scale[b * m + node];
+  return to_double(operand.x[b * map.stride_b + c * map.stride_c + node * map.stride_w]) * operand.scale[b * m + node];
 }
 
 // dL/dx for every pixel of `node` in image b from g = dL/df_hat (grad_hat: (B, C, m) contiguous double;
