@@ -53,6 +53,18 @@ def test_the_triton_gram_products_run_on_fp64_tensor_cores():
             assert row["main_loop"]["dmma"] > 0, row
 
 
+def test_the_cuda_gram_and_apply_products_run_on_fp64_tensor_cores_and_flat_staging_does_not_divide():
+    rows = [row for row in record()["rows"]
+            if row["backend"] == "cuda" and row["kernel"] in ("gram_kernel", "apply_kernel")]
+    assert len(rows) == 8  # 2 kernels x flat and general x sm_80 and sm_90
+    for row in rows:
+        loop = row["main_loop"]
+        assert loop["dmma"] > 0, row["instantiation"]
+        if row["instantiation"].endswith("true>"):  # the flat variant
+            divisions = [loop.get(key, 0) for key in ("rcp64h", "double_division_calls", "integer_division_calls")]
+            assert divisions == [0, 0, 0], (row["instantiation"], row["arch"])
+
+
 LISTING = """
 .text.kernel:
         /*0000*/                   S2R R0, SR_TID.X ;
