@@ -13,7 +13,8 @@ Run it without TRITON_INTERPRET, where nvcc is on PATH (or NVCC names it) and tr
   the first float32 launch the losses make at sizes divisible by 16 (``triton_launches.py``).
 - **The main loop's instruction mix** from the SASS: the loop (a backward branch and the code it jumps over,
   nested loops counted once) holding the most FP64 products. Counted: DMMA (FP64 tensor-core MMA, 256 FMAs a warp
-  instruction), DFMA (those of double divisions, 7 per MUFU.RCP64H, are not products), DADD and DMUL, MUFU (reciprocals, among them the double division's MUFU.RCP64H), calls to
+  instruction), DFMA (those of double divisions, 7 per MUFU.RCP64H, are not products), DADD and DMUL, MUFU
+  (reciprocals, among them the double division's MUFU.RCP64H), calls to
   the division subroutines (``div_rn_f64``: a double division's slow path; ``div_s64``/``rem_s64``: 64-bit
   integer division), conversions (F2F, I2F, F2I, I2I, F2FP, HADD2.F32), shared and global loads and stores,
   barriers, and every instruction.

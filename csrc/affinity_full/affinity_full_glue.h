@@ -82,8 +82,9 @@ at::Tensor affinity_full_gram(const at::Tensor& x, const at::Tensor& x_scale, co
   return partials.sum(1);  // a fixed-order sum of the per-split partials
 }
 
-// out = A1 P + B1 Q + w (A2 P + B2 Q) (B, Cp, m) when `store`, and with `dots` the per-node forms
-// (p . A1 p, p . B1 q) (B, m). Undefined b1: no Q terms; undefined a2: no weighted terms.
+// Either out = A1 P + B1 Q + w (A2 P + B2 Q) (B, Cp, m) (`store`), or the per-node forms (p . A1 p, p . B1 q)
+// (B, m) (`dots`, with a2 undefined): the kernel computes one of them a launch. Undefined b1: no Q terms;
+// undefined a2: no weighted terms.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_full_apply(
     const at::Tensor& p, const at::Tensor& p_scale, const at::Tensor& q, const at::Tensor& q_scale,
     const nodes::Grid& grid, const at::Tensor& a1, const at::Tensor& b1, const at::Tensor& a2,

@@ -209,7 +209,6 @@ std::string where(const Fiber& fiber) {
       return "__syncthreads() at " + std::string(fiber.barrier_file) + ":" + std::to_string(fiber.barrier_line);
     case State::kAtWarpBarrier:
       return "a warp " + std::string(fiber.warp_operation);
-
     case State::kDone:
       return "exited";
     default:
