@@ -22,6 +22,7 @@ from fastkd import functional as F
 from fastkd import reference
 from fastkd.ops import _graph
 from fastkd.ops.affinity_full import torch_backend
+from fastkd.reference import affinity
 from helpers import (DTYPES, TOLERANCES, LargestTensor, as_layout, assert_relative_error_below,
                      compare_with_reference, near_converged_pair, pair, randn)
 
@@ -106,11 +107,26 @@ def test_distillation_matches_reference_in_every_dtype(backend, algorithm, dtype
     check_distillation(backend, pair((2, 5, 3, 7, 13), gen, dtype), algorithm=algorithm)
 
 
+def resolved_rows_pair(shape, gen, dtype):
+    """``pair``, drawn again while a row of ``A_s - A_t`` lies within the Gram path's float64 rounding noise
+    (``torch_backend.drop_rounding_noise`` sets such rows to 0, with no gradient). The gradient of the row norm
+    ``||A_s[i,:] - A_t[i,:]||`` is the unit direction of that difference, whatever its size, so a row the Gram
+    cannot resolve loses a gradient the reference keeps. Two nodes with one teacher channel (a_t = +-1) meet
+    such a row in about 1 draw of 5000 (the bound below, 50x the noise, redraws 1 in 300); three or more
+    nodes practically never."""
+    for _ in range(100):
+        s, t = pair(shape, gen, dtype)
+        a_s, a_t = (affinity.affinity_matrix(affinity.normalize(x.double().flatten(2), 1e-8)) for x in (s, t))
+        if torch.linalg.vector_norm(a_s - a_t, dim=2).min() > 1e-5 * a_s.shape[1] ** 0.5:  # noise: ~2e-7 sqrt(m)
+            return s, t
+    raise AssertionError(f"no pair of shape {shape} with resolved rows in 100 draws")
+
+
 @pytest.mark.parametrize("edge", range(4))
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_distillation_block_boundaries(backend, edge, algorithm, gen):
-    check_distillation(backend, pair(block_edges(backend, algorithm)[edge], gen, torch.float32), algorithm=algorithm,
-                       reduction="sum")
+    check_distillation(backend, resolved_rows_pair(block_edges(backend, algorithm)[edge], gen, torch.float32),
+                       algorithm=algorithm, reduction="sum")
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "strided"])
