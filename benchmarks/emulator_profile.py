@@ -65,6 +65,9 @@ CASES: Dict[str, Callable[[str, str], List[torch.Tensor]]] = {
     "affinity_full gram, C = 32 + 48, 24 x 24, B = 2": lambda backend, device: _backward(
         lambda s, t: F.pairwise_affinity_loss(s, t, backend=backend, algorithm="gram"), (2, 32, 24, 24),
         (2, 48, 24, 24), device=device),
+    "affinity_full gram, patch = 2, C = 32 + 48, 24 x 24, B = 2": lambda backend, device: _backward(
+        lambda s, t: F.pairwise_affinity_loss(s, t, patch=2, backend=backend, algorithm="gram"), (2, 32, 24, 24),
+        (2, 48, 24, 24), device=device),
     "affinity_full direct, C = 32 + 48, 16 x 16, B = 2": lambda backend, device: _backward(
         lambda s, t: F.pairwise_affinity_loss(s, t, backend=backend, algorithm="direct"), (2, 32, 16, 16),
         (2, 48, 16, 16), device=device),

@@ -8,6 +8,9 @@ Run it without TRITON_INTERPRET, where nvcc is on PATH (or NVCC names it) and tr
 - **Floors** of the op and pass the kernel serves, at the representative shapes of ``fastkd.ops.costs.EXAMPLES``:
   FLOPs and unavoidable bytes, and max(FLOPs / peak, bytes / bandwidth) on an H100 SXM and an A100 SXM (80 GB)
   with the peaks of ``GPUS``: the FP64 tensor-core rate for the float64 products, the HBM bandwidth.
+- The full-graph CUDA kernels have two rows per architecture: ``<float, true>``, their flat variant, which every
+  contiguous or channels-last map runs, and pooled maps too (in double, on the nodes ``pool_nodes_kernel`` pools
+  once), and ``<float, false>``, the general variant, which only strided views of pixel nodes run.
 - **Resources** from ptxas, for sm_80 and sm_90: registers, stack and local memory (a spill), static shared bytes.
   CUDA kernels are compiled by ``.ci/nvcc-check`` (the objects kept), Triton kernels by Triton's compiler for
   the first float32 launch the losses make at sizes divisible by 16 (``triton_launches.py``).
@@ -86,6 +89,7 @@ SHARED_WAVEFRONTS_PER_CYCLE = 1
 SERVES: Dict[str, Tuple[str, str, str]] = {
     "node_norm_kernel": ("PairwiseAffinityLoss() Gram, B=8, C=256+256, 128x128", "forward", "memory"),
     "node_backward_kernel": ("PairwiseAffinityLoss() Gram, B=8, C=256+256, 128x128", "backward", "memory"),
+    "pool_nodes_kernel": ("PairwiseAffinityLoss(pool_scale=0.5) direct", "forward", "memory"),
     "gram_kernel": ("PairwiseAffinityLoss() Gram, B=8, C=256+256, 128x128", "forward", "compute"),
     "apply_kernel": ("PairwiseAffinityLoss() Gram, B=8, C=256+256, 128x128", "backward", "compute"),
     "gram_apply_kernel": ("PairwiseAffinityLoss() Gram, B=8, C=256+256, 128x128", "backward", "compute"),

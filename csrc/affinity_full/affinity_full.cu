@@ -17,7 +17,8 @@
 // The node norms ahead and the normalisation and pooling backward after are the node launchers shared with
 // the windowed graph (common/nodes.cu); the glue turns each norm into the node's scale 1 / (||f|| + eps) once,
 // so that normalising a staged element is one product. Every kernel has a flat variant (kFlat: one pixel a
-// node, rows back to back) whose staging is one load: no pooling loop, no division of node indices.
+// node, rows back to back) whose staging is one load: no pooling loop, no division of node indices. The glue
+// pools patches into such nodes first (pool_nodes), so the general variant serves strided pixel views.
 //
 // Everything is accumulated in double (the Gram terms cancel to ~1e-6 of their size near convergence). No
 // atomics: each output element is written by one thread, so the result is the same on every run.

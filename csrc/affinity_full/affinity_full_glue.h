@@ -3,8 +3,8 @@
 // (FASTKD_EMULATE_CUDA or FASTKD_CUDA_HOST) and defining FASTKD_GLUE_STREAM() and FASTKD_GLUE_GUARD(tensor).
 //
 // The ops mirror fastkd_triton::affinity_full_forward / _backward (fastkd/ops/affinity_full/triton_backend.py):
-// the O(B C m) and larger work runs in the kernels; only the C x C matrices and (B, m) vectors see torch
-// arithmetic.
+// the O(B C m) and larger work runs in the kernels (pooled nodes are pooled once, by pool_nodes, ahead of the
+// others); only the C x C matrices and (B, m) vectors see torch arithmetic.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -54,6 +54,35 @@ at::Tensor affinity_full_norms(const at::Tensor& x, const nodes::Grid& grid) {
                                         norms.mutable_data_ptr<double>(), FASTKD_GLUE_STREAM());
   });
   return norms;
+}
+
+// What the kernels read of s and t, and on which grid. Where every node is a pixel, the inputs themselves (in
+// their common dtype: float16/bfloat16 -> float32 -> float64 widens exactly). Otherwise their nodes, pooled once
+// into (B, C, grid_h, grid_w) double buffers whose pixels are the nodes: pooling inside the kernels redid it for
+// every tile that staged a node, and left their inner loops issue-bound (sm_90 model: the Gram loop at 49% of
+// the FP64 floor, apply at 7%, the direct ones at 1%, against 100%, 44% and 11% on pixel nodes), and a few
+// large patches (pool_scale) serialised on a few threads. The buffers hold B C m doubles, as dL/df_hat does.
+struct KernelOperands {
+  at::Tensor s, t;
+  nodes::Grid grid;
+};
+
+at::Tensor affinity_full_pooled(const at::Tensor& x, const nodes::Grid& grid) {
+  at::Tensor pooled = at::empty({x.size(0), x.size(1), grid.grid_h, grid.grid_w}, x.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "affinity_full_pool_nodes", [&] {
+    FASTKD_KERNELS::pool_nodes(storage_data<scalar_t>(x), map_of(x), grid, x.size(0),
+                               pooled.mutable_data_ptr<double>(), FASTKD_GLUE_STREAM());
+  });
+  return pooled;
+}
+
+KernelOperands affinity_full_operands(const at::Tensor& s, const at::Tensor& t, const nodes::Grid& grid) {
+  if (grid.kernel_h == 1 && grid.kernel_w == 1) {
+    const auto common = at::promote_types(s.scalar_type(), t.scalar_type());
+    return {s.to(common), t.to(common), grid};
+  }
+  return {affinity_full_pooled(s, grid), affinity_full_pooled(t, grid),
+          nodes::Grid{1, 1, grid.grid_h, grid.grid_w, false}};
 }
 
 // X W Y' (B, Cx, Cy) double for the normalised nodes of x and y (one dtype), W = diag(weight) or identity.
@@ -119,35 +148,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const nodes::Grid grid = affinity_full_grid(s, t, kernel_h, kernel_w, grid_h, grid_w, max_pool);
   glue::check_same_device("affinity_full_forward", {{"s", s}, {"t", t}});
   FASTKD_GLUE_GUARD(s);
-  const at::Tensor s_norm = affinity_full_norms(s, grid), t_norm = affinity_full_norms(t, grid);
+  const KernelOperands operands = affinity_full_operands(s, t, grid);
+  const at::Tensor &s_c = operands.s, &t_c = operands.t;
+  const nodes::Grid& node_grid = operands.grid;
+  const at::Tensor s_norm = affinity_full_norms(s_c, node_grid), t_norm = affinity_full_norms(t_c, node_grid);
   const at::Tensor s_scale = affinity_full_scales(s_norm, eps), t_scale = affinity_full_scales(t_norm, eps);
-  // Mixed dtypes are widened to the common one (exact: float16/bfloat16 -> float32 -> float64).
-  const auto common = at::promote_types(s.scalar_type(), t.scalar_type());
-  const at::Tensor s_c = s.to(common), t_c = t.to(common);
   const auto doubles = s.options().dtype(at::kDouble);
   const int64_t batch = s.size(0), m = nodes::node_count(grid);
   if (!use_gram) {
     at::Tensor rows = at::empty({batch, m}, doubles);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, common, "affinity_full_direct_rows", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s_c.scalar_type(), "affinity_full_direct_rows", [&] {
       FASTKD_KERNELS::affinity_full_direct_rows(affinity_full_nodes<scalar_t>(s_c, s_scale),
-                                                affinity_full_nodes<scalar_t>(t_c, t_scale), grid, batch,
+                                                affinity_full_nodes<scalar_t>(t_c, t_scale), node_grid, batch,
                                                 rows.mutable_data_ptr<double>(), FASTKD_GLUE_STREAM());
     });
     return {per_row ? rows : rows.sum(1), s_norm, t_norm, at::empty({0}, doubles), at::empty({0}, doubles),
             at::empty({0}, doubles)};
   }
-  at::Tensor gram_ss = affinity_full_gram(s_c, s_scale, s_c, s_scale, grid);
-  at::Tensor gram_st = affinity_full_gram(s_c, s_scale, t_c, t_scale, grid);
-  at::Tensor gram_tt = affinity_full_gram(t_c, t_scale, t_c, t_scale, grid);
+  at::Tensor gram_ss = affinity_full_gram(s_c, s_scale, s_c, s_scale, node_grid);
+  at::Tensor gram_st = affinity_full_gram(s_c, s_scale, t_c, t_scale, node_grid);
+  at::Tensor gram_tt = affinity_full_gram(t_c, t_scale, t_c, t_scale, node_grid);
   at::Tensor terms;
   if (per_row) {
     // r_i = s_i'(SS')s_i - 2 s_i'(ST')t_i + t_i'(TT')t_i; values within 64 ulps of the forms are rounding
     // noise and become exactly 0 (as in the torch backend): identical rows have a zero loss and gradient.
     const at::Tensor none;
-    const auto st_forms = affinity_full_apply(s_c, s_scale, t_c, t_scale, grid, gram_ss, gram_st.neg(), none,
+    const auto st_forms = affinity_full_apply(s_c, s_scale, t_c, t_scale, node_grid, gram_ss, gram_st.neg(), none,
                                               none, none, false, true);
     const auto tt_forms =
-        affinity_full_apply(t_c, t_scale, t_c, t_scale, grid, gram_tt, none, none, none, none, false, true);
+        affinity_full_apply(t_c, t_scale, t_c, t_scale, node_grid, gram_tt, none, none, none, none, false, true);
     const at::Tensor& form_ss = std::get<1>(st_forms);
     const at::Tensor& minus_form_st = std::get<2>(st_forms);
     const at::Tensor& form_tt = std::get<1>(tt_forms);
@@ -180,8 +209,9 @@ std::tuple<at::Tensor, at::Tensor> affinity_full_backward_op(
   const at::Tensor s_scale = affinity_full_scales(s_norm, eps), t_scale = affinity_full_scales(t_norm, eps);
   const bool uniform = grad_terms.dim() == 1;
   at::Tensor weight = grad_terms.to(at::kDouble).contiguous();  // autograd may hand in an expanded tensor
-  const auto common = at::promote_types(s.scalar_type(), t.scalar_type());
-  const at::Tensor s_c = s.to(common), t_c = t.to(common);
+  const KernelOperands operands = affinity_full_operands(s, t, grid);  // pooled again: nothing kept in between
+  const at::Tensor &s_c = operands.s, &t_c = operands.t;
+  const nodes::Grid& node_grid = operands.grid;
   const auto doubles = s.options().dtype(at::kDouble);
   const at::Tensor none;
   at::Tensor grad_s_hat, grad_t_hat;
@@ -189,9 +219,9 @@ std::tuple<at::Tensor, at::Tensor> affinity_full_backward_op(
     if (uniform) weight = weight.unsqueeze(1).expand({batch, m}).contiguous();
     if (need_s) grad_s_hat = at::zeros({batch, s.size(1), m}, doubles);
     if (need_t) grad_t_hat = at::zeros({batch, t.size(1), m}, doubles);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, common, "affinity_full_direct_backward", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s_c.scalar_type(), "affinity_full_direct_backward", [&] {
       FASTKD_KERNELS::affinity_full_direct_backward(
-          affinity_full_nodes<scalar_t>(s_c, s_scale), affinity_full_nodes<scalar_t>(t_c, t_scale), grid,
+          affinity_full_nodes<scalar_t>(s_c, s_scale), affinity_full_nodes<scalar_t>(t_c, t_scale), node_grid,
           weight.const_data_ptr<double>(), batch, need_s ? grad_s_hat.mutable_data_ptr<double>() : nullptr,
           need_t ? grad_t_hat.mutable_data_ptr<double>() : nullptr, FASTKD_GLUE_STREAM());
     });
@@ -201,23 +231,23 @@ std::tuple<at::Tensor, at::Tensor> affinity_full_backward_op(
     if (uniform) {  // w_k = w: dL/ds = 4 w (SS' s - ST' t), dL/dt = 4 w (TT' t - TS' s)
       const at::Tensor w = weight.view({-1, 1, 1});
       if (need_s) {
-        grad_s_hat = std::get<0>(affinity_full_apply(s_c, s_scale, t_c, t_scale, grid, 4 * w * ss, -4 * w * st,
+        grad_s_hat = std::get<0>(affinity_full_apply(s_c, s_scale, t_c, t_scale, node_grid, 4 * w * ss, -4 * w * st,
                                                      none, none, none, true, false));
       }
       if (need_t) {
-        grad_t_hat = std::get<0>(affinity_full_apply(t_c, t_scale, s_c, s_scale, grid, 4 * w * tt, -4 * w * ts,
+        grad_t_hat = std::get<0>(affinity_full_apply(t_c, t_scale, s_c, s_scale, node_grid, 4 * w * tt, -4 * w * ts,
                                                      none, none, none, true, false));
       }
     } else {  // 2 w_k (SS' s_k - ST' t_k) + 2 (S W S' s_k - S W T' t_k), and the same for t
-      const at::Tensor weighted_st = affinity_full_gram(s_c, s_scale, t_c, t_scale, grid, weight);  // S W T'
+      const at::Tensor weighted_st = affinity_full_gram(s_c, s_scale, t_c, t_scale, node_grid, weight);  // S W T'
       if (need_s) {
-        const at::Tensor weighted_ss = affinity_full_gram(s_c, s_scale, s_c, s_scale, grid, weight);
-        grad_s_hat = std::get<0>(affinity_full_apply(s_c, s_scale, t_c, t_scale, grid, 2 * weighted_ss,
+        const at::Tensor weighted_ss = affinity_full_gram(s_c, s_scale, s_c, s_scale, node_grid, weight);
+        grad_s_hat = std::get<0>(affinity_full_apply(s_c, s_scale, t_c, t_scale, node_grid, 2 * weighted_ss,
                                                      -2 * weighted_st, 2 * ss, -2 * st, weight, true, false));
       }
       if (need_t) {
-        const at::Tensor weighted_tt = affinity_full_gram(t_c, t_scale, t_c, t_scale, grid, weight);
-        grad_t_hat = std::get<0>(affinity_full_apply(t_c, t_scale, s_c, s_scale, grid, 2 * weighted_tt,
+        const at::Tensor weighted_tt = affinity_full_gram(t_c, t_scale, t_c, t_scale, node_grid, weight);
+        grad_t_hat = std::get<0>(affinity_full_apply(t_c, t_scale, s_c, s_scale, node_grid, 2 * weighted_tt,
                                                      -2 * weighted_st.transpose(1, 2), 2 * tt, -2 * ts, weight,
                                                      true, false));
       }

@@ -2,6 +2,9 @@
 // emulator runs this same file on the CPU through nodes_emulated.cpp). The per-node math is nodes_math.cuh.
 //
 //   node_norm_kernel       one thread per node: ||f_i||, pooling on the fly
+//   pool_nodes_kernel      one thread per channel of a node: its pooled feature (the threads of a warp take
+//                          consecutive nodes of one channel: coalesced stores, and loads whose sectors the
+//                          next pixels of the patches reuse)
 //   node_backward_kernel   one thread per node: normalisation then pooling backward, writing its own pixels
 //
 // Patches do not overlap, so every output element is written by one thread: no atomics.
@@ -24,6 +27,17 @@ FASTKD_GLOBAL void node_norm_kernel(global_ptr<const T> x, Map map, Grid grid, s
   const std::int64_t index = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (index >= batch * m) return;
   norms[index] = nodes::node_norm(x, map, grid, index / m, index % m);
+}
+
+template <typename T>
+FASTKD_GLOBAL void pool_nodes_kernel(global_ptr<const T> x, Map map, Grid grid, std::int64_t batch,
+                                     global_ptr<double> nodes_out) {
+  const std::int64_t m = nodes::node_count(grid);
+  const std::int64_t index = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (index >= batch * map.channels * m) return;
+  const std::int64_t channel_of_image = index / m;  // b * C + c
+  nodes_out[index] = nodes::pooled(x, map, grid, channel_of_image / map.channels, channel_of_image % map.channels,
+                                   index % m);
 }
 
 template <typename T>
@@ -50,6 +64,15 @@ void node_norms(const T* x, const nodes::Map& map, const nodes::Grid& grid, std:
 }
 
 template <typename T>
+void pool_nodes(const T* x, const nodes::Map& map, const nodes::Grid& grid, std::int64_t batch, double* nodes_out,
+                fastkd_stream_t stream) {
+  const std::int64_t items = batch * map.channels * nodes::node_count(grid);
+  if (items == 0) return;
+  FASTKD_LAUNCH(pool_nodes_kernel<T>, LaunchExtent(blocks_for(items)), dim3(kThreads), stream, x, map, grid, batch,
+                nodes_out);
+}
+
+template <typename T>
 void node_backward(const double* grad_hat, const T* x, const nodes::Map& map, const double* norms,
                    const nodes::Grid& grid, double eps, bool detach_norm, std::int64_t batch, T* grad,
                    const nodes::Map& grad_map, fastkd_stream_t stream) {
@@ -61,6 +84,8 @@ void node_backward(const double* grad_hat, const T* x, const nodes::Map& map, co
 
 #define FASTKD_INSTANTIATE(T)                                                                                   \
   template void node_norms<T>(const T*, const nodes::Map&, const nodes::Grid&, std::int64_t, double*,           \
+                              fastkd_stream_t);                                                                 \
+  template void pool_nodes<T>(const T*, const nodes::Map&, const nodes::Grid&, std::int64_t, double*,           \
                               fastkd_stream_t);                                                                 \
   template void node_backward<T>(const double*, const T*, const nodes::Map&, const double*, const nodes::Grid&, \
                                  double, bool, std::int64_t, T*, const nodes::Map&, fastkd_stream_t);

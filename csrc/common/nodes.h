@@ -15,6 +15,12 @@ template <typename T>
 void node_norms(const T* x, const nodes::Map& map, const nodes::Grid& grid, std::int64_t batch, double* norms,
                 fastkd_stream_t stream);
 
+// nodes_out (B, C, m) contiguous double: the pooled feature of every channel of every node, as `pooled`
+// (nodes_math.cuh) computes it.
+template <typename T>
+void pool_nodes(const T* x, const nodes::Map& map, const nodes::Grid& grid, std::int64_t batch, double* nodes_out,
+                fastkd_stream_t stream);
+
 // grad (x's layout, any strides) = dL/dx from grad_hat = dL/df_hat (B, C, m): the normalisation, then the
 // pooling backward (nodes_math.cuh).
 template <typename T>
