@@ -2,9 +2,10 @@
 (a leaf: torch, triton and the shared math of :mod:`fastkd.ops._graph`).
 
 A node is a ``kernel_h x kernel_w`` patch of one image (Liu et al. 2020, sec. 2.1; FORMULAS.md section 1,
-steps 1-2), averaged over the pixels that exist or max-pooled. The kernels never store pooled or
-normalised copies of the input: :func:`load_pooled` pools a (channels x nodes) tile in registers whenever
-a kernel needs it, and the node norms ``||f_i||`` (one float64 per node) are the only thing computed ahead.
+steps 1-2), averaged over the pixels that exist or max-pooled. :func:`load_pooled` pools a (channels x nodes)
+tile in registers whenever a kernel needs it, and the node norms ``||f_i||`` (one float64 per node) are computed
+ahead. The windowed graph pools on the fly; the full graph, whose every node is staged by many programs, pools
+once (:func:`pool_nodes`) into float64 nodes that its kernels then read as pixels.
 
 Nodes are numbered row-major on the ``grid_h x grid_w`` node grid, ``m = grid_h * grid_w``.
 """
@@ -86,6 +87,20 @@ def node_norm_kernel(x_ptr, norm_ptr, num_channels, num_nodes, height, width, gr
 
 
 @triton.jit
+def pool_nodes_kernel(x_ptr, out_ptr, num_channels, num_nodes, height, width, grid_w,
+                      stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w,
+                      MAX_POOL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The pooled features (B, C, m) float64, contiguous, of every node; grid (node blocks, channel blocks, B)."""
+    b = tl.program_id(2).to(tl.int64)
+    nodes = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    channels = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    pooled = load_pooled(x_ptr, b, channels, nodes, num_channels, num_nodes, height, width, grid_w,
+                         stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL)
+    valid = (channels[:, None] < num_channels) & (nodes[None, :] < num_nodes)
+    tl.store(out_ptr + (b * num_channels + channels[:, None]) * num_nodes + nodes[None, :], pooled, mask=valid)
+
+
+@triton.jit
 def node_backward_kernel(grad_hat_ptr, x_ptr, norm_ptr, grad_x_ptr, num_channels, num_nodes, height, width,
                          grid_w, stride_b, stride_c, stride_h, stride_w,
                          grad_stride_b, grad_stride_c, grad_stride_h, grad_stride_w, kernel_h, kernel_w,
@@ -161,6 +176,17 @@ def node_norms(x: torch.Tensor, grid: NodeGrid) -> torch.Tensor:
             x, norms, channels, grid.nodes, height, width, grid.grid_w, *strides(x), grid.kernel_h, grid.kernel_w,
             MAX_POOL=grid.max_pool, BLOCK_C=BLOCK_CHANNELS, BLOCK_N=BLOCK_NODES, **KERNEL_OPTIONS)
     return norms
+
+
+def pool_nodes(x: torch.Tensor, grid: NodeGrid) -> torch.Tensor:
+    """The pooled features of every node: (B, C, grid_h, grid_w) float64, contiguous."""
+    batch, channels, height, width = x.shape
+    pooled = torch.empty(batch, channels, grid.grid_h, grid.grid_w, dtype=torch.float64, device=x.device)
+    with on_device(x):
+        pool_nodes_kernel[(triton.cdiv(grid.nodes, BLOCK_NODES), triton.cdiv(channels, BLOCK_CHANNELS), batch)](
+            x, pooled, channels, grid.nodes, height, width, grid.grid_w, *strides(x), grid.kernel_h, grid.kernel_w,
+            MAX_POOL=grid.max_pool, BLOCK_C=BLOCK_CHANNELS, BLOCK_N=BLOCK_NODES, **KERNEL_OPTIONS)
+    return pooled
 
 
 def node_backward(grad_hat: torch.Tensor, x: torch.Tensor, norms: torch.Tensor, grid: NodeGrid, eps: float,

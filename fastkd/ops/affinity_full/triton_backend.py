@@ -35,7 +35,7 @@ import triton.language as tl
 
 from fastkd.ops._graph import NodeGrid
 from fastkd.ops._triton_launch import KERNEL_OPTIONS, on_device, strides
-from fastkd.ops._triton_nodes import load_normalized, node_backward, node_norms
+from fastkd.ops._triton_nodes import load_normalized, node_backward, node_norms, pool_nodes
 from fastkd.ops.affinity_full import schema
 
 BLOCK_NODES = 32
@@ -249,6 +249,15 @@ def _geometry(x: torch.Tensor, grid: NodeGrid):
     return (grid.nodes, x.shape[2], x.shape[3], grid.grid_w)
 
 
+def kernel_operands(s: torch.Tensor, t: torch.Tensor, grid: NodeGrid) -> Tuple[torch.Tensor, torch.Tensor, NodeGrid]:
+    """What the kernels read of s and t, and on which grid: the inputs where every node is a pixel, else their
+    nodes pooled once into float64 maps whose pixels are the nodes (pooling in the kernels redid it for every
+    program that staged a node, with run-time loop bounds). The pooled maps hold B C m doubles, as dL/df_hat."""
+    if (grid.kernel_h, grid.kernel_w) == (1, 1):
+        return s, t, grid
+    return pool_nodes(s, grid), pool_nodes(t, grid), NodeGrid(1, 1, grid.grid_h, grid.grid_w, False)
+
+
 def gram(x, x_norm, y, y_norm, grid: NodeGrid, eps: float, weight: Optional[torch.Tensor] = None):
     """``X W Y'`` per image for the normalised nodes of x and y (W = diag(weight), or the identity):
     (B, Cx, Cy) float64."""
@@ -340,7 +349,7 @@ def affinity_full_forward(s: torch.Tensor, t: torch.Tensor, kernel_h: int, kerne
                                      torch.Tensor]:
     """``(terms, ||s_i||, ||t_i||, SS', ST', TT')``: terms are r (B, m) with ``per_row``, else sum_i r_i
     (B,). The Gram matrices are empty on the direct path. ``detach_norm`` only changes the backward."""
-    grid = NodeGrid(kernel_h, kernel_w, grid_h, grid_w, max_pool)
+    s, t, grid = kernel_operands(s, t, NodeGrid(kernel_h, kernel_w, grid_h, grid_w, max_pool))
     s_norm, t_norm = node_norms(s, grid), node_norms(t, grid)
     empty = s.new_empty((0,), dtype=torch.float64)
     if not use_gram:
@@ -356,15 +365,10 @@ def affinity_full_forward(s: torch.Tensor, t: torch.Tensor, kernel_h: int, kerne
     return (terms, s_norm, t_norm) + grams
 
 
-@torch.library.custom_op("fastkd_triton::affinity_full_backward", mutates_args=())
-def affinity_full_backward(grad_terms: torch.Tensor, s: torch.Tensor, t: torch.Tensor, s_norm: torch.Tensor,
-                           t_norm: torch.Tensor, gram_ss: torch.Tensor, gram_st: torch.Tensor, gram_tt: torch.Tensor,
-                           kernel_h: int, kernel_w: int, grid_h: int, grid_w: int, max_pool: bool, eps: float,
-                           use_gram: bool, detach_norm: bool, need_s: bool, need_t: bool
-                           ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(dL/ds, dL/dt) for ``grad_terms`` = dL/dr (B, m) or dL/d(sum_i r_i) (B,); an empty tensor for a
-    gradient that is not needed."""
-    grid = NodeGrid(kernel_h, kernel_w, grid_h, grid_w, max_pool)
+def grad_hats(grad_terms, s, s_norm, t, t_norm, grams, grid: NodeGrid, eps: float, use_gram: bool,
+              need_s: bool, need_t: bool):
+    """dL/ds_hat and dL/dt_hat (B, C, m) float64 (None where not needed) from the kernels' operands."""
+    gram_ss, gram_st, gram_tt = grams
     uniform = grad_terms.dim() == 1
     weight = grad_terms.to(torch.float64).contiguous()  # autograd may hand in an expanded (stride 0) tensor
     if not use_gram:
@@ -390,6 +394,21 @@ def affinity_full_backward(grad_terms: torch.Tensor, s: torch.Tensor, t: torch.T
                 grad_t_hat = gram_apply(t, t_norm, s, s_norm, grid, eps, 2 * weighted_tt,
                                         -2 * weighted_st.transpose(1, 2),
                                         weighted=(2 * gram_tt, -2 * gram_st.transpose(1, 2), weight))[0]
+    return grad_s_hat, grad_t_hat
+
+
+@torch.library.custom_op("fastkd_triton::affinity_full_backward", mutates_args=())
+def affinity_full_backward(grad_terms: torch.Tensor, s: torch.Tensor, t: torch.Tensor, s_norm: torch.Tensor,
+                           t_norm: torch.Tensor, gram_ss: torch.Tensor, gram_st: torch.Tensor, gram_tt: torch.Tensor,
+                           kernel_h: int, kernel_w: int, grid_h: int, grid_w: int, max_pool: bool, eps: float,
+                           use_gram: bool, detach_norm: bool, need_s: bool, need_t: bool
+                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dL/ds, dL/dt) for ``grad_terms`` = dL/dr (B, m) or dL/d(sum_i r_i) (B,); an empty tensor for a
+    gradient that is not needed."""
+    grid = NodeGrid(kernel_h, kernel_w, grid_h, grid_w, max_pool)
+    s_nodes, t_nodes, node_grid = kernel_operands(s, t, grid)  # pooled again: nothing is kept between the passes
+    grad_s_hat, grad_t_hat = grad_hats(grad_terms, s_nodes, s_norm, t_nodes, t_norm, (gram_ss, gram_st, gram_tt),
+                                       node_grid, eps, use_gram, need_s, need_t)
     empty = s.new_empty((0,))
     grad_s = node_backward(grad_s_hat, s, s_norm, grid, eps, detach_norm) if need_s else empty
     grad_t = node_backward(grad_t_hat, t, t_norm, grid, eps, detach_norm) if need_t else empty.to(t.dtype)
