@@ -40,7 +40,7 @@ BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
 # time from 8x16 to 128x256, the cpp consistency loss 0.06-0.30x from 8x16 to 512x1024, both a quarter of its
 # memory or less); ``torch`` is always last and always available. On CUDA tensors, cuda or triton first by the
 # kernels' estimated fractions of the H100 floor (benchmarks/results/kernel-evidence/evidence.md, sm_90, no GPU
-# run yet): full graph, cuda (Gram 100% against 31%, its backward 44% against 43%; the direct tiles, for few
+# run yet): full graph, cuda (Gram 100% against 31%, its backward 75% against 43%; the direct tiles, for few
 # nodes, 11% against 40%); per-pixel losses, cuda (50-100% against 28-30%); windowed graph, triton (50% and 36%
 # against 46% and 29%); consistency, triton (95% against 88-90%).
 _CUDA_FIRST, _TRITON_FIRST = ("cuda", "triton", "torch"), ("triton", "cuda", "torch")

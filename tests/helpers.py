@@ -28,9 +28,11 @@ BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 # Block sizes the boundary tests straddle, per (op, backend), as the kernels define them.
 BLOCKS: Dict[Tuple[str, str], Dict[str, int]] = {
     # fastkd/ops/_triton_nodes.py BLOCK_NODES, BLOCK_CHANNELS; csrc/affinity_full/affinity_full.h
-    # kAffinityFullTile (apply and direct kernels), kAffinityGramChunk and kAffinityGramSide (the Gram kernel)
+    # kAffinityFullTile (the direct kernels), and for the Gram algorithm's kernels 64 nodes (affinity_full.cu's
+    # kApplyNodes, two of the Gram kernel's kAffinityGramChunk) and 64 channels (kAffinityGramSide, and
+    # kApplyRows)
     ("affinity_full", "triton"): dict(nodes=32, channels=32),
-    ("affinity_full", "cuda"): dict(nodes=16, channels=16, gram_nodes=32, gram_channels=64),
+    ("affinity_full", "cuda"): dict(nodes=16, channels=16, gram_nodes=64, gram_channels=64),
     # triton: affinity_window/triton_backend.py BLOCK_N (256 under the interpreter, 32 compiled) and
     # BLOCK_CHANNELS; cuda: kThreads in csrc/affinity_window/affinity_window.cu (nodes per block);
     # cpp: csrc/affinity_window/affinity_window_cpu.cpp's kTileNodes (a tile: a run of nodes of one node row)

@@ -6,8 +6,8 @@ nodes pooled by compiled C++ (``fastkd::pool_nodes_*``, tested on its own at the
 Without a GPU the Triton kernels run under the Triton interpreter on CPU tensors and the CUDA kernels under
 fastkd's CUDA emulator (FASTKD_EMULATE_CUDA=1), so the maps are small; node and channel counts straddle
 each backend's block size (``helpers.BLOCKS``: Triton programs of 32 nodes x 32 channels, CUDA tiles of
-16 x 16, and the CUDA Gram kernel's 64-channel tiles staging 32 nodes at a time). The windowed graph is
-tested in test_affinity_window.py.
+16 x 16, and the CUDA Gram and apply kernels' tiles of 64 channels and 64 nodes, the Gram staging 32 nodes
+at a time). The windowed graph is tested in test_affinity_window.py.
 """
 
 import functools

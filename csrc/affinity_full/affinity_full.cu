@@ -8,9 +8,9 @@
 //                          products (mma.sync m8n8k4, common/mma.cuh; 32 x 32 outputs a warp in registers),
 //                          staging 64-channel x 32-node tiles of the normalised nodes in shared memory; one
 //                          partial matrix per (image, split), summed by the caller in a fixed order
-//   apply_kernel           out = A1 P + B1 Q + w (A2 P + B2 Q) for 64 rows x 32 nodes per block with the same
-//                          tensor-core products (32 x 16 outputs a warp), or the per-node forms p . (A1 p),
-//                          p . (B1 q) for all rows of 32 nodes
+//   apply_kernel           out = A1 P + B1 Q + w (A2 P + B2 Q) for 64 rows x 64 nodes per block with the same
+//                          tensor-core products (32 x 32 outputs a warp, one accumulator for the four terms),
+//                          or the per-node forms p . (A1 p), p . (B1 q) for all rows of 64 nodes
 //   direct_rows_kernel     a block owns 16 rows i and sweeps j in 16-node tiles of D formed in shared memory
 //   direct_backward_kernel the same tiles, weighted by 2 (w_i + w_j), times the nodes j: the block owns the
 //                          columns i of the outputs
@@ -165,31 +165,38 @@ FASTKD_GLOBAL void gram_kernel(Nodes<T> x, Nodes<T> y, Grid grid, global_ptr<con
 }
 
 // The apply kernel's block: 4 warps (2 x 2) own kApplyRows rows x kApplyNodes nodes of M X (M a matrix, X the
-// nodes), each warp 32 rows x 16 nodes as 4 x 2 FP64 mma tiles in registers; channels (the k of the product)
-// are staged kApplyChunk at a time: up to two matrices' [row][channel] tiles and one [channel][node] tile.
+// nodes), each warp 32 x 32 as 4 x 4 FP64 mma tiles of 8 x 8 in registers; channels (the k of the product) are
+// staged kApplyChunk at a time. One accumulator serves all four terms: w (A2 P) = A2 (P W), W = diag(w) acting
+// on the nodes, so the weighted terms are products of the second matrix with a second node tile, the nodes times
+// their weights. Staged per chunk: one or two matrices' [row][channel] tiles, one or two [channel][node] tiles.
 constexpr int kApplyRows = 64;
-constexpr int kApplyNodes = 32;  // one node a lane when staging
+constexpr int kApplyNodes = 64;
 constexpr int kApplyChunk = 16;
-constexpr int kApplyWarpRows = 32, kApplyWarpNodes = 16;
-constexpr int kApplyRowTiles = kApplyWarpRows / 8, kApplyNodeTiles = kApplyWarpNodes / 8;
-constexpr int kApplyWarps = (kApplyRows / kApplyWarpRows) * (kApplyNodes / kApplyWarpNodes);
+constexpr int kApplyWarpSide = 32;
+constexpr int kApplyWarpTiles = kApplyWarpSide / 8;  // mma tiles along each side of a warp's outputs
+constexpr int kApplyWarps = (kApplyRows / kApplyWarpSide) * (kApplyNodes / kApplyWarpSide);
 constexpr int kApplyThreads = 32 * kApplyWarps;
 // Pitches 4 (mod 16) doubles, as kGramPitch: fragment loads and staging stores take the ideal 2 wavefronts.
 constexpr int kMatrixPitch = kApplyChunk + 4;
 constexpr int kNodePitch = kApplyNodes + 4;
 constexpr int kMatrixTileElements = kApplyRows * kMatrixPitch;
-constexpr int kApplyStagedElements = 2 * kMatrixTileElements + kApplyChunk * kNodePitch;
-static_assert(kApplyNodes == 32 && kApplyChunk == 16 && kMatrixPitch % 16 == 4 && kNodePitch % 16 == 4, "apply tiling");
+constexpr int kNodeTileElements = kApplyChunk * kNodePitch;
+constexpr int kNodeTilesAt = 2 * kMatrixTileElements;  // staged: [matrix][row][channel], then [tile][channel][node]
+constexpr int kApplyStagedElements = kNodeTilesAt + 2 * kNodeTileElements;
+static_assert(kApplyNodes == 64 && kApplyChunk == 16 && kMatrixPitch % 16 == 4 && kNodePitch % 16 == 4,
+              "apply tiling");
 static_assert(kApplyRows * kApplyNodes <= kApplyStagedElements, "the outputs fit where the tiles were staged");
 
-using ApplyAccumulators = double[kApplyRowTiles][kApplyNodeTiles][2];
+using ApplyAccumulators = double[kApplyWarpTiles][kApplyWarpTiles][2];
 
 // Stages channels c0..c0 + kApplyChunk - 1 of the rows r0.. of `first` (and of `second`, unless nullptr; both
-// contiguous (B, rows, x channels)) and of the normalised nodes n0.. of x; 0 past the rows, channels, nodes.
+// contiguous (B, rows, x channels)) and of the normalised nodes n0.. of x, and with `second` those nodes times
+// node_weight (this lane's nodes n0 + lane and n0 + lane + 32); 0 past the rows, channels, nodes.
 template <bool kFlat, typename T, typename Tile>
 FASTKD_DEVICE void stage_apply_chunk(Tile& staged, global_ptr<const double> first, global_ptr<const double> second,
-                                     std::int64_t rows, const Nodes<T>& x, const Grid& grid, std::int64_t b,
-                                     std::int64_t r0, std::int64_t c0, std::int64_t n0) {
+                                     std::int64_t rows, const Nodes<T>& x, const Grid& grid,
+                                     const double (&node_weight)[2], std::int64_t b, std::int64_t r0, std::int64_t c0,
+                                     std::int64_t n0) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const std::int64_t channels = x.map.channels, column = c0 + lane % kApplyChunk;
   for (int r = 2 * warp + lane / kApplyChunk; r < kApplyRows; r += 2 * kApplyWarps) {  // half a warp a row
@@ -200,45 +207,102 @@ FASTKD_DEVICE void stage_apply_chunk(Tile& staged, global_ptr<const double> firs
     if (second != nullptr) staged[kMatrixTileElements + to] = inside ? second[at] : 0.0;
   }
   for (int c = warp; c < kApplyChunk; c += kApplyWarps) {
-    staged[2 * kMatrixTileElements + c * kNodePitch + lane] = nodes::normalized<kFlat>(x, grid, b, c0 + c, n0 + lane);
+    FASTKD_UNROLL
+    for (int half = 0; half < 2; ++half) {
+      const int n = lane + 32 * half;
+      const double value = nodes::normalized<kFlat>(x, grid, b, c0 + c, n0 + n);
+      staged[kNodeTilesAt + c * kNodePitch + n] = value;
+      if (second != nullptr) staged[kNodeTilesAt + kNodeTileElements + c * kNodePitch + n] = value * node_weight[half];
+    }
   }
 }
 
-// acc += the staged matrix tile at `matrix` (0: the first, kMatrixTileElements: the second) times the staged
-// node tile, for the warp's 32 rows from warp_row and 16 nodes from warp_node.
+// acc += staged matrix tile `tile` times staged node tile `tile` (0: first and the nodes, 1: second and the
+// weighted nodes), for the warp's 32 rows from warp_row and 32 nodes from warp_node.
 template <typename Tile>
-FASTKD_DEVICE void add_apply_products(ApplyAccumulators& acc, Tile& staged, int matrix, int warp_row, int warp_node) {
+FASTKD_DEVICE void add_apply_products(ApplyAccumulators& acc, Tile& staged, int tile, int warp_row, int warp_node) {
   const int lane = threadIdx.x % 32, group = lane / 4, in_group = lane % 4;
+  const int matrix = tile * kMatrixTileElements, node_tile = kNodeTilesAt + tile * kNodeTileElements;
   for (int k0 = 0; k0 < kApplyChunk; k0 += 4) {
     const int k = k0 + in_group;
-    double a[kApplyRowTiles], b_fragment[kApplyNodeTiles];
-    for (int i = 0; i < kApplyRowTiles; ++i) a[i] = staged[matrix + (warp_row + 8 * i + group) * kMatrixPitch + k];
-    for (int j = 0; j < kApplyNodeTiles; ++j) {
-      b_fragment[j] = staged[2 * kMatrixTileElements + k * kNodePitch + warp_node + 8 * j + group];
+    double a[kApplyWarpTiles], b_fragment[kApplyWarpTiles];
+    for (int i = 0; i < kApplyWarpTiles; ++i) {
+      a[i] = staged[matrix + (warp_row + 8 * i + group) * kMatrixPitch + k];                // M[rows][k]
+      b_fragment[i] = staged[node_tile + k * kNodePitch + warp_node + 8 * i + group];  // X[k][nodes]
     }
-    for (int i = 0; i < kApplyRowTiles; ++i) {
-      for (int j = 0; j < kApplyNodeTiles; ++j) mma_m8n8k4(acc[i][j], a[i], b_fragment[j]);
+    for (int i = 0; i < kApplyWarpTiles; ++i) {
+      for (int j = 0; j < kApplyWarpTiles; ++j) mma_m8n8k4(acc[i][j], a[i], b_fragment[j]);
     }
   }
 }
 
-// acc += first X (and acc_second += second X unless second is nullptr) over all channels of x, for the
-// block's rows r0.. and nodes n0..; `products`: whether this warp's outputs reach the rows and nodes.
+// acc += first X + second (X W) over all channels of x (no second term when second is nullptr; weight (B, m)
+// is read only with it), for the block's rows r0.. and nodes n0..; `products`: whether this warp's outputs
+// reach the rows and nodes.
 template <bool kFlat, typename T, typename Tile>
-FASTKD_DEVICE void add_matrices_times_nodes(ApplyAccumulators& acc, ApplyAccumulators& acc_second,
-                                            global_ptr<const double> first, global_ptr<const double> second,
-                                            std::int64_t rows, const Nodes<T>& x, const Grid& grid, std::int64_t b,
+FASTKD_DEVICE void add_matrices_times_nodes(ApplyAccumulators& acc, global_ptr<const double> first,
+                                            global_ptr<const double> second, std::int64_t rows, const Nodes<T>& x,
+                                            const Grid& grid, global_ptr<const double> weight, std::int64_t b,
                                             std::int64_t r0, std::int64_t n0, bool products, int warp_row,
                                             int warp_node, Tile& staged) {
+  const std::int64_t m = nodes::node_count(grid);
+  const int lane = threadIdx.x % 32;
+  double node_weight[2] = {0.0, 0.0};
+  if (second != nullptr) {
+    FASTKD_UNROLL
+    for (int half = 0; half < 2; ++half) {
+      const std::int64_t node = n0 + lane + 32 * half;
+      node_weight[half] = node < m ? weight[b * m + node] : 0.0;
+    }
+  }
   for (std::int64_t c0 = 0; c0 < x.map.channels; c0 += kApplyChunk) {
-    stage_apply_chunk<kFlat>(staged, first, second, rows, x, grid, b, r0, c0, n0);
+    stage_apply_chunk<kFlat>(staged, first, second, rows, x, grid, node_weight, b, r0, c0, n0);
     __syncthreads();
     if (products) {
       add_apply_products(acc, staged, 0, warp_row, warp_node);
-      if (second != nullptr) add_apply_products(acc_second, staged, kMatrixTileElements, warp_row, warp_node);
+      if (second != nullptr) add_apply_products(acc, staged, 1, warp_row, warp_node);
     }
     __syncthreads();
   }
+}
+
+// The warp's outputs into the staged area at output_index, once the last products' barrier has passed.
+template <typename Tile>
+FASTKD_DEVICE void stage_outputs(Tile& staged, const ApplyAccumulators& acc, int warp_row, int warp_node) {
+  const int lane = threadIdx.x % 32, group = lane / 4, in_group = lane % 4;
+  FASTKD_UNROLL
+  for (int i = 0; i < kApplyWarpTiles; ++i) {
+    for (int j = 0; j < kApplyWarpTiles; ++j) {
+      for (int e = 0; e < 2; ++e) {
+        staged[output_index(warp_row + 8 * i + group, warp_node + 8 * j + 2 * in_group + e, kApplyNodes)] =
+            acc[i][j][e];
+      }
+    }
+  }
+}
+
+// form_sums[form][half][node] += sum over the rows r0 + 32 half.. of p_r (matrix x)_r at the nodes n0..: the
+// products go through shared memory, where each thread sums one node's 32 rows of a half in order (its loads of
+// p run along the nodes, coalesced). A block's row tiles run in order: every sum is taken in the same order on
+// every run.
+template <bool kFlat, typename T, typename Tile, typename Sums>
+FASTKD_DEVICE void add_forms(Sums& form_sums, int form, global_ptr<const double> matrix, const Nodes<T>& p,
+                             const Nodes<T>& x, const Grid& grid, std::int64_t b, std::int64_t r0, std::int64_t n0,
+                             bool products, int warp_row, int warp_node, Tile& staged) {
+  {
+    ApplyAccumulators acc = {};
+    add_matrices_times_nodes<kFlat>(acc, matrix, nullptr, p.map.channels, x, grid, nullptr, b, r0, n0, products,
+                                    warp_row, warp_node, staged);
+    stage_outputs(staged, acc, warp_row, warp_node);
+  }
+  __syncthreads();
+  const int node = threadIdx.x % kApplyNodes, half = threadIdx.x / kApplyNodes;
+  double sum = 0.0;
+  for (int r = 32 * half; r < 32 * half + 32; ++r) {
+    sum += nodes::normalized<kFlat>(p, grid, b, r0 + r, n0 + node) * staged[output_index(r, node, kApplyNodes)];
+  }
+  form_sums[(2 * form + half) * kApplyNodes + node] += sum;
+  __syncthreads();  // before the next products stage
 }
 
 // Block kApplyThreads, grid (node tiles, row groups, B): the block computes the rows r0 = (blockIdx.y + k
@@ -249,77 +313,51 @@ FASTKD_GLOBAL void apply_kernel(Nodes<T> p, Nodes<T> q, Grid grid, global_ptr<co
                                 global_ptr<const double> b1, global_ptr<const double> a2, global_ptr<const double> b2,
                                 global_ptr<const double> weight, global_ptr<double> out, global_ptr<double> dot_a,
                                 global_ptr<double> dot_b) {
-  // Two matrix tiles and a node tile; between row tiles, the outputs on their way out (output_index).
+  // The tiles; between row tiles, the outputs on their way out (output_index).
   FASTKD_SHARED(double, staged, kApplyStagedElements);
-  FASTKD_SHARED(double, form_sums, 2 * 2 * kApplyNodes);  // [form][warp row][node]
+  FASTKD_SHARED(double, form_sums, 2 * 2 * kApplyNodes);  // [form][row half][node], for the forms
   const std::int64_t m = nodes::node_count(grid);
   const std::int64_t rows = p.map.channels;
   const std::int64_t b = blockIdx.z, n0 = static_cast<std::int64_t>(blockIdx.x) * kApplyNodes;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, group = lane / 4, in_group = lane % 4;
-  const int warp_row = warp / (kApplyNodes / kApplyWarpNodes) * kApplyWarpRows;
-  const int warp_node = warp % (kApplyNodes / kApplyWarpNodes) * kApplyWarpNodes;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int warp_row = warp / (kApplyNodes / kApplyWarpSide) * kApplyWarpSide;
+  const int warp_node = warp % (kApplyNodes / kApplyWarpSide) * kApplyWarpSide;
   const bool forms = dot_a != nullptr;
-  double form[2][kApplyNodeTiles][2] = {};  // this lane's sums over its rows of p . (A1 p), p . (B1 q)
+  // Set before the first products' barrier, which makes it visible to the threads that add to it.
+  for (int i = threadIdx.x; i < 2 * 2 * kApplyNodes; i += kApplyThreads) form_sums[i] = 0.0;
   for (std::int64_t r0 = static_cast<std::int64_t>(blockIdx.y) * kApplyRows; r0 < rows;
        r0 += static_cast<std::int64_t>(gridDim.y) * kApplyRows) {
-    // plain: A1 P + B1 Q; weighted: A2 P + B2 Q. For the forms, plain is A1 P and weighted B1 Q.
-    ApplyAccumulators plain = {}, weighted = {};
     const bool products = r0 + warp_row < rows && n0 + warp_node < m;  // the same for the warp's lanes
-    add_matrices_times_nodes<kFlat>(plain, weighted, a1, a2, rows, p, grid, b, r0, n0, products, warp_row,
-                                    warp_node, staged);
-    // (Two calls, not a choice of accumulators at run time, which would put them in local memory.)
-    if (b1 != nullptr && forms) {
-      add_matrices_times_nodes<kFlat>(weighted, weighted, b1, nullptr, rows, q, grid, b, r0, n0, products, warp_row,
-                                      warp_node, staged);
-    } else if (b1 != nullptr) {
-      add_matrices_times_nodes<kFlat>(plain, weighted, b1, a2 != nullptr ? b2 : nullptr, rows, q, grid, b, r0, n0,
+    if (forms) {
+      add_forms<kFlat>(form_sums, 0, a1, p, p, grid, b, r0, n0, products, warp_row, warp_node, staged);
+      if (b1 != nullptr) {
+        add_forms<kFlat>(form_sums, 1, b1, p, q, grid, b, r0, n0, products, warp_row, warp_node, staged);
+      }
+      continue;
+    }
+    ApplyAccumulators acc = {};
+    add_matrices_times_nodes<kFlat>(acc, a1, a2, rows, p, grid, weight, b, r0, n0, products, warp_row, warp_node,
+                                    staged);
+    if (b1 != nullptr) {
+      add_matrices_times_nodes<kFlat>(acc, b1, a2 != nullptr ? b2 : nullptr, rows, q, grid, weight, b, r0, n0,
                                       products, warp_row, warp_node, staged);
     }
-    FASTKD_UNROLL
-    for (int i = 0; i < kApplyRowTiles; ++i) {
-      const int r = warp_row + 8 * i + group;
-      for (int j = 0; j < kApplyNodeTiles; ++j) {
-        for (int e = 0; e < 2; ++e) {
-          const int c = warp_node + 8 * j + 2 * in_group + e;
-          if (forms) {
-            const double p_value = nodes::normalized<kFlat>(p, grid, b, r0 + r, n0 + c);
-            form[0][j][e] += p_value * plain[i][j][e];
-            form[1][j][e] += p_value * weighted[i][j][e];
-          } else {
-            double value = plain[i][j][e];
-            if (a2 != nullptr && n0 + c < m) value += weight[b * m + n0 + c] * weighted[i][j][e];
-            staged[output_index(r, c, kApplyNodes)] = value;  // the last barrier came after the products
-          }
-        }
-      }
-    }
-    if (!forms) {
-      __syncthreads();
-      for (int r = warp; r < kApplyRows; r += kApplyWarps) {
-        if (r0 + r < rows && n0 + lane < m) {
-          out[(b * rows + r0 + r) * m + n0 + lane] = staged[output_index(r, lane, kApplyNodes)];
-        }
-      }
-      __syncthreads();  // before the next row tile stages
-    }
-  }
-  if (forms) {
-    // Sum each column's 8 row groups (lanes l, l ^ 4, l ^ 8, ... share l % 4), then the 2 warp rows, in order.
-    FASTKD_UNROLL
-    for (int f = 0; f < 2; ++f) {
-      for (int j = 0; j < kApplyNodeTiles; ++j) {
-        for (int e = 0; e < 2; ++e) {
-          double sum = form[f][j][e];
-          for (int mask = 4; mask < 32; mask *= 2) sum += __shfl_xor_sync(0xffffffffu, sum, mask);
-          const int column = warp_node + 8 * j + 2 * in_group + e;
-          if (group == 0) form_sums[(f * 2 + warp_row / kApplyWarpRows) * kApplyNodes + column] = sum;
-        }
-      }
-    }
+    stage_outputs(staged, acc, warp_row, warp_node);
     __syncthreads();
-    if (warp == 0 && n0 + lane < m) {
-      dot_a[b * m + n0 + lane] = form_sums[lane] + form_sums[kApplyNodes + lane];
-      dot_b[b * m + n0 + lane] = form_sums[2 * kApplyNodes + lane] + form_sums[3 * kApplyNodes + lane];
+    for (int r = warp; r < kApplyRows; r += kApplyWarps) {
+      for (int c = lane; c < kApplyNodes; c += 32) {
+        if (r0 + r < rows && n0 + c < m) {
+          out[(b * rows + r0 + r) * m + n0 + c] = staged[output_index(r, c, kApplyNodes)];
+        }
+      }
+    }
+    __syncthreads();  // before the next row tile stages
+  }
+  if (forms) {  // the last add_forms ended with a barrier
+    const int node = threadIdx.x;
+    if (node < kApplyNodes && n0 + node < m) {
+      dot_a[b * m + n0 + node] = form_sums[node] + form_sums[kApplyNodes + node];
+      dot_b[b * m + n0 + node] = form_sums[2 * kApplyNodes + node] + form_sums[3 * kApplyNodes + node];
     }
   }
 }
