@@ -89,6 +89,7 @@ SHARED_WAVEFRONTS_PER_CYCLE = 1
 SERVES: Dict[str, Tuple[str, str, str]] = {
     "node_norm_kernel": ("PairwiseAffinityLoss() Gram, B=8, C=256+256, 128x128", "forward", "memory"),
     "node_backward_kernel": ("PairwiseAffinityLoss() Gram, B=8, C=256+256, 128x128", "backward", "memory"),
+    "node_radial_kernel": ("PairwiseAffinityLoss() Gram, B=8, C=256+256, 128x128", "backward", "memory"),
     "pool_nodes_kernel": ("PairwiseAffinityLoss(pool_scale=0.5) direct", "forward", "memory"),
     "gram_kernel": ("PairwiseAffinityLoss() Gram, B=8, C=256+256, 128x128", "forward", "compute"),
     "apply_kernel": ("PairwiseAffinityLoss() Gram, B=8, C=256+256, 128x128", "backward", "compute"),

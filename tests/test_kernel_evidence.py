@@ -28,7 +28,7 @@ def test_every_kernel_of_both_backends_is_in_the_record_for_sm80_and_sm90():
     assert {(row["backend"], row["kernel"]) for row in rows} >= {
         ("cuda", "gram_kernel"), ("cuda", "apply_kernel"), ("cuda", "direct_rows_kernel"),
         ("cuda", "direct_backward_kernel"), ("cuda", "node_norm_kernel"), ("cuda", "node_backward_kernel"),
-        ("cuda", "pool_nodes_kernel"),
+        ("cuda", "pool_nodes_kernel"), ("cuda", "node_radial_kernel"),
         ("cuda", "affinity_window_forward_kernel"), ("cuda", "affinity_window_gradient_kernel"),
         ("cuda", "consistency_forward_kernel"), ("cuda", "consistency_backward_kernel"),
         ("triton", "gram_kernel"), ("triton", "gram_apply_kernel"), ("triton", "direct_rows_kernel"),

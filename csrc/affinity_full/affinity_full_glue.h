@@ -254,18 +254,23 @@ std::tuple<at::Tensor, at::Tensor> affinity_full_backward_op(
     }
   }
   // dL/df_hat -> dL/dx, in each input's own dtype and layout.
-  auto node_backward = [&](const at::Tensor& grad_hat, const at::Tensor& x, const at::Tensor& norm) {
+  // dL/dx from dL/df_hat: the norm's share of it from the nodes the kernels read, where they were pooled.
+  const bool pooled = node_grid.kernel_h != grid.kernel_h || node_grid.kernel_w != grid.kernel_w;
+  at::Tensor radial = at::empty({batch, m}, doubles);
+  auto node_backward = [&](const at::Tensor& grad_hat, const at::Tensor& x, const at::Tensor& x_nodes,
+                           const at::Tensor& norm) {
     at::Tensor grad = at::empty_like(x);
     if (grad.numel() == 0) return grad;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "affinity_full_node_backward", [&] {
       FASTKD_KERNELS::node_backward(grad_hat.const_data_ptr<double>(), storage_data<scalar_t>(x), map_of(x),
-                                             norm.const_data_ptr<double>(), grid, eps, detach_norm, batch,
-                                             mutable_storage_data<scalar_t>(grad), map_of(grad), FASTKD_GLUE_STREAM());
+                                    pooled ? x_nodes.const_data_ptr<double>() : nullptr, norm.const_data_ptr<double>(),
+                                    grid, eps, detach_norm, batch, radial.mutable_data_ptr<double>(),
+                                    mutable_storage_data<scalar_t>(grad), map_of(grad), FASTKD_GLUE_STREAM());
     });
     return grad;
   };
-  at::Tensor grad_s = need_s ? node_backward(grad_s_hat, s, s_norm) : at::empty({0}, s.options());
-  at::Tensor grad_t = need_t ? node_backward(grad_t_hat, t, t_norm) : at::empty({0}, t.options());
+  at::Tensor grad_s = need_s ? node_backward(grad_s_hat, s, s_c, s_norm) : at::empty({0}, s.options());
+  at::Tensor grad_t = need_t ? node_backward(grad_t_hat, t, t_c, t_norm) : at::empty({0}, t.options());
   return {grad_s, grad_t};
 }
 

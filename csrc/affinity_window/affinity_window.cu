@@ -10,9 +10,9 @@
 // and sums its squares, the mirrored ones twice; each block sums those in a fixed order (warp shuffles,
 // then shared memory) into one partial, and the glue sums the partials.
 // Backward: one thread per (node, channel) gathers dL/df_hat = 4 sign grad sum_{j in window(i)} D_ij
-// f_hat_j over the whole window from the difference map into a (B, C, m) double workspace; then one thread
-// per node takes it through the normalisation and the pooling and writes its own patch's pixels (the shared
-// launcher node_backward).
+// f_hat_j over the whole window from the difference map into a (B, C, m) double workspace; then the shared
+// launcher node_backward takes it through the normalisation (one thread a node for the norm's share) and the
+// pooling (one thread a channel of a node, writing its own patch's pixels).
 // No atomics: the same result on every run.
 #include "affinity_window.h"
 #include "affinity_window_math.cuh"
@@ -85,20 +85,20 @@ void affinity_window_forward(const T* s, const Map& s_map, const double* s_norms
 template <typename T>
 void affinity_window_backward(const T* x, const Map& map, const double* norms, const double* difference,
                               const Grid& grid, std::int64_t batch, double eps, bool detach_norm,
-                              const double* grad_total, double sign, double* grad_hat, T* grad, const Map& grad_map,
-                              fastkd_stream_t stream) {
+                              const double* grad_total, double sign, double* grad_hat, double* radial, T* grad,
+                              const Map& grad_map, fastkd_stream_t stream) {
   const std::int64_t m = nodes::node_count(grid);
   FASTKD_LAUNCH(affinity_window_gradient_kernel<T>, LaunchExtent(blocks_for(batch * map.channels * m)), dim3(kThreads),
                 stream, x, map, norms, difference, grid, batch, eps, grad_total, sign, grad_hat);
-  node_backward(grad_hat, x, map, norms, grid, eps, detach_norm, batch, grad, grad_map, stream);
+  node_backward(grad_hat, x, map, nullptr, norms, grid, eps, detach_norm, batch, radial, grad, grad_map, stream);
 }
 
 #define FASTKD_INSTANTIATE(T)                                                                                        \
   template void affinity_window_forward<T>(const T*, const Map&, const double*, const T*, const Map&, const double*, \
                                            const Grid&, std::int64_t, double, double*, double*, fastkd_stream_t);    \
   template void affinity_window_backward<T>(const T*, const Map&, const double*, const double*, const Grid&,         \
-                                            std::int64_t, double, bool, const double*, double, double*, T*,          \
-                                            const Map&, fastkd_stream_t);
+                                            std::int64_t, double, bool, const double*, double, double*, double*,     \
+                                            T*, const Map&, fastkd_stream_t);
 FASTKD_FOR_EACH_STORAGE_TYPE(FASTKD_INSTANTIATE)
 #undef FASTKD_INSTANTIATE
 

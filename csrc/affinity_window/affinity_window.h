@@ -27,11 +27,12 @@ void affinity_window_forward(const T* s, const nodes::Map& s_map, const double* 
                              fastkd_stream_t stream);
 
 // grad (any strides, x's dtype) = dL/dx for the total, with grad_total a device pointer to dL/dtotal and
-// sign +1 for the student, -1 for the teacher. grad_hat: a (B, C, m) double workspace (dL/df_hat).
+// sign +1 for the student, -1 for the teacher. Workspaces: grad_hat (B, C, m) double (dL/df_hat), radial (B, m)
+// double (node_backward's).
 template <typename T>
 void affinity_window_backward(const T* x, const nodes::Map& map, const double* norms, const double* difference,
                               const affinity_window::Grid& grid, std::int64_t batch, double eps, bool detach_norm,
-                              const double* grad_total, double sign, double* grad_hat, T* grad,
+                              const double* grad_total, double sign, double* grad_hat, double* radial, T* grad,
                               const nodes::Map& grad_map, fastkd_stream_t stream);
 
 }  // namespace FASTKD_KERNELS

@@ -22,11 +22,12 @@ void pool_nodes(const T* x, const nodes::Map& map, const nodes::Grid& grid, std:
                 fastkd_stream_t stream);
 
 // grad (x's layout, any strides) = dL/dx from grad_hat = dL/df_hat (B, C, m): the normalisation, then the
-// pooling backward (nodes_math.cuh).
+// pooling backward (nodes_math.cuh). nodes_in: x's nodes pooled ahead ((B, C, m) double), or nullptr to pool
+// them again; radial: a (B, m) double workspace (not read when the norm is detached).
 template <typename T>
-void node_backward(const double* grad_hat, const T* x, const nodes::Map& map, const double* norms,
-                   const nodes::Grid& grid, double eps, bool detach_norm, std::int64_t batch, T* grad,
-                   const nodes::Map& grad_map, fastkd_stream_t stream);
+void node_backward(const double* grad_hat, const T* x, const nodes::Map& map, const double* nodes_in,
+                   const double* norms, const nodes::Grid& grid, double eps, bool detach_norm, std::int64_t batch,
+                   double* radial, T* grad, const nodes::Map& grad_map, fastkd_stream_t stream);
 
 }  // namespace FASTKD_KERNELS
 }  // namespace fastkd

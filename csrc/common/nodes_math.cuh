@@ -6,9 +6,9 @@
 //
 // A node is a kernel_h x kernel_w patch of one image, numbered row-major on the grid_h x grid_w node grid
 // (ceil mode: the last patches may be partial). Average pooling averages the pixels that exist; a max over
-// a patch holding NaN or +-Inf is NaN. Nothing pooled or normalised is stored: every kernel pools what it
-// needs, and the node norms (one double per node) are the only thing computed ahead. Everything is in
-// double; indices are 64-bit.
+// a patch holding NaN or +-Inf is NaN. The windowed graph's kernels pool what they need on the fly; the full
+// graph's glue pools its nodes once (pool_nodes), and node norms (one double per node) are computed ahead.
+// Everything is in double; indices are 64-bit.
 #pragma once
 
 #include <cmath>
@@ -199,38 +199,53 @@ FASTKD_HOST_DEVICE double normalized(const Nodes<T>& operand, const Grid& grid, 
   return to_double(operand.x[b * map.stride_b + c * map.stride_c + node * map.stride_w]) * operand.scale[b * m + node];
 }
 
-// dL/dx for every pixel of `node` in image b from g = dL/df_hat (grad_hat: (B, C, m) contiguous double;
-// norms: (B, m)). Normalisation: with k = 1 / (n + eps) and n = ||f||, dL/df = k g - k^2 (f . g) f / n (only
-// k g when the norm is detached; f = 0 has n = 0 and a zero second term). Pooling: an average spreads dL/df
-// over the patch's existing pixels, a max sends it to the first maximal pixel in row-major patch order (NaN
-// is its own max; see pool). Patches do not overlap: the caller's thread writes every pixel of this node,
-// and no other.
+// The backward of the normalisation and the pooling, from g = dL/df_hat (grad_hat: (B, C, m) contiguous
+// double; norms: (B, m)). Normalisation: with k = 1 / (n + eps) and n = ||f||, dL/df = k g - k^2 (f . g) f / n
+// (only k g when the norm is detached; f = 0 has n = 0 and a zero second term). Pooling: an average spreads
+// dL/df over the patch's existing pixels, a max sends it to the first maximal pixel in row-major patch order
+// (NaN is its own max; see pool). Two steps, so that a few large nodes still spread over many threads:
+// radial_term once a node, then channel_backward once a channel of a node.
+
+// k^2 (f . g) / n of `node` in image b, the norm's share of the gradient (0 when n = 0). f is read from
+// `nodes_in` ((B, C, m) double, the nodes pooled ahead) where it is not nullptr, else pooled from x.
 template <typename T>
-FASTKD_HOST_DEVICE void node_backward(global_ptr<const double> grad_hat, global_ptr<const T> x, const Map& map,
-                                      global_ptr<const double> norms, const Grid& grid, double eps, bool detach_norm,
-                                      std::int64_t b, std::int64_t node, global_ptr<T> grad, const Map& grad_map) {
+FASTKD_HOST_DEVICE double radial_term(global_ptr<const double> grad_hat, global_ptr<const T> x, const Map& map,
+                                      global_ptr<const double> nodes_in, global_ptr<const double> norms,
+                                      const Grid& grid, double eps, std::int64_t b, std::int64_t node) {
   const std::int64_t m = node_count(grid);
   const double norm = norms[b * m + node];
+  if (!(norm > 0)) return 0.0;
   const double scale = 1.0 / (norm + eps);
-  const global_ptr<const double> g = grad_hat + b * map.channels * m + node;
-  double radial = 0.0;  // k^2 (f . g) / n, the norm's share of the gradient
-  if (!detach_norm && norm > 0) {
-    for (std::int64_t c = 0; c < map.channels; ++c) radial += g[c * m] * pooled(x, map, grid, b, c, node);
-    radial = radial * scale * scale / norm;
+  const std::int64_t first = b * map.channels * m + node;  // channel 0 of the node in grad_hat and nodes_in
+  double dot = 0.0;
+  for (std::int64_t c = 0; c < map.channels; ++c) {
+    const double f = nodes_in != nullptr ? static_cast<double>(nodes_in[first + c * m]) : pooled(x, map, grid, b, c,
+                                                                                                   node);
+    dot += grad_hat[first + c * m] * f;
   }
+  return dot * scale * scale / norm;
+}
+
+// dL/dx for the pixels of channel c of `node` in image b, given the node's radial_term (0 when the norm is
+// detached). Patches do not overlap: the caller's thread writes these pixels, and no other.
+template <typename T>
+FASTKD_HOST_DEVICE void channel_backward(global_ptr<const double> grad_hat, global_ptr<const T> x, const Map& map,
+                                         global_ptr<const double> norms, double radial, const Grid& grid, double eps,
+                                         std::int64_t b, std::int64_t c, std::int64_t node, global_ptr<T> grad,
+                                         const Map& grad_map) {
+  const std::int64_t m = node_count(grid);
+  const double scale = 1.0 / (norms[b * m + node] + eps);
   const Patch patch = patch_of(map, grid, node);
   const double count = static_cast<double>(patch.rows * patch.cols);
-  for (std::int64_t c = 0; c < map.channels; ++c) {
-    std::int64_t winner = -1;
-    const double f = pool(x + patch_origin(map, patch, b, c), map, patch, grid.max_pool, &winner);
-    const double grad_pooled = g[c * m] * scale - radial * f;
-    const global_ptr<T> out = grad + patch_origin(grad_map, patch, b, c);
-    for (std::int64_t py = 0; py < patch.rows; ++py) {
-      for (std::int64_t px = 0; px < patch.cols; ++px) {
-        const double value =
-            grid.max_pool ? (py * patch.cols + px == winner ? grad_pooled : 0.0) : grad_pooled / count;
-        out[py * grad_map.stride_h + px * grad_map.stride_w] = from_double<T>(value);
-      }
+  std::int64_t winner = -1;
+  const double f = pool(x + patch_origin(map, patch, b, c), map, patch, grid.max_pool, &winner);
+  const double grad_pooled = grad_hat[(b * map.channels + c) * m + node] * scale - radial * f;
+  const global_ptr<T> out = grad + patch_origin(grad_map, patch, b, c);
+  for (std::int64_t py = 0; py < patch.rows; ++py) {
+    for (std::int64_t px = 0; px < patch.cols; ++px) {
+      const double value =
+          grid.max_pool ? (py * patch.cols + px == winner ? grad_pooled : 0.0) : grad_pooled / count;
+      out[py * grad_map.stride_h + px * grad_map.stride_w] = from_double<T>(value);
     }
   }
 }
