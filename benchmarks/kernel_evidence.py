@@ -171,11 +171,12 @@ def fp64_products(body: List[Instruction]) -> int:
 
 def main_loop(instructions: List[Instruction], labels: Dict[str, int]) -> Tuple[int, int]:
     """(first, last) instruction of the loop holding the most FP64 products (the smallest such loop); the loop
-    with the most instructions when none has products; (0, -1) for straight-line code."""
+    with the most instructions when none has products; the whole kernel for straight-line code (the branch to
+    itself that ends every kernel is no loop)."""
     loops = [(labels[i.label], index) for index, i in enumerate(instructions)
-             if i.opcode.startswith("BRA") and i.label in labels and labels[i.label] <= index]
+             if i.opcode.startswith("BRA") and i.label in labels and labels[i.label] < index]
     if not loops:
-        return 0, -1
+        return 0, len(instructions) - 1
     return max(loops, key=lambda loop: (fp64_products(instructions[loop[0]:loop[1] + 1]),
                                         (loop[1] - loop[0]) if not fp64_products(instructions[loop[0]:loop[1] + 1])
                                         else -(loop[1] - loop[0])))

@@ -12,6 +12,8 @@ Nodes are numbered row-major on the ``grid_h x grid_w`` node grid, ``m = grid_h 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -101,70 +103,89 @@ def pool_nodes_kernel(x_ptr, out_ptr, num_channels, num_nodes, height, width, gr
 
 
 @triton.jit
-def node_backward_kernel(grad_hat_ptr, x_ptr, norm_ptr, grad_x_ptr, num_channels, num_nodes, height, width,
-                         grid_w, stride_b, stride_c, stride_h, stride_w,
-                         grad_stride_b, grad_stride_c, grad_stride_h, grad_stride_w, kernel_h, kernel_w,
-                         eps: tl.float64, DETACH_NORM: tl.constexpr, MAX_POOL: tl.constexpr,
-                         BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dL/dx from dL/df_hat (B, C, m float64, contiguous); grid (node blocks, B).
-
-    Normalisation: with k = 1 / (n + eps) and n = ||f||, ``df_hat = k df - k^2 f (f . df) / n``, so
-    ``dL/df = k g - k^2 (f . g) f / n`` (only ``k g`` when the norm is detached; f = 0 has n = 0 and a
-    zero second term). Pooling: an average spreads dL/df over the patch's pixels, a max sends it to the
-    first maximal pixel. Patches do not overlap, so each program writes only its own pixels.
-    """
+def node_radial_kernel(grad_hat_ptr, x_ptr, norm_ptr, radial_ptr, num_channels, num_nodes, height, width, grid_w,
+                       stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, eps: tl.float64,
+                       MAX_POOL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``k^2 (f . g) / n`` (float64, 0 where n = 0) of every node, the norm's share of its gradient (see
+    :func:`node_backward_kernel`), from dL/df_hat (B, C, m float64, contiguous); grid (node blocks, B)."""
     b = tl.program_id(1).to(tl.int64)
     nodes = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     node_ok = nodes < num_nodes
     norm = tl.load(norm_ptr + b * num_nodes + nodes, mask=node_ok, other=0.0)
     scale = 1.0 / (norm + eps)
     grad_hat_base = grad_hat_ptr + b * num_channels * num_nodes
-    radial = tl.zeros((BLOCK_N,), tl.float64)  # k^2 (f . g) / n, the norm's share of the gradient
-    if not DETACH_NORM:
-        for c0 in range(0, num_channels, BLOCK_C):
-            channels = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-            ok = (channels[:, None] < num_channels) & node_ok[None, :]
-            g = tl.load(grad_hat_base + channels[:, None] * num_nodes + nodes[None, :], mask=ok, other=0.0)
-            pooled = load_pooled(x_ptr, b, channels, nodes, num_channels, num_nodes, height, width, grid_w,
-                                 stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL)
-            radial += tl.sum(g * pooled, axis=0)
-        radial = tl.where(norm > 0, radial * scale * scale / tl.where(norm > 0, norm, 1.0), 0.0)
-    node_row = nodes // grid_w
-    node_col = nodes % grid_w
+    dot = tl.zeros((BLOCK_N,), tl.float64)
     for c0 in range(0, num_channels, BLOCK_C):
         channels = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
         ok = (channels[:, None] < num_channels) & node_ok[None, :]
         g = tl.load(grad_hat_base + channels[:, None] * num_nodes + nodes[None, :], mask=ok, other=0.0)
         pooled = load_pooled(x_ptr, b, channels, nodes, num_channels, num_nodes, height, width, grid_w,
                              stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL)
-        grad_pooled = g * scale[None, :] - radial[None, :] * pooled
-        if MAX_POOL:  # the first pixel (row-major in the patch) that holds the max; NaN is its own max
-            winner = tl.full(ok.shape, -1, tl.int32)
-            for dy in range(0, kernel_h):
-                row = node_row * kernel_h + dy
-                for dx in range(0, kernel_w):
-                    col = node_col * kernel_w + dx
-                    inside = (row < height) & (col < width)
-                    pixel = tl.load(x_ptr + b * stride_b + channels[:, None] * stride_c
-                                    + (row * stride_h + col * stride_w)[None, :],
-                                    mask=ok & inside[None, :], other=0.0).to(tl.float64)
-                    same = (pixel == pooled) | ((pixel != pixel) & (pooled != pooled))
-                    winner = tl.where((winner < 0) & inside[None, :] & same, dy * kernel_w + dx, winner)
-        else:
-            count = (tl.minimum(height - node_row * kernel_h, kernel_h)
-                     * tl.minimum(width - node_col * kernel_w, kernel_w)).to(tl.float64)
-            grad_pooled = grad_pooled / tl.maximum(count, 1.0)[None, :]  # count < 1 only past the last node
+        dot += tl.sum(g * pooled, axis=0)
+    radial = tl.where(norm > 0, dot * scale * scale / tl.where(norm > 0, norm, 1.0), 0.0)
+    tl.store(radial_ptr + b * num_nodes + nodes, radial, mask=node_ok)
+
+
+@triton.jit
+def node_backward_kernel(grad_hat_ptr, x_ptr, norm_ptr, radial_ptr, grad_x_ptr, num_channels, num_nodes, height,
+                         width, grid_w, stride_b, stride_c, stride_h, stride_w,
+                         grad_stride_b, grad_stride_c, grad_stride_h, grad_stride_w, kernel_h, kernel_w,
+                         eps: tl.float64, DETACH_NORM: tl.constexpr, MAX_POOL: tl.constexpr,
+                         BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dL/dx from dL/df_hat (B, C, m float64, contiguous) and the nodes' radial terms (node_radial_kernel; not
+    read when DETACH_NORM); grid (node blocks, channel blocks, B): a few large nodes still spread over many
+    programs.
+
+    Normalisation: with k = 1 / (n + eps) and n = ||f||, ``df_hat = k df - k^2 f (f . df) / n``, so
+    ``dL/df = k g - k^2 (f . g) f / n`` (only ``k g`` when the norm is detached; f = 0 has n = 0 and a
+    zero second term). Pooling: an average spreads dL/df over the patch's pixels, a max sends it to the
+    first maximal pixel. Patches do not overlap, so each program writes only its own pixels.
+    """
+    b = tl.program_id(2).to(tl.int64)
+    nodes = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    node_ok = nodes < num_nodes
+    norm = tl.load(norm_ptr + b * num_nodes + nodes, mask=node_ok, other=0.0)
+    scale = 1.0 / (norm + eps)
+    grad_hat_base = grad_hat_ptr + b * num_channels * num_nodes
+    if DETACH_NORM:
+        radial = tl.zeros((BLOCK_N,), tl.float64)
+    else:
+        radial = tl.load(radial_ptr + b * num_nodes + nodes, mask=node_ok, other=0.0)
+    node_row = nodes // grid_w
+    node_col = nodes % grid_w
+    channels = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    ok = (channels[:, None] < num_channels) & node_ok[None, :]
+    g = tl.load(grad_hat_base + channels[:, None] * num_nodes + nodes[None, :], mask=ok, other=0.0)
+    pooled = load_pooled(x_ptr, b, channels, nodes, num_channels, num_nodes, height, width, grid_w,
+                         stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL)
+    grad_pooled = g * scale[None, :] - radial[None, :] * pooled
+    if MAX_POOL:  # the first pixel (row-major in the patch) that holds the max; NaN is its own max
+        winner = tl.full(ok.shape, -1, tl.int32)
         for dy in range(0, kernel_h):
             row = node_row * kernel_h + dy
             for dx in range(0, kernel_w):
                 col = node_col * kernel_w + dx
                 inside = (row < height) & (col < width)
-                grad_pixel = grad_pooled
-                if MAX_POOL:
-                    grad_pixel = tl.where(winner == dy * kernel_w + dx, grad_pooled, 0.0)
-                target = (grad_x_ptr + b * grad_stride_b + channels[:, None] * grad_stride_c
-                          + (row * grad_stride_h + col * grad_stride_w)[None, :])
-                tl.store(target, to_element_type(grad_pixel, grad_x_ptr), mask=ok & inside[None, :])
+                pixel = tl.load(x_ptr + b * stride_b + channels[:, None] * stride_c
+                                + (row * stride_h + col * stride_w)[None, :],
+                                mask=ok & inside[None, :], other=0.0).to(tl.float64)
+                same = (pixel == pooled) | ((pixel != pixel) & (pooled != pooled))
+                winner = tl.where((winner < 0) & inside[None, :] & same, dy * kernel_w + dx, winner)
+    else:
+        count = (tl.minimum(height - node_row * kernel_h, kernel_h)
+                 * tl.minimum(width - node_col * kernel_w, kernel_w)).to(tl.float64)
+        grad_pooled = grad_pooled / tl.maximum(count, 1.0)[None, :]  # count < 1 only past the last node
+    for dy in range(0, kernel_h):
+        row = node_row * kernel_h + dy
+        for dx in range(0, kernel_w):
+            col = node_col * kernel_w + dx
+            inside = (row < height) & (col < width)
+            grad_pixel = grad_pooled
+            if MAX_POOL:
+                grad_pixel = tl.where(winner == dy * kernel_w + dx, grad_pooled, 0.0)
+            target = (grad_x_ptr + b * grad_stride_b + channels[:, None] * grad_stride_c
+                      + (row * grad_stride_h + col * grad_stride_w)[None, :])
+            tl.store(target, to_element_type(grad_pixel, grad_x_ptr), mask=ok & inside[None, :])
 
 
 def node_norms(x: torch.Tensor, grid: NodeGrid) -> torch.Tensor:
@@ -190,13 +211,23 @@ def pool_nodes(x: torch.Tensor, grid: NodeGrid) -> torch.Tensor:
 
 
 def node_backward(grad_hat: torch.Tensor, x: torch.Tensor, norms: torch.Tensor, grid: NodeGrid, eps: float,
-                  detach_norm: bool) -> torch.Tensor:
-    """dL/dx (x's dtype and layout) from dL/df_hat, a contiguous (B, C, m) float64 tensor."""
+                  detach_norm: bool, nodes: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """dL/dx (x's dtype and layout) from dL/df_hat, a contiguous (B, C, m) float64 tensor. ``nodes``: x's nodes
+    pooled ahead (:func:`pool_nodes`), which the norm's share of the gradient then reads instead of pooling x."""
     batch, channels, height, width = x.shape
     grad_x = torch.empty_like(x)
+    radial = norms  # stands for the radial terms when the norm is detached; never read
     with on_device(x):
-        node_backward_kernel[(triton.cdiv(grid.nodes, BLOCK_NODES), batch)](
-            grad_hat, x, norms, grad_x, channels, grid.nodes, height, width, grid.grid_w, *strides(x),
+        if not detach_norm:
+            source, source_grid = (x, grid) if nodes is None else \
+                (nodes, NodeGrid(1, 1, grid.grid_h, grid.grid_w, False))
+            radial = torch.empty_like(norms)
+            node_radial_kernel[(triton.cdiv(grid.nodes, BLOCK_NODES), batch)](
+                grad_hat, source, norms, radial, channels, grid.nodes, source.shape[2], source.shape[3],
+                grid.grid_w, *strides(source), source_grid.kernel_h, source_grid.kernel_w, eps,
+                MAX_POOL=source_grid.max_pool, BLOCK_C=BLOCK_CHANNELS, BLOCK_N=BLOCK_NODES, **KERNEL_OPTIONS)
+        node_backward_kernel[(triton.cdiv(grid.nodes, BLOCK_NODES), triton.cdiv(channels, BLOCK_CHANNELS), batch)](
+            grad_hat, x, norms, radial, grad_x, channels, grid.nodes, height, width, grid.grid_w, *strides(x),
             *strides(grad_x), grid.kernel_h, grid.kernel_w, eps, DETACH_NORM=detach_norm,
             MAX_POOL=grid.max_pool, BLOCK_C=BLOCK_CHANNELS, BLOCK_N=BLOCK_NODES, **KERNEL_OPTIONS)
     return grad_x

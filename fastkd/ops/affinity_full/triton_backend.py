@@ -410,8 +410,11 @@ def affinity_full_backward(grad_terms: torch.Tensor, s: torch.Tensor, t: torch.T
     grad_s_hat, grad_t_hat = grad_hats(grad_terms, s_nodes, s_norm, t_nodes, t_norm, (gram_ss, gram_st, gram_tt),
                                        node_grid, eps, use_gram, need_s, need_t)
     empty = s.new_empty((0,))
-    grad_s = node_backward(grad_s_hat, s, s_norm, grid, eps, detach_norm) if need_s else empty
-    grad_t = node_backward(grad_t_hat, t, t_norm, grid, eps, detach_norm) if need_t else empty.to(t.dtype)
+    pooled = node_grid != grid
+    grad_s = node_backward(grad_s_hat, s, s_norm, grid, eps, detach_norm, s_nodes if pooled else None) \
+        if need_s else empty
+    grad_t = node_backward(grad_t_hat, t, t_norm, grid, eps, detach_norm, t_nodes if pooled else None) \
+        if need_t else empty.to(t.dtype)
     return grad_s, grad_t
 
 
