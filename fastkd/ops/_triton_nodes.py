@@ -103,16 +103,23 @@ def pool_nodes_kernel(x_ptr, out_ptr, num_channels, num_nodes, height, width, gr
 
 
 @triton.jit
+def program_nodes(norm_ptr, b, num_nodes, eps, BLOCK_N: tl.constexpr):
+    """This program's BLOCK_N nodes (int64, along program_id(0)), which of them exist, their norms, and their
+    scales 1 / (||f|| + eps)."""
+    nodes = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    node_ok = nodes < num_nodes
+    norm = tl.load(norm_ptr + b * num_nodes + nodes, mask=node_ok, other=0.0)
+    return nodes, node_ok, norm, 1.0 / (norm + eps)
+
+
+@triton.jit
 def node_radial_kernel(grad_hat_ptr, x_ptr, norm_ptr, radial_ptr, num_channels, num_nodes, height, width, grid_w,
                        stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, eps: tl.float64,
                        MAX_POOL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
     """``k^2 (f . g) / n`` (float64, 0 where n = 0) of every node, the norm's share of its gradient (see
     :func:`node_backward_kernel`), from dL/df_hat (B, C, m float64, contiguous); grid (node blocks, B)."""
     b = tl.program_id(1).to(tl.int64)
-    nodes = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    node_ok = nodes < num_nodes
-    norm = tl.load(norm_ptr + b * num_nodes + nodes, mask=node_ok, other=0.0)
-    scale = 1.0 / (norm + eps)
+    nodes, node_ok, norm, scale = program_nodes(norm_ptr, b, num_nodes, eps, BLOCK_N)
     grad_hat_base = grad_hat_ptr + b * num_channels * num_nodes
     dot = tl.zeros((BLOCK_N,), tl.float64)
     for c0 in range(0, num_channels, BLOCK_C):
@@ -142,10 +149,7 @@ def node_backward_kernel(grad_hat_ptr, x_ptr, norm_ptr, radial_ptr, grad_x_ptr, 
     first maximal pixel. Patches do not overlap, so each program writes only its own pixels.
     """
     b = tl.program_id(2).to(tl.int64)
-    nodes = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    node_ok = nodes < num_nodes
-    norm = tl.load(norm_ptr + b * num_nodes + nodes, mask=node_ok, other=0.0)
-    scale = 1.0 / (norm + eps)
+    nodes, node_ok, norm, scale = program_nodes(norm_ptr, b, num_nodes, eps, BLOCK_N)
     grad_hat_base = grad_hat_ptr + b * num_channels * num_nodes
     if DETACH_NORM:
         radial = tl.zeros((BLOCK_N,), tl.float64)
