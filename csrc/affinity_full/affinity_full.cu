@@ -186,6 +186,7 @@ constexpr int kApplyStagedElements = kNodeTilesAt + 2 * kNodeTileElements;
 static_assert(kApplyNodes == 64 && kApplyChunk == 16 && kMatrixPitch % 16 == 4 && kNodePitch % 16 == 4,
               "apply tiling");
 static_assert(kApplyRows * kApplyNodes <= kApplyStagedElements, "the outputs fit where the tiles were staged");
+static_assert(kApplyThreads == 2 * kApplyNodes && kApplyRows == 64, "add_forms: a thread per node and row half");
 
 using ApplyAccumulators = double[kApplyWarpTiles][kApplyWarpTiles][2];
 
@@ -323,8 +324,7 @@ FASTKD_GLOBAL void apply_kernel(Nodes<T> p, Nodes<T> q, Grid grid, global_ptr<co
   const int warp_row = warp / (kApplyNodes / kApplyWarpSide) * kApplyWarpSide;
   const int warp_node = warp % (kApplyNodes / kApplyWarpSide) * kApplyWarpSide;
   const bool forms = dot_a != nullptr;
-  // Set before the first products' barrier, which makes it visible to the threads that add to it.
-  for (int i = threadIdx.x; i < 2 * 2 * kApplyNodes; i += kApplyThreads) form_sums[i] = 0.0;
+  for (int i = threadIdx.x; i < 2 * 2 * kApplyNodes; i += kApplyThreads) form_sums[i] = 0.0;  // each its own
   for (std::int64_t r0 = static_cast<std::int64_t>(blockIdx.y) * kApplyRows; r0 < rows;
        r0 += static_cast<std::int64_t>(gridDim.y) * kApplyRows) {
     const bool products = r0 + warp_row < rows && n0 + warp_node < m;  // the same for the warp's lanes
@@ -353,7 +353,8 @@ FASTKD_GLOBAL void apply_kernel(Nodes<T> p, Nodes<T> q, Grid grid, global_ptr<co
     }
     __syncthreads();  // before the next row tile stages
   }
-  if (forms) {  // the last add_forms ended with a barrier
+  if (forms) {
+    __syncthreads();  // the sums of both row halves, also where there were no rows to sum
     const int node = threadIdx.x;
     if (node < kApplyNodes && n0 + node < m) {
       dot_a[b * m + n0 + node] = form_sums[node] + form_sums[kApplyNodes + node];

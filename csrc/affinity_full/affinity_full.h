@@ -16,7 +16,7 @@
 namespace fastkd {
 namespace FASTKD_KERNELS {
 
-// Side of the square tiles (threads per block: tile x tile) of the apply and direct kernels.
+// Side of the square tiles (threads per block: tile x tile) of the direct kernels.
 constexpr int kAffinityFullTile = 16;
 // The Gram kernel's output tiles (kAffinityGramSide channels square) and the nodes it stages at a time.
 constexpr int kAffinityGramSide = 64;

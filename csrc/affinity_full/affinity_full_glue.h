@@ -59,9 +59,9 @@ at::Tensor affinity_full_norms(const at::Tensor& x, const nodes::Grid& grid) {
 // What the kernels read of s and t, and on which grid. Where every node is a pixel, the inputs themselves (in
 // their common dtype: float16/bfloat16 -> float32 -> float64 widens exactly). Otherwise their nodes, pooled once
 // into (B, C, grid_h, grid_w) double buffers whose pixels are the nodes: pooling inside the kernels redid it for
-// every tile that staged a node, and left their inner loops issue-bound (sm_90 model: the Gram loop at 49% of
-// the FP64 floor, apply at 7%, the direct ones at 1%, against 100%, 44% and 11% on pixel nodes), and a few
-// large patches (pool_scale) serialised on a few threads. The buffers hold B C m doubles, as dL/df_hat does.
+// every tile that staged a node, and left their inner loops issue-bound (sm_90 model, when they pooled: the
+// Gram loop at 49% of the FP64 floor, apply at 7%, the direct ones at 1%; on pixel nodes now 100%, 75% and
+// 11%), and a few large patches (pool_scale) serialised on a few threads. The buffers hold B C m doubles, as dL/df_hat does.
 struct KernelOperands {
   at::Tensor s, t;
   nodes::Grid grid;
@@ -253,10 +253,10 @@ std::tuple<at::Tensor, at::Tensor> affinity_full_backward_op(
       }
     }
   }
-  // dL/df_hat -> dL/dx, in each input's own dtype and layout.
-  // dL/dx from dL/df_hat: the norm's share of it from the nodes the kernels read, where they were pooled.
+  // dL/dx from dL/df_hat, in each input's own dtype and layout; the norm's share of it from the nodes the
+  // kernels read, where they were pooled.
   const bool pooled = node_grid.kernel_h != grid.kernel_h || node_grid.kernel_w != grid.kernel_w;
-  at::Tensor radial = at::empty({batch, m}, doubles);
+  at::Tensor radial = detach_norm ? at::Tensor() : at::empty({batch, m}, doubles);
   auto node_backward = [&](const at::Tensor& grad_hat, const at::Tensor& x, const at::Tensor& x_nodes,
                            const at::Tensor& norm) {
     at::Tensor grad = at::empty_like(x);
@@ -264,7 +264,8 @@ std::tuple<at::Tensor, at::Tensor> affinity_full_backward_op(
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "affinity_full_node_backward", [&] {
       FASTKD_KERNELS::node_backward(grad_hat.const_data_ptr<double>(), storage_data<scalar_t>(x), map_of(x),
                                     pooled ? x_nodes.const_data_ptr<double>() : nullptr, norm.const_data_ptr<double>(),
-                                    grid, eps, detach_norm, batch, radial.mutable_data_ptr<double>(),
+                                    grid, eps, detach_norm, batch,
+                                    detach_norm ? nullptr : radial.mutable_data_ptr<double>(),
                                     mutable_storage_data<scalar_t>(grad), map_of(grad), FASTKD_GLUE_STREAM());
     });
     return grad;

@@ -21,7 +21,7 @@
 // Backward: a tile takes the weights w_ij = D_ij / (||f_j|| + eps) of every offset of the whole window from
 // the difference (a mirrored offset's D stored at the partner), gathers g_i[c] = dL/df_hat_i[c] =
 // 4 sign grad sum_j w_ij f_j[c] (offsets in row-major window order, a row of offsets per pass) for all
-// channels into a C x tile buffer, and takes it through the normalisation (nodes::node_backward's formula)
+// channels into a C x tile buffer, and takes it through the normalisation (nodes::radial_term's and channel_backward's formula)
 // and the pooling, writing its own nodes' pixels once.
 // No atomics; every output element is written by one thread.
 //
@@ -371,7 +371,7 @@ struct BackwardBuffers {
   }
 };
 
-// The pixels of node `node` of image b, channel c, from dL/df_c = grad_pooled: nodes::node_backward's pooling
+// The pixels of node `node` of image b, channel c, from dL/df_c = grad_pooled: nodes::channel_backward's pooling
 // step (an average spreads it over the patch's pixels, a max sends it to the first maximal pixel).
 template <typename T>
 inline void unpool(const T* x, const Map& map, const Grid& grid, std::int64_t b, std::int64_t c, std::int64_t node,
@@ -483,7 +483,7 @@ FASTKD_CPU_CLONES void backward_tile(const T* x, const Map& map, const double* n
       radial[n] += g[n] * f_i[n];
     }
   }
-  // The normalisation (nodes::node_backward): with k = 1 / (n + eps), dL/df = k g - k^2 (f . g) f / n, only
+  // The normalisation (nodes::radial_term, channel_backward): with k = 1 / (n + eps), dL/df = k g - k^2 (f . g) f / n, only
   // k g when the norm is detached or zero.
   double* k = radial + width;
   const double* norm_i = norms + tile.first;

@@ -83,13 +83,14 @@ at::Tensor affinity_window_backward_op(const at::Tensor& grad_total, const at::T
   const at::Tensor norms_double = norms.to(at::kDouble).contiguous();
   const at::Tensor difference_double = difference.to(at::kDouble).contiguous();
   at::Tensor grad_hat = at::empty({batch, channels, m}, x.options().dtype(at::kDouble));
-  at::Tensor radial = at::empty({batch, m}, x.options().dtype(at::kDouble));
+  at::Tensor radial = detach_norm ? at::Tensor() : at::empty({batch, m}, x.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "affinity_window_backward", [&] {
     FASTKD_KERNELS::affinity_window_backward(
         storage_data<scalar_t>(x), map_of(x), norms_double.const_data_ptr<double>(),
         difference_double.const_data_ptr<double>(), grid, batch, eps, detach_norm,
         grad_total_double.const_data_ptr<double>(), sign, grad_hat.mutable_data_ptr<double>(),
-        radial.mutable_data_ptr<double>(), mutable_storage_data<scalar_t>(grad), map_of(grad), FASTKD_GLUE_STREAM());
+        detach_norm ? nullptr : radial.mutable_data_ptr<double>(), mutable_storage_data<scalar_t>(grad), map_of(grad),
+        FASTKD_GLUE_STREAM());
   });
   return grad;
 }

@@ -1,6 +1,7 @@
 // The schema of the node pooling the affinity_full op's cpp backend runs (FORMULAS.md section 1, step 1), declared
-// in fastkd with its C++ CPU implementation (pool_nodes_cpu.cpp) on the CPU key; the CUDA and Triton kernels pool
-// on the fly inside their own ops. Its Python side (fake implementations, autograd) is
+// in fastkd with its C++ CPU implementation (pool_nodes_cpu.cpp) on the CPU key; the CUDA and Triton backends pool
+// inside their own ops (the full graph's nodes once, ahead of its kernels; the windowed graph's on the fly). Its
+// Python side (fake implementations, autograd) is
 // fastkd/ops/affinity_full/extension_backend.py.
 //
 // nodes: (B, C, grid_h, grid_w) float64, each kernel_h x kernel_w patch (= stride, ceil mode: the last patches may

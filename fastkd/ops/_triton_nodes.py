@@ -1,5 +1,5 @@
-"""Graph nodes for the Triton kernels of both affinity ops: pooled on the fly, normalised by a precomputed norm
-(a leaf: torch, triton and the shared math of :mod:`fastkd.ops._graph`).
+"""Graph nodes for the Triton kernels of both affinity ops: pooled on the fly or once ahead, normalised by a
+precomputed norm (a leaf: torch, triton and the shared math of :mod:`fastkd.ops._graph`).
 
 A node is a ``kernel_h x kernel_w`` patch of one image (Liu et al. 2020, sec. 2.1; FORMULAS.md section 1,
 steps 1-2), averaged over the pixels that exist or max-pooled. :func:`load_pooled` pools a (channels x nodes)
