@@ -64,19 +64,38 @@ FASTKD_DEVICE inline int output_index(int r, int c, int width) {
   return r * width + (c ^ ((r & 1) * 8 + (r >> 1 & 1)));
 }
 
+// Both tensor-core kernels give each warp 32 x 32 outputs as 4 x 4 FP64 mma tiles of 8 x 8 in registers (32
+// doubles a lane): lane l holds rows 8 i + l / 4, columns 8 j + 2 (l % 4) + e.
+constexpr int kWarpTiles = 4;
+constexpr int kWarpSide = 8 * kWarpTiles;
+using WarpAccumulators = double[kWarpTiles][kWarpTiles][2];
+
+// The warp's outputs (rows warp_row.., columns warp_col.. of a block's `width` columns) into shared memory at
+// output_index, once the last products' barrier has passed.
+template <typename Tile>
+FASTKD_DEVICE void stage_outputs(Tile& staged, const WarpAccumulators& acc, int warp_row, int warp_col, int width) {
+  const int lane = threadIdx.x % 32, group = lane / 4, in_group = lane % 4;
+  FASTKD_UNROLL
+  for (int i = 0; i < kWarpTiles; ++i) {
+    for (int j = 0; j < kWarpTiles; ++j) {
+      for (int e = 0; e < 2; ++e) {
+        staged[output_index(warp_row + 8 * i + group, warp_col + 8 * j + 2 * in_group + e, width)] = acc[i][j][e];
+      }
+    }
+  }
+}
+
 // The Gram kernel's block: 4 warps (2 x 2) own a kGramSide x kGramSide tile of outputs, each warp 32 x 32 as
 // 4 x 4 FP64 mma tiles of 8 x 8 held in registers (32 doubles a lane); nodes are staged kGramChunk at a time.
 constexpr int kGramSide = kAffinityGramSide;
 constexpr int kGramChunk = kAffinityGramChunk;
-constexpr int kGramWarpTiles = 4;                 // mma tiles of 8 along each side of a warp's outputs
-constexpr int kGramWarpSide = 8 * kGramWarpTiles;  // 32
-constexpr int kGramWarps = (kGramSide / kGramWarpSide) * (kGramSide / kGramWarpSide);
+constexpr int kGramWarps = (kGramSide / kWarpSide) * (kGramSide / kWarpSide);
 constexpr int kGramThreads = 32 * kGramWarps;
 // Row stride of the [channel][node] tiles in doubles, 4 (mod 16) doubles: a fragment load (lane l reads row
 // l / 4, node l % 4) then covers the 16 bank pairs once per half warp, and a staging store (32 consecutive
 // nodes of one row) is contiguous; both take the ideal 2 wavefronts.
 constexpr int kGramPitch = kGramChunk + 4;
-static_assert(kGramSide % kGramWarpSide == 0 && kGramChunk % 32 == 0 && kGramPitch % 16 == 4, "Gram tiling");
+static_assert(kGramSide % kWarpSide == 0 && kGramChunk % 32 == 0 && kGramPitch % 16 == 4, "Gram tiling");
 
 constexpr int kGramTileElements = kGramSide * kGramPitch;
 static_assert(kGramSide * kGramSide <= 2 * kGramTileElements, "the outputs fit where the tiles were staged");
@@ -117,26 +136,26 @@ FASTKD_GLOBAL void gram_kernel(Nodes<T> x, Nodes<T> y, Grid grid, global_ptr<con
   const std::int64_t last = first + nodes_per_split < m ? first + nodes_per_split : m;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int group = lane / 4, in_group = lane % 4;  // the fragments' row (column of B) and k
-  const int warp_x = warp / (kGramSide / kGramWarpSide) * kGramWarpSide;
-  const int warp_y = warp % (kGramSide / kGramWarpSide) * kGramWarpSide;
+  const int warp_x = warp / (kGramSide / kWarpSide) * kWarpSide;
+  const int warp_y = warp % (kGramSide / kWarpSide) * kWarpSide;
   // A warp whose outputs all lie past the channels (at C < kGramSide) stages but skips the products; the
   // condition is the same for all its lanes, as mma.sync needs.
   const bool products = x0 + warp_x < x_channels && y0 + warp_y < y_channels;
-  double acc[kGramWarpTiles][kGramWarpTiles][2] = {};
+  WarpAccumulators acc = {};
   for (std::int64_t n0 = first; n0 < last; n0 += kGramChunk) {
     stage_gram_chunk<kFlat>(staged, 0, x, grid, weight, b, x0, n0, last);
     stage_gram_chunk<kFlat>(staged, kGramTileElements, y, grid, nullptr, b, y0, n0, last);
     __syncthreads();
     if (products) {
       for (int k0 = 0; k0 < kGramChunk; k0 += 4) {
-        double a[kGramWarpTiles], b_fragment[kGramWarpTiles];
-        for (int i = 0; i < kGramWarpTiles; ++i) {
+        double a[kWarpTiles], b_fragment[kWarpTiles];
+        for (int i = 0; i < kWarpTiles; ++i) {
           const int k = k0 + in_group;
           a[i] = staged[(warp_x + 8 * i + group) * kGramPitch + k];                              // X[rows][k]
           b_fragment[i] = staged[kGramTileElements + (warp_y + 8 * i + group) * kGramPitch + k];  // Y[cols][k]
         }
-        for (int i = 0; i < kGramWarpTiles; ++i) {
-          for (int j = 0; j < kGramWarpTiles; ++j) mma_m8n8k4(acc[i][j], a[i], b_fragment[j]);
+        for (int i = 0; i < kWarpTiles; ++i) {
+          for (int j = 0; j < kWarpTiles; ++j) mma_m8n8k4(acc[i][j], a[i], b_fragment[j]);
         }
       }
     }
@@ -144,14 +163,7 @@ FASTKD_GLOBAL void gram_kernel(Nodes<T> x, Nodes<T> y, Grid grid, global_ptr<con
   }
   // The outputs go out through shared memory (output_index); the loop's last barrier has passed, so the
   // tiles may be overwritten.
-  FASTKD_UNROLL
-  for (int i = 0; i < kGramWarpTiles; ++i) {
-    for (int j = 0; j < kGramWarpTiles; ++j) {
-      for (int e = 0; e < 2; ++e) {
-        staged[output_index(warp_x + 8 * i + group, warp_y + 8 * j + 2 * in_group + e, kGramSide)] = acc[i][j][e];
-      }
-    }
-  }
+  stage_outputs(staged, acc, warp_x, warp_y, kGramSide);
   __syncthreads();
   for (int r = warp; r < kGramSide; r += kGramWarps) {
     const std::int64_t row = x0 + r;
@@ -172,9 +184,7 @@ FASTKD_GLOBAL void gram_kernel(Nodes<T> x, Nodes<T> y, Grid grid, global_ptr<con
 constexpr int kApplyRows = 64;
 constexpr int kApplyNodes = 64;
 constexpr int kApplyChunk = 16;
-constexpr int kApplyWarpSide = 32;
-constexpr int kApplyWarpTiles = kApplyWarpSide / 8;  // mma tiles along each side of a warp's outputs
-constexpr int kApplyWarps = (kApplyRows / kApplyWarpSide) * (kApplyNodes / kApplyWarpSide);
+constexpr int kApplyWarps = (kApplyRows / kWarpSide) * (kApplyNodes / kWarpSide);
 constexpr int kApplyThreads = 32 * kApplyWarps;
 // Pitches 4 (mod 16) doubles, as kGramPitch: fragment loads and staging stores take the ideal 2 wavefronts.
 constexpr int kMatrixPitch = kApplyChunk + 4;
@@ -187,8 +197,6 @@ static_assert(kApplyNodes == 64 && kApplyChunk == 16 && kMatrixPitch % 16 == 4 &
               "apply tiling");
 static_assert(kApplyRows * kApplyNodes <= kApplyStagedElements, "the outputs fit where the tiles were staged");
 static_assert(kApplyThreads == 2 * kApplyNodes && kApplyRows == 64, "add_forms: a thread per node and row half");
-
-using ApplyAccumulators = double[kApplyWarpTiles][kApplyWarpTiles][2];
 
 // Stages channels c0..c0 + kApplyChunk - 1 of the rows r0.. of `first` (and of `second`, unless nullptr; both
 // contiguous (B, rows, x channels)) and of the normalised nodes n0.. of x, and with `second` those nodes times
@@ -221,18 +229,18 @@ FASTKD_DEVICE void stage_apply_chunk(Tile& staged, global_ptr<const double> firs
 // acc += staged matrix tile `tile` times staged node tile `tile` (0: first and the nodes, 1: second and the
 // weighted nodes), for the warp's 32 rows from warp_row and 32 nodes from warp_node.
 template <typename Tile>
-FASTKD_DEVICE void add_apply_products(ApplyAccumulators& acc, Tile& staged, int tile, int warp_row, int warp_node) {
+FASTKD_DEVICE void add_apply_products(WarpAccumulators& acc, Tile& staged, int tile, int warp_row, int warp_node) {
   const int lane = threadIdx.x % 32, group = lane / 4, in_group = lane % 4;
   const int matrix = tile * kMatrixTileElements, node_tile = kNodeTilesAt + tile * kNodeTileElements;
   for (int k0 = 0; k0 < kApplyChunk; k0 += 4) {
     const int k = k0 + in_group;
-    double a[kApplyWarpTiles], b_fragment[kApplyWarpTiles];
-    for (int i = 0; i < kApplyWarpTiles; ++i) {
+    double a[kWarpTiles], b_fragment[kWarpTiles];
+    for (int i = 0; i < kWarpTiles; ++i) {
       a[i] = staged[matrix + (warp_row + 8 * i + group) * kMatrixPitch + k];                // M[rows][k]
       b_fragment[i] = staged[node_tile + k * kNodePitch + warp_node + 8 * i + group];  // X[k][nodes]
     }
-    for (int i = 0; i < kApplyWarpTiles; ++i) {
-      for (int j = 0; j < kApplyWarpTiles; ++j) mma_m8n8k4(acc[i][j], a[i], b_fragment[j]);
+    for (int i = 0; i < kWarpTiles; ++i) {
+      for (int j = 0; j < kWarpTiles; ++j) mma_m8n8k4(acc[i][j], a[i], b_fragment[j]);
     }
   }
 }
@@ -241,7 +249,7 @@ FASTKD_DEVICE void add_apply_products(ApplyAccumulators& acc, Tile& staged, int 
 // is read only with it), for the block's rows r0.. and nodes n0..; `products`: whether this warp's outputs
 // reach the rows and nodes.
 template <bool kFlat, typename T, typename Tile>
-FASTKD_DEVICE void add_matrices_times_nodes(ApplyAccumulators& acc, global_ptr<const double> first,
+FASTKD_DEVICE void add_matrices_times_nodes(WarpAccumulators& acc, global_ptr<const double> first,
                                             global_ptr<const double> second, std::int64_t rows, const Nodes<T>& x,
                                             const Grid& grid, global_ptr<const double> weight, std::int64_t b,
                                             std::int64_t r0, std::int64_t n0, bool products, int warp_row,
@@ -267,21 +275,6 @@ FASTKD_DEVICE void add_matrices_times_nodes(ApplyAccumulators& acc, global_ptr<c
   }
 }
 
-// The warp's outputs into the staged area at output_index, once the last products' barrier has passed.
-template <typename Tile>
-FASTKD_DEVICE void stage_outputs(Tile& staged, const ApplyAccumulators& acc, int warp_row, int warp_node) {
-  const int lane = threadIdx.x % 32, group = lane / 4, in_group = lane % 4;
-  FASTKD_UNROLL
-  for (int i = 0; i < kApplyWarpTiles; ++i) {
-    for (int j = 0; j < kApplyWarpTiles; ++j) {
-      for (int e = 0; e < 2; ++e) {
-        staged[output_index(warp_row + 8 * i + group, warp_node + 8 * j + 2 * in_group + e, kApplyNodes)] =
-            acc[i][j][e];
-      }
-    }
-  }
-}
-
 // form_sums[form][half][node] += sum over the rows r0 + 32 half.. of p_r (matrix x)_r at the nodes n0..: the
 // products go through shared memory, where each thread sums one node's 32 rows of a half in order (its loads of
 // p run along the nodes, coalesced). A block's row tiles run in order: every sum is taken in the same order on
@@ -291,10 +284,10 @@ FASTKD_DEVICE void add_forms(Sums& form_sums, int form, global_ptr<const double>
                              const Nodes<T>& x, const Grid& grid, std::int64_t b, std::int64_t r0, std::int64_t n0,
                              bool products, int warp_row, int warp_node, Tile& staged) {
   {
-    ApplyAccumulators acc = {};
+    WarpAccumulators acc = {};
     add_matrices_times_nodes<kFlat>(acc, matrix, nullptr, p.map.channels, x, grid, nullptr, b, r0, n0, products,
                                     warp_row, warp_node, staged);
-    stage_outputs(staged, acc, warp_row, warp_node);
+    stage_outputs(staged, acc, warp_row, warp_node, kApplyNodes);
   }
   __syncthreads();
   const int node = threadIdx.x % kApplyNodes, half = threadIdx.x / kApplyNodes;
@@ -321,8 +314,8 @@ FASTKD_GLOBAL void apply_kernel(Nodes<T> p, Nodes<T> q, Grid grid, global_ptr<co
   const std::int64_t rows = p.map.channels;
   const std::int64_t b = blockIdx.z, n0 = static_cast<std::int64_t>(blockIdx.x) * kApplyNodes;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int warp_row = warp / (kApplyNodes / kApplyWarpSide) * kApplyWarpSide;
-  const int warp_node = warp % (kApplyNodes / kApplyWarpSide) * kApplyWarpSide;
+  const int warp_row = warp / (kApplyNodes / kWarpSide) * kWarpSide;
+  const int warp_node = warp % (kApplyNodes / kWarpSide) * kWarpSide;
   const bool forms = dot_a != nullptr;
   for (int i = threadIdx.x; i < 2 * 2 * kApplyNodes; i += kApplyThreads) form_sums[i] = 0.0;  // each its own
   for (std::int64_t r0 = static_cast<std::int64_t>(blockIdx.y) * kApplyRows; r0 < rows;
@@ -335,14 +328,14 @@ FASTKD_GLOBAL void apply_kernel(Nodes<T> p, Nodes<T> q, Grid grid, global_ptr<co
       }
       continue;
     }
-    ApplyAccumulators acc = {};
+    WarpAccumulators acc = {};
     add_matrices_times_nodes<kFlat>(acc, a1, a2, rows, p, grid, weight, b, r0, n0, products, warp_row, warp_node,
                                     staged);
     if (b1 != nullptr) {
       add_matrices_times_nodes<kFlat>(acc, b1, a2 != nullptr ? b2 : nullptr, rows, q, grid, weight, b, r0, n0,
                                       products, warp_row, warp_node, staged);
     }
-    stage_outputs(staged, acc, warp_row, warp_node);
+    stage_outputs(staged, acc, warp_row, warp_node, kApplyNodes);
     __syncthreads();
     for (int r = warp; r < kApplyRows; r += kApplyWarps) {
       for (int c = lane; c < kApplyNodes; c += 32) {
