@@ -4,6 +4,7 @@ dtype, mixed dtypes, memory layouts, the kernels' block boundaries, near converg
 backends' custom ops (one schema per op, ``fastkd/ops/_per_pixel_schema.py``) through ``opcheck``.
 """
 
+import os
 import sys
 
 import pytest
@@ -178,45 +179,40 @@ def test_custom_ops_pass_opcheck(backend, name, gen):
         torch.library.opcheck(backward, (grad_terms, s.detach(), t.bfloat16(), *params, wrt))
 
 
-def transparent_huge_pages() -> str:
-    """The kernel's transparent-huge-page mode: "always", "madvise" or "never" ("never" where there is none)."""
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as handle:
-            return handle.read().split("[")[1].split("]")[0]
-    except (OSError, IndexError):
-        return "never"
-
-
-def huge_page_bytes(tensor: torch.Tensor) -> int:
-    """Bytes of huge pages (AnonHugePages in /proc/self/smaps) in the mappings overlapping ``tensor``'s data
-    (madvise splits a mapping where its advice starts and ends)."""
-    first, last = tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size()
-    total, inside = 0, False
+def huge_page_advice(tensor: torch.Tensor) -> tuple[int, int]:
+    """(bytes of ``tensor``'s whole 2 MiB pages, bytes of them in mappings advised MADV_HUGEPAGE: VmFlags "hg" in
+    /proc/self/smaps; madvise splits a mapping where its advice starts and ends)."""
+    huge_page = 2**21
+    begin = tensor.data_ptr()
+    first = -(-begin // huge_page) * huge_page
+    last = (begin + tensor.numel() * tensor.element_size()) // huge_page * huge_page
+    advised, mapping = 0, None
     with open("/proc/self/smaps") as handle:
         for line in handle:
             fields = line.split()
             if fields and "-" in fields[0] and not fields[0].endswith(":"):
-                start, end = (int(bound, 16) for bound in fields[0].split("-"))
-                inside = start < last and first < end
-            elif inside and fields[0] == "AnonHugePages:":
-                total += int(fields[1]) * 1024
-    return total
+                mapping = tuple(int(bound, 16) for bound in fields[0].split("-"))
+            elif fields and fields[0] == "VmFlags:" and "hg" in fields[1:] and mapping is not None:
+                advised += max(0, min(last, mapping[1]) - max(first, mapping[0]))
+    return max(0, last - first), advised
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are Linux's")
 @pytest.mark.parametrize("backend", ["cpp"], indirect=True)
-def test_cpp_gradient_is_written_on_huge_pages_where_the_kernel_offers_them(backend, gen):
+def test_cpp_gradient_is_advised_onto_huge_pages(backend, gen):
     """The C++ CPU implementations ask for transparent huge pages for their full-size outputs
     (csrc/common/huge_pages_cpu.h): a fresh 4 KiB page costs a fault and a zeroing, which for a gradient
-    written once is as slow as the kernel itself. Where the kernel offers them (mode "always" or "madvise"),
-    the gradient's pages are huge; where it does not ("never"), none are, and the result is the same."""
-    s = randn((1, 4, 1024, 1024), gen).requires_grad_()  # a 16 MiB gradient: at least 6 whole 2 MiB pages
+    written once is as slow as the kernel itself. What fastkd controls is the advice: every whole 2 MiB page of
+    the gradient is advised MADV_HUGEPAGE. Whether the kernel then backs them with huge pages depends on its mode
+    and on how fragmented free memory is (a CI run under memory pressure got 2 of 7), so that is not asserted;
+    the result is the same either way."""
+    s = randn((1, 4, 1024, 1024), gen).requires_grad_()  # a 16 MiB gradient: at least 7 whole 2 MiB pages
     t = randn((1, 4, 1024, 1024), gen)
     (grad,) = torch.autograd.grad(fastkd.PixelwiseKDLoss(backend="cpp")(s, t), s)
-    huge = huge_page_bytes(grad)
-    if transparent_huge_pages() == "never":
-        assert huge == 0
-    else:
-        assert huge >= 4 * 2**21, huge
+    whole_pages, advised = huge_page_advice(grad)
+    assert whole_pages >= 7 * 2**21, whole_pages
+    # A kernel built without transparent huge pages refuses the advice (and has no such folder).
+    offered = os.path.isdir("/sys/kernel/mm/transparent_hugepage")
+    assert advised == (whole_pages if offered else 0), (advised, whole_pages)
     expected = torch.autograd.grad(fastkd.PixelwiseKDLoss(backend="torch")(s, t), s)[0]
     torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-12)
