@@ -71,8 +71,11 @@ CASES: Dict[str, Callable[[str, str], List[torch.Tensor]]] = {
     "affinity_full direct, C = 32 + 48, 16 x 16, B = 2": lambda backend, device: _backward(
         lambda s, t: F.pairwise_affinity_loss(s, t, backend=backend, algorithm="direct"), (2, 32, 16, 16),
         (2, 48, 16, 16), device=device),
-    "affinity_window window = 2, C = 32, 32 x 32, B = 2": lambda backend, device: _backward(
-        lambda s, t: F.pairwise_affinity_loss(s, t, window=2, backend=backend), (2, 32, 32, 32), (2, 32, 32, 32),
+    "affinity_window window = 2, patch = 2, C = 32, 64 x 64, B = 2": lambda backend, device: _backward(
+        lambda s, t: F.pairwise_affinity_loss(s, t, window=2, patch=2, backend=backend), (2, 32, 64, 64),
+        (2, 32, 64, 64), device=device),
+    "affinity_window window = 3 (per-node kernels), C = 32, 32 x 32, B = 2": lambda backend, device: _backward(
+        lambda s, t: F.pairwise_affinity_loss(s, t, window=3, backend=backend), (2, 32, 32, 32), (2, 32, 32, 32),
         device=device),
     "consistency C = 19, 32 x 64, B = 2": lambda backend, device: _backward(
         lambda s, t: F.consistency_loss(s, t, backend=backend), (2, 19, 32, 64), (2, 19, 32, 64), device=device),

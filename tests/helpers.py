@@ -34,11 +34,14 @@ BLOCKS: Dict[Tuple[str, str], Dict[str, int]] = {
     ("affinity_full", "triton"): dict(nodes=32, channels=32),
     ("affinity_full", "cuda"): dict(nodes=16, channels=16, gram_nodes=64, gram_channels=64),
     # triton: affinity_window/triton_backend.py BLOCK_N (256 under the interpreter, 32 compiled) and
-    # BLOCK_CHANNELS; cuda: kThreads in csrc/affinity_window/affinity_window.cu (nodes per block);
+    # BLOCK_CHANNELS; cuda: kThreads in csrc/affinity_window/affinity_window.cu (nodes per block of the per-node
+    # kernels), and its tiled kernels' kTileRows x kTileCols nodes, kChunk channels staged at a time and
+    # kGradientChannels channels a gradient block;
     # cpp: csrc/affinity_window/affinity_window_cpu.cpp's kTileNodes (a tile: a run of nodes of one node row)
     # and kChannelBlock (channels a pass of the forward's dot products)
     ("affinity_window", "triton"): dict(nodes=256 if TRITON_DEVICE.type == "cpu" else 32, channels=32),
-    ("affinity_window", "cuda"): dict(nodes=256, channels=1),
+    ("affinity_window", "cuda"): dict(nodes=256, channels=1, tile_rows=8, tile_cols=32, chunk=8,
+                                      gradient_channels=64),
     ("affinity_window", "cpp"): dict(nodes=256, channels=4),
     # consistency/triton_backend.py BLOCK_P, BLOCK_C; kThreads in csrc/consistency/consistency.cu (one
     # thread per pixel, channels one at a time)

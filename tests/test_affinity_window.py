@@ -147,6 +147,31 @@ def test_cpp_tiles(backend, shape, config, gen):
                            **config)
 
 
+CUDA_TILES = helpers.BLOCKS[(OP, "cuda")]
+
+
+@pytest.mark.parametrize("backend", ["cuda"], indirect=True)
+@pytest.mark.parametrize("shape,config", [
+    # 9 x 33 nodes: two tile rows and columns, the second of each one node wide; chunk + 1 and chunk channels
+    ((2, CUDA_TILES["chunk"] + 1, CUDA_TILES["chunk"], 9, 33), dict(window=1)),
+    # exactly one tile; a teacher of gradient_channels + 1 channels (two gradient blocks, the second of one)
+    ((1, 7, CUDA_TILES["gradient_channels"] + 1, CUDA_TILES["tile_rows"], CUDA_TILES["tile_cols"]),
+     dict(window=2)),
+    # 9 x 35 max-pooled nodes, partial patches; partners straddle tiles in both directions
+    ((2, 4, 3, 17, 70), dict(window=2, patch=2, pool="max")),
+    ((1, 5, 4, 17, 100), dict(window=1, patch=(2, 3), detach_norm=True)),  # 9 x 34 nodes, partial patches
+    ((1, 3, 2, 5, 40), dict(window=3)),  # reach 3: the per-node kernels
+    ((1, 3, 2, 2, 40), dict(window=2)),  # reaches 1 and 2 (two node rows): the per-node kernels
+    ((1, 3, 2, 9, 40), dict(window=0, eps=0.5)),  # reach 0: the per-node kernels (a_ii alone: a large eps)
+], ids=str)
+def test_cuda_tiles(backend, shape, config, gen):
+    """The cuda kernels of windows of reach 1 and 2 own tiles of tile_rows x tile_cols nodes, staging them and
+    their halo chunk channels at a time, gradient_channels channels a gradient block; other reaches run one
+    thread per node: grids that end inside, at and past a tile, channel counts around both blocks."""
+    compare_with_reference(loss_of(backend), reference_loss, backend.to(*pair(shape, gen)), grad_inputs=(0, 1),
+                           **config)
+
+
 def test_mixed_dtypes(backend, gen):
     """A float16 student and a float32 teacher are widened to float32 (exactly); gradients keep each dtype."""
     s, t = pair((2, 4, 3, 6, 7), gen, torch.float32)

@@ -1,6 +1,5 @@
 // Launchers of the windowed pair-wise affinity kernels (affinity_window.cu): raw pointers, sizes, strides
 // and a stream. Declared for the namespace the including file compiles for (fastkd::cuda or fastkd::emulated).
-// The node norms are computed by node_norms (common/nodes.h), as for the full graph.
 #pragma once
 
 #include <cstdint>
@@ -16,15 +15,14 @@ namespace FASTKD_KERNELS {
 // Number of per-block partial sums affinity_window_forward writes.
 std::int64_t affinity_window_partial_count(std::int64_t batch, const affinity_window::Grid& grid);
 
-// difference: (B, half_window(grid), m) contiguous double, D = a_s - a_t of every node and every offset of
-// the stored half of the window (0 where the partner is outside the grid); partials: the per-block sums of
-// D^2 weighted 1 on the diagonal and 2 elsewhere. s and t share B, H, W (and dtype); their channels may differ.
-// s_norms, t_norms: (B, m) contiguous double, from node_norms.
+// s_norms, t_norms: (B, m) contiguous double, ||f|| of every node; difference: (B, half_window(grid), m)
+// contiguous double, D = a_s - a_t of every node and every offset of the stored half of the window (0 where the
+// partner is outside the grid); partials: the affinity_window_partial_count per-block sums of D^2 weighted 1
+// on the diagonal and 2 elsewhere. s and t share B, H, W (and dtype); their channels may differ.
 template <typename T>
-void affinity_window_forward(const T* s, const nodes::Map& s_map, const double* s_norms, const T* t,
-                             const nodes::Map& t_map, const double* t_norms, const affinity_window::Grid& grid,
-                             std::int64_t batch, double eps, double* difference, double* partials,
-                             fastkd_stream_t stream);
+void affinity_window_forward(const T* s, const nodes::Map& s_map, const T* t, const nodes::Map& t_map,
+                             const affinity_window::Grid& grid, std::int64_t batch, double eps, double* s_norms,
+                             double* t_norms, double* difference, double* partials, fastkd_stream_t stream);
 
 // grad (any strides, x's dtype) = dL/dx for the total, with grad_total a device pointer to dL/dtotal and
 // sign +1 for the student, -1 for the teacher. Workspaces: grad_hat (B, C, m) double (dL/df_hat), radial (B, m)

@@ -45,15 +45,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> affinity_window_forwa
   if (batch * m == 0) return {at::zeros({}, doubles), difference, s_norms, t_norms};
   at::Tensor partials = at::empty({FASTKD_KERNELS::affinity_window_partial_count(batch, grid)}, doubles);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, common, "affinity_window_forward", [&] {
-    const auto* s_data = storage_data<scalar_t>(s_common);
-    const auto* t_data = storage_data<scalar_t>(t_common);
-    const nodes::Map s_map = map_of(s_common), t_map = map_of(t_common);
-    FASTKD_KERNELS::node_norms(s_data, s_map, grid, batch, s_norms.mutable_data_ptr<double>(),
-                                        FASTKD_GLUE_STREAM());
-    FASTKD_KERNELS::node_norms(t_data, t_map, grid, batch, t_norms.mutable_data_ptr<double>(),
-                                        FASTKD_GLUE_STREAM());
-    FASTKD_KERNELS::affinity_window_forward(s_data, s_map, s_norms.const_data_ptr<double>(), t_data, t_map,
-                                            t_norms.const_data_ptr<double>(), grid, batch, eps,
+    FASTKD_KERNELS::affinity_window_forward(storage_data<scalar_t>(s_common), map_of(s_common),
+                                            storage_data<scalar_t>(t_common), map_of(t_common), grid, batch, eps,
+                                            s_norms.mutable_data_ptr<double>(), t_norms.mutable_data_ptr<double>(),
                                             difference.mutable_data_ptr<double>(), partials.mutable_data_ptr<double>(),
                                             FASTKD_GLUE_STREAM());
   });

@@ -11,6 +11,8 @@
 //   fastkd::global_ptr<T>                                 what kernels take global memory as: T*, or the
 //                                                         emulator's checked GlobalPtr<T> when emulated
 //   fastkd_stream_t                                       cudaStream_t
+//   FASTKD_LAUNCH_BOUNDS(threads, blocks_per_sm)          __launch_bounds__ under nvcc (registers capped for
+//                                                         that many blocks an SM), nothing when emulated
 //   FASTKD_UNROLL                                         #pragma unroll under nvcc (a loop over register
 //                                                         arrays must unroll, or they go to local memory)
 //   FASTKD_KERNELS                                        the namespace of the kernels: fastkd::cuda, or
@@ -40,6 +42,7 @@
 #define FASTKD_HOST_DEVICE __host__ __device__
 #define FASTKD_SHARED(T, name, N) __shared__ T name[N]
 #define FASTKD_UNROLL _Pragma("unroll")
+#define FASTKD_LAUNCH_BOUNDS(threads, blocks_per_sm) __launch_bounds__(threads, blocks_per_sm)
 #define FASTKD_LAUNCH(kernel, grid, block, stream, ...)                                                  \
   do {                                                                                                   \
     const ::fastkd::LaunchExtent fastkd_launch_grid = (grid), fastkd_launch_block = (block);             \
@@ -82,6 +85,7 @@ using fastkd_bfloat16 = __nv_bfloat16;
 #define FASTKD_DEVICE
 #define FASTKD_HOST_DEVICE
 #define FASTKD_UNROLL
+#define FASTKD_LAUNCH_BOUNDS(threads, blocks_per_sm)
 #define FASTKD_SHARED(T, name, N)     \
   static const char name##_site = 0; \
   auto& name = ::fastkd::emu::shared_array<T, N>(&name##_site, #name)

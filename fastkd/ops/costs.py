@@ -1,4 +1,4 @@
-"""FLOP and byte counts of the Triton kernels (and of the one-pass per-pixel losses), and the time floor they
+"""FLOP and byte counts of the kernels (and of the one-pass per-pixel losses), and the time floor they
 imply on a GPU.
 
 ``NOTES.md`` beside this file tabulates them for representative shapes (regenerate it with
@@ -83,14 +83,17 @@ def direct_full_graph(x: Shape) -> dict:
     return {"forward": forward, "backward": backward}
 
 
-def window_graph(x: Shape, radius: int) -> dict:
-    """Windowed graph: half-window affinities (and D stored) forward; full-window gather backward."""
+def window_graph(x: Shape, radius: int, tiled: bool = False) -> dict:
+    """Windowed graph: half-window affinities (and D stored) forward; full-window gather backward. ``tiled``:
+    the CUDA kernels of reach 1 and 2 (csrc/affinity_window/affinity_window.cu), whose forward finds the norms
+    in its own pass over each input (no norm pass ahead) and keeps a_s in the D buffer while t's dots are
+    summed (it writes, reads and rewrites D); their halo re-reads are reuse inside a launch."""
     b, m, channels = x.batch, x.nodes, x.cs + x.ct
     half = radius * (2 * radius + 1) + radius + 1
     full = (2 * radius + 1) ** 2
     stored = F64 * b * m * half
     forward = Cost(flops=2 * b * m * half * channels + 3 * b * m * half, minimum_bytes=x.inputs(),
-                   kernel_bytes=2 * x.inputs() + stored)
+                   kernel_bytes=x.inputs() + 3 * stored if tiled else 2 * x.inputs() + stored)
     backward = Cost(flops=2 * b * m * full * channels, minimum_bytes=2 * x.inputs(),
                     kernel_bytes=4 * x.inputs() + 2 * stored + 3 * x.node_buffers())
     return {"forward": forward, "backward": backward}
@@ -147,6 +150,8 @@ EXAMPLES = [
      gram_full_graph, (Shape(8, 256, 256, 64, 64, 4096), True)),
     ("PairwiseAffinityLoss(patch=2, window=2), B=8, C=256+256, 128x256 (m=8192)",
      window_graph, (Shape(8, 256, 256, 128, 256, 8192), 2)),
+    ("PairwiseAffinityLoss(patch=2, window=2) CUDA tiles, B=8, C=256+256, 128x256 (m=8192)",
+     window_graph, (Shape(8, 256, 256, 128, 256, 8192), 2, True)),
     ("ConsistencyLoss(), B=8, C=19+19, 512x1024",
      consistency, (Shape(8, 19, 19, 512, 1024, 512 * 1024),)),
     ("PixelwiseKDLoss(), B=8, C=19+19, 512x1024",
