@@ -99,7 +99,7 @@ SERVES: Dict[str, Tuple[str, str, str]] = {
     "affinity_window_forward_kernel": ("PairwiseAffinityLoss(patch=2, window=2)", "forward", "memory"),
     "affinity_window_gradient_kernel": ("PairwiseAffinityLoss(patch=2, window=2)", "backward", "memory"),
     "window_tile_forward_kernel": ("PairwiseAffinityLoss(patch=2, window=2) CUDA tiles", "forward", "memory"),
-    "window_tile_gradient_kernel": ("PairwiseAffinityLoss(patch=2, window=2) CUDA tiles", "backward", "memory"),
+    "window_tile_backward_kernel": ("PairwiseAffinityLoss(patch=2, window=2) CUDA tiles", "backward", "memory"),
     "_window_forward_kernel": ("PairwiseAffinityLoss(patch=2, window=2)", "forward", "memory"),
     "_window_backward_kernel": ("PairwiseAffinityLoss(patch=2, window=2)", "backward", "memory"),
     "consistency_forward_kernel": ("ConsistencyLoss()", "forward", "memory"),

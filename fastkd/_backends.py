@@ -41,11 +41,12 @@ BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
 # memory or less); ``torch`` is always last and always available. On CUDA tensors, cuda or triton first by the
 # kernels' estimated fractions of the H100 floor (benchmarks/results/kernel-evidence/evidence.md, sm_90, no GPU
 # run yet): full graph, cuda (Gram 100% against 31%, its backward 75% against 43%; the direct tiles, for few
-# nodes, 11% against 40%); per-pixel losses, cuda (50-100% against 28-30%); windowed graph, triton (50% and 36%
-# against 46% and 29%); consistency, triton (95% against 88-90%).
+# nodes, 11% against 40%); per-pixel losses, cuda (50-100% against 28-30%); windowed graph, cuda (its tiles, for
+# reach 1-2: 48% and 53% against 49% and 36%, moving 564 and 1,101 MB a pass against 1,087 and 2,966 MB at the
+# example shape); consistency, triton (95% against 88-90%).
 _CUDA_FIRST, _TRITON_FIRST = ("cuda", "triton", "torch"), ("triton", "cuda", "torch")
 AUTO_PREFERENCE: Dict[str, Dict[str, Tuple[str, ...]]] = {
-    "cuda": {"affinity_full": _CUDA_FIRST, "affinity_window": _TRITON_FIRST, "consistency": _TRITON_FIRST,
+    "cuda": {"affinity_full": _CUDA_FIRST, "affinity_window": _CUDA_FIRST, "consistency": _TRITON_FIRST,
              "pixelwise_kd": _CUDA_FIRST, "probability": _CUDA_FIRST},
     "cpu": {op: ("cpp", "torch") for op in ("affinity_full", "affinity_window", "consistency", "pixelwise_kd",
                                             "probability")},

@@ -250,17 +250,17 @@ def test_opcheck(backend, gen):
     torch.library.opcheck(forward, (as_layout(t.detach(), "channels_last"), as_layout(s.detach().float(), "strided"),
                                     2, 2, True, 3, 0.5, True))
     torch.library.opcheck(forward, (t.detach().half(), s.detach().bfloat16(), 1, 2, False, 2, 1e-8, False))
-    total, difference, s_norms, t_norms = forward(*forward_args)
-    assert total.dtype == difference.dtype == s_norms.dtype == torch.float64
+    total, difference, teacher_affinity, s_norms, t_norms = forward(*forward_args)
+    assert total.dtype == difference.dtype == teacher_affinity.dtype == s_norms.dtype == torch.float64
     assert s_norms.shape == t_norms.shape == (1, 2 * 5)
-    assert difference.shape == (1, 1 * 3 + 2, 2 * 5)  # offsets (0, 0), (0, 1) and (1, -1..1)
+    assert difference.shape == teacher_affinity.shape == (1, 1 * 3 + 2, 2 * 5)  # offsets (0, 0), (0, 1), (1, -1..1)
     grad_total = torch.tensor(0.5, dtype=torch.float64, device=s.device)
     # One backward per input: dL/dt (sign -1) of a strided teacher, dL/ds (sign +1) of a half student.
-    backward_args = (grad_total, as_layout(t.detach(), "strided"), t_norms, difference, 2, 1, False, 1, 1e-8, False,
-                     -1.0)
+    backward_args = (grad_total, as_layout(t.detach(), "strided"), t_norms, difference, teacher_affinity, 2, 1, False,
+                     1, 1e-8, False, -1.0)
     torch.library.opcheck(backward, backward_args)
     torch.library.opcheck(backward, (grad_total, as_layout(s.detach(), "channels_last").half(), s_norms, difference,
-                                     2, 1, False, 1, 1e-8, True, 1.0))
+                                     teacher_affinity, 2, 1, False, 1, 1e-8, True, 1.0))
     assert backward(*backward_args).shape == t.shape
 
 
@@ -272,10 +272,10 @@ def test_empty_inputs(backend, shape, gen):
     s, t = backend.to(*pair(shape, gen))
     forward_args = (s.requires_grad_(), t, 1, 1, False, 1, 1e-8, False)
     torch.library.opcheck(forward, forward_args)
-    total, difference, s_norms, _ = forward(*forward_args)
-    assert total.item() == 0 and difference.numel() == s_norms.numel() == 0
-    grad = backward(torch.ones((), dtype=torch.float64, device=s.device), s.detach(), s_norms, difference, 1, 1,
-                    False, 1, 1e-8, False, 1.0)
+    total, difference, teacher_affinity, s_norms, _ = forward(*forward_args)
+    assert total.item() == 0 and difference.numel() == teacher_affinity.numel() == s_norms.numel() == 0
+    grad = backward(torch.ones((), dtype=torch.float64, device=s.device), s.detach(), s_norms, difference,
+                    teacher_affinity, 1, 1, False, 1, 1e-8, False, 1.0)
     assert grad.shape == s.shape
 
 
@@ -284,7 +284,7 @@ def test_invalid_arguments_are_refused(backend):
     """The compiled ops' argument checks (csrc/affinity_window/affinity_window_glue.h)."""
     forward, backward = backend.ops(OP)
     s, t = backend.to(torch.zeros(1, 2, 5, 5), torch.zeros(1, 2, 5, 5))
-    total, difference, norms, _ = forward(s, t, 1, 1, False, 1, 1e-8, False)
+    total, difference, teacher_affinity, norms, _ = forward(s, t, 1, 1, False, 1, 1e-8, False)
     grad_total = torch.tensor(1.0, dtype=torch.float64, device=s.device)
     with pytest.raises(RuntimeError, match="must share B, H and W"):
         forward(s, torch.zeros(1, 2, 5, 4, device=s.device), 1, 1, False, 1, 1e-8, False)
@@ -297,11 +297,14 @@ def test_invalid_arguments_are_refused(backend):
     with pytest.raises(RuntimeError, match="window"):
         forward(s, t, 1, 1, False, -1, 1e-8, False)
     with pytest.raises(RuntimeError, match="difference"):
-        backward(grad_total, s, norms, difference[:, :1], 1, 1, False, 1, 1e-8, False, 1.0)
+        backward(grad_total, s, norms, difference[:, :1], teacher_affinity, 1, 1, False, 1, 1e-8, False, 1.0)
+    with pytest.raises(RuntimeError, match="teacher_affinity"):
+        backward(grad_total, s, norms, difference, teacher_affinity[:, :1], 1, 1, False, 1, 1e-8, False, 1.0)
     with pytest.raises(RuntimeError, match="norms"):
-        backward(grad_total, s, norms[:, :3], difference, 1, 1, False, 1, 1e-8, False, 1.0)
+        backward(grad_total, s, norms[:, :3], difference, teacher_affinity, 1, 1, False, 1, 1e-8, False, 1.0)
     with pytest.raises(RuntimeError, match="grad_total"):
-        backward(torch.ones(2, dtype=torch.float64, device=s.device), s, norms, difference, 1, 1, False, 1, 1e-8, False, 1.0)
+        backward(torch.ones(2, dtype=torch.float64, device=s.device), s, norms, difference, teacher_affinity, 1, 1,
+                 False, 1, 1e-8, False, 1.0)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, under the interpreter
@@ -378,7 +381,7 @@ def test_matches_the_other_kernels(backend, other, config, monkeypatch, gen):
 
 
 @pytest.mark.parametrize("backend", KERNELS, indirect=True)
-def test_saves_only_the_inputs_norms_and_difference(backend, gen):
+def test_saves_only_the_inputs_norms_difference_and_teacher_affinity(backend, gen):
     s, t = backend.to(randn((2, 5, 16, 16), gen), randn((2, 5, 16, 16), gen))
     s.requires_grad_()
     saved = []
@@ -387,7 +390,7 @@ def test_saves_only_the_inputs_norms_and_difference(backend, gen):
     loss.backward()
     assert s.grad is not None
     largest_extra = max((x.numel() for x in saved if x.data_ptr() not in (s.data_ptr(), t.data_ptr())), default=0)
-    assert largest_extra <= 5 * 2 * 16 * 16  # the (B, half, m) difference, half = 5 for r = 1
+    assert largest_extra <= 5 * 2 * 16 * 16  # the (B, half, m) difference and a_t, half = 5 for r = 1
 
 
 def test_compiles_fullgraph_and_matches_eager(backend, gen):

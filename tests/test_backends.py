@@ -88,7 +88,7 @@ def test_auto_on_cuda_tensors_takes_the_faster_kernel_per_op_as_the_evidence_tab
     monkeypatch.setattr(_triton, "TRITON_ERROR", None)
     monkeypatch.setattr(_extension, "LOAD_ERROR", None)
     monkeypatch.setattr(_extension, "build_info", lambda: {"loaded": True, "cuda": True})
-    expected = {"affinity_full": "cuda", "affinity_window": "triton", "consistency": "triton",
+    expected = {"affinity_full": "cuda", "affinity_window": "cuda", "consistency": "triton",
                 "pixelwise_kd": "cuda", "probability": "cuda"}
     for loss, ops in _backends.LOSS_OPS.items():
         for op in ops:

@@ -14,7 +14,8 @@
 // Norms: ||f_i|| of every node of s and t, tiles in parallel, (B, m) double each.
 // Forward: a tile accumulates the dot products f_i . f_j of its nodes i with their partners j at every stored
 // offset (the diagonal, then one offset of each mirrored pair) for s and for t, kChannelBlock channels a pass;
-// then writes D = a_s - a_t (0 where the partner is missing) into the (B, half, m) difference and sums D^2
+// then writes D = a_s - a_t and a_t (0 where the partner is missing) into the (B, half, m) difference and
+// teacher affinities and sums D^2
 // (the diagonal once, the others twice), node by node in offset order and then over the tile's nodes in
 // order, into partials[tile]. The partials are summed by one thread in tile order, so the total is bitwise
 // the same whatever the number of threads and however at::parallel_for groups the tiles.
@@ -25,11 +26,12 @@
 // and the pooling, writing its own nodes' pixels once.
 // No atomics; every output element is written by one thread.
 //
-// Memory: the norms (2 B m), the difference (B half m) and the partials (one per tile), all double; per
-// thread a few KiB of buffers, and in the backward the C x tile g and f buffers (2 C max(16, min(256, 4096 / C))
-// doubles). The inputs are read in place at any strides, and mixed student and teacher dtypes are not
-// converted: each is read in its own dtype and widened per element to double, which gives exactly what
-// widening to the common dtype first would (float16/bfloat16 -> float32 -> float64 are exact).
+// Memory: the norms (2 B m), the difference and teacher affinities (2 B half m) and the partials (one per
+// tile), all double; per thread a few KiB of buffers, and in the backward the C x tile g and f buffers
+// (2 C max(16, min(256, 4096 / C)) doubles). The inputs are read in place at any strides, and mixed student
+// and teacher dtypes are not converted: each is read in its own dtype and widened per element to double, which
+// gives exactly what widening to the common dtype first would (float16/bfloat16 -> float32 -> float64 are
+// exact).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -297,12 +299,13 @@ struct ForwardBuffers {
   }
 };
 
-// The tile's D = a_s - a_t into difference ((B, half, m)) and its share of the total; s_norms and t_norms are
-// image b's.
+// The tile's D = a_s - a_t and a_t into difference and teacher_affinity ((B, half, m)) and its share of the
+// total; s_norms and t_norms are image b's.
 template <typename S, typename T>
 FASTKD_CPU_CLONES double forward_tile(const S* s, const Map& s_map, const double* s_norms, const T* t,
                                       const Map& t_map, const double* t_norms, const Grid& grid, const Tile& tile,
-                                      const Tile* next, double eps, double* difference, ForwardBuffers& buffers) {
+                                      const Tile* next, double eps, double* difference, double* teacher_affinity,
+                                      ForwardBuffers& buffers) {
   const std::int64_t m = nodes::node_count(grid), half = affinity_window::half_window(grid);
   const std::int64_t count = tile.count, reach_w = grid.reach_w, span = count + 2 * reach_w;
   const std::int64_t rows_inside = std::min(grid.reach_h, grid.grid_h - 1 - tile.row) + 1;
@@ -317,9 +320,12 @@ FASTKD_CPU_CLONES double forward_tile(const S* s, const Map& s_map, const double
   for (std::int64_t k = 0; k < half; ++k) {
     const Offset offset = half_offset(grid, k);
     double* out = difference + (tile.b * half + k) * m + tile.first;
+    double* out_t = teacher_affinity + (tile.b * half + k) * m + tile.first;
     const Run run = offset.dy < rows_inside ? inside(tile.col0 + offset.dx, count, grid.grid_w) : Run{0, 0};
     std::fill(out, out + run.begin, 0.0);  // no partner: no term (and a NaN node must not pass)
     std::fill(out + run.end, out + count, 0.0);
+    std::fill(out_t, out_t + run.begin, 0.0);
+    std::fill(out_t + run.end, out_t + count, 0.0);
     const double* dot_s = buffers.dots_s.data() + k * kTileNodes;
     const double* dot_t = buffers.dots_t.data() + k * kTileNodes;
     const double* ns_j = buffers.norms_s.data() + offset.dy * span + reach_w + offset.dx;
@@ -327,8 +333,10 @@ FASTKD_CPU_CLONES double forward_tile(const S* s, const Map& s_map, const double
     const double weight = k == 0 ? 1.0 : 2.0;  // (i, j) and its mirror (j, i) are one stored offset
 #pragma omp simd
     for (std::int64_t n = run.begin; n < run.end; ++n) {
-      const double d = dot_s[n] / (ns_i[n] * ns_j[n]) - dot_t[n] / (nt_i[n] * nt_j[n]);
+      const double a_t = dot_t[n] / (nt_i[n] * nt_j[n]);
+      const double d = dot_s[n] / (ns_i[n] * ns_j[n]) - a_t;
       out[n] = d;
+      out_t[n] = a_t;
       squares[n] += weight * d * d;
     }
   }
@@ -337,11 +345,12 @@ FASTKD_CPU_CLONES double forward_tile(const S* s, const Map& s_map, const double
   return total;
 }
 
-// The difference (B, half, m) and the per-tile sums of its squares, for inputs of (storage) types S and T.
+// The difference and teacher affinities (B, half, m) and the per-tile sums of D^2, for inputs of (storage)
+// types S and T.
 template <typename S, typename T>
 void forward_tiles(const S* s, const Map& s_map, const double* s_norms, const T* t, const Map& t_map,
                    const double* t_norms, const Grid& grid, std::int64_t batch, double eps, double* difference,
-                   double* partials) {
+                   double* teacher_affinity, double* partials) {
   const Tiling tiles = tiling(grid, batch, kTileNodes);
   const std::int64_t m = nodes::node_count(grid);
   at::parallel_for(0, tiles.count, 1, [&](std::int64_t begin, std::int64_t end) {
@@ -350,7 +359,7 @@ void forward_tiles(const S* s, const Map& s_map, const double* s_norms, const T*
     for (std::int64_t index = begin; index < end; ++index, tile = next) {
       if (index + 1 < end) next = tile_at(grid, tiles, index + 1);
       partials[index] = forward_tile(s, s_map, s_norms + tile.b * m, t, t_map, t_norms + tile.b * m, grid, tile,
-                                     index + 1 < end ? &next : nullptr, eps, difference, buffers);
+                                     index + 1 < end ? &next : nullptr, eps, difference, teacher_affinity, buffers);
     }
   });
 }
@@ -534,10 +543,11 @@ void backward_tiles(const T* x, const Map& map, const double* norms, const doubl
   });
 }
 
-// (total: 0-dim double, difference: (B, half, m) double, s_norms, t_norms: (B, m) double) for features s, t
-// of one shape but their channels: the windowed sum, D = a_s - a_t on the stored half of the window (0 where
-// the partner is missing) and the node norms. detach_norm is only read by the autograd backward.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> affinity_window_forward(
+// (total: 0-dim double, difference, teacher_affinity: (B, half, m) double, s_norms, t_norms: (B, m) double) for
+// features s, t of one shape but their channels: the windowed sum, D = a_s - a_t and a_t on the stored half of
+// the window (0 where the partner is missing) and the node norms. detach_norm is only read by the autograd
+// backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> affinity_window_forward(
     const at::Tensor& s, const at::Tensor& t, int64_t kernel_h, int64_t kernel_w, bool max_pool, int64_t window,
     double eps, bool /*detach_norm*/) {
   check_input(s, "s");
@@ -547,9 +557,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> affinity_window_forwa
   const Grid grid = checked_grid(s, kernel_h, kernel_w, max_pool, window);
   const int64_t batch = s.size(0), m = nodes::node_count(grid), half = affinity_window::half_window(grid);
   const auto doubles = s.options().dtype(at::kDouble);
-  at::Tensor difference = at::empty({batch, half, m}, doubles);
+  at::Tensor difference = at::empty({batch, half, m}, doubles), teacher_affinity = at::empty({batch, half, m}, doubles);
   at::Tensor s_norms = at::empty({batch, m}, doubles), t_norms = at::empty({batch, m}, doubles);
-  if (batch * m == 0) return {at::zeros({}, doubles), difference, s_norms, t_norms};
+  if (batch * m == 0) return {at::zeros({}, doubles), difference, teacher_affinity, s_norms, t_norms};
   std::vector<double> partials(static_cast<std::size_t>(tiling(grid, batch, kTileNodes).count));
   const Map s_map = map_of(s), t_map = map_of(t);
   double* s_norm_data = s_norms.mutable_data_ptr<double>();
@@ -561,19 +571,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> affinity_window_forwa
       const scalar_t* t_data = t.const_data_ptr<scalar_t>();
       node_norms(s_data, s_map, t_data, t_map, grid, batch, s_norm_data, t_norm_data);
       forward_tiles(s_data, s_map, s_norm_data, t_data, t_map, t_norm_data, grid, batch, eps,
-                    difference.mutable_data_ptr<double>(), partials.data());
+                    difference.mutable_data_ptr<double>(), teacher_affinity.mutable_data_ptr<double>(),
+                    partials.data());
     });
   });
   double total = 0.0;  // one thread, tile order: independent of the number of threads
   for (const double partial : partials) total += partial;
-  return {at::scalar_tensor(total, doubles), difference, s_norms, t_norms};
+  return {at::scalar_tensor(total, doubles), difference, teacher_affinity, s_norms, t_norms};
 }
 
 // dL/dx (x's dtype and layout) for the total, given dL/dtotal (one element), x's node norms and the
-// forward's difference; sign +1 for the student, -1 for the teacher.
+// forward's difference; sign +1 for the student, -1 for the teacher. teacher_affinity is checked, not read: the
+// norm's share comes from g of all channels, which a tile holds (the CUDA tiles split the channels).
 at::Tensor affinity_window_backward(const at::Tensor& grad_total, const at::Tensor& x, const at::Tensor& norms,
-                                    const at::Tensor& difference, int64_t kernel_h, int64_t kernel_w, bool max_pool,
-                                    int64_t window, double eps, bool detach_norm, double sign) {
+                                    const at::Tensor& difference, const at::Tensor& teacher_affinity,
+                                    int64_t kernel_h, int64_t kernel_w, bool max_pool, int64_t window, double eps,
+                                    bool detach_norm, double sign) {
   check_input(x, "x");
   const Grid grid = checked_grid(x, kernel_h, kernel_w, max_pool, window);
   const int64_t batch = x.size(0), m = nodes::node_count(grid);
@@ -582,6 +595,8 @@ at::Tensor affinity_window_backward(const at::Tensor& grad_total, const at::Tens
               "), got ", norms.sizes());
   TORCH_CHECK(difference.sizes() == at::IntArrayRef({batch, half, m}), "`difference` must be (B, half window, m) = (",
               batch, ", ", half, ", ", m, "), got ", difference.sizes());
+  TORCH_CHECK(teacher_affinity.sizes() == difference.sizes(), "`teacher_affinity` must be (B, half window, m) = (",
+              batch, ", ", half, ", ", m, "), got ", teacher_affinity.sizes());
   TORCH_CHECK(grad_total.numel() == 1, "`grad_total` must hold one element, got ", grad_total.numel());
   at::Tensor grad = empty_like_on_huge_pages(x);
   if (x.numel() == 0) return grad;

@@ -94,24 +94,27 @@ FASTKD_HOST_DEVICE double window_gradient(global_ptr<const T> x, const nodes::Ma
   return sum;
 }
 
-// Node i's row of the stored half window: D_ik = a_s - a_t for every stored offset k, written to
-// difference[(b * half + k) * m + i] (0 where the partner is missing: no term, and a NaN node must not pass),
-// and returns the node's share of the total, sum_k D_ik^2 with the diagonal once and the others twice
-// ((i, j) and its mirror (j, i) are one stored offset).
+// Node i's row of the stored half window: D_ik = a_s - a_t and a_t for every stored offset k, written to
+// difference and teacher_affinity at [(b * half + k) * m + i] (0 where the partner is missing: no term, and a
+// NaN node must not pass), and returns the node's share of the total, sum_k D_ik^2 with the diagonal once and
+// the others twice ((i, j) and its mirror (j, i) are one stored offset).
 template <typename S, typename T>
 FASTKD_HOST_DEVICE double half_window_row(global_ptr<const S> s, const nodes::Map& s_map,
                                           global_ptr<const double> s_norms, global_ptr<const T> t,
                                           const nodes::Map& t_map, global_ptr<const double> t_norms, const Grid& grid,
-                                          std::int64_t b, std::int64_t i, double eps, global_ptr<double> difference) {
+                                          std::int64_t b, std::int64_t i, double eps, global_ptr<double> difference,
+                                          global_ptr<double> teacher_affinity) {
   const std::int64_t m = nodes::node_count(grid), half = half_window(grid);
   double squares = 0.0;
   for (std::int64_t k = 0; k < half; ++k) {
     const std::int64_t j = half_partner(grid, i, k);
-    double d = 0.0;
+    double d = 0.0, a_t = 0.0;
     if (j >= 0) {
-      d = affinity(s, s_map, s_norms + b * m, grid, b, i, j, eps) - affinity(t, t_map, t_norms + b * m, grid, b, i, j, eps);
+      a_t = affinity(t, t_map, t_norms + b * m, grid, b, i, j, eps);
+      d = affinity(s, s_map, s_norms + b * m, grid, b, i, j, eps) - a_t;
     }
     difference[(b * half + k) * m + i] = d;
+    teacher_affinity[(b * half + k) * m + i] = a_t;
     squares += (k == 0 ? 1.0 : 2.0) * d * d;
   }
   return squares;

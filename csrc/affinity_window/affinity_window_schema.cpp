@@ -7,10 +7,10 @@ namespace {
 
 constexpr const char* kForward =
     "affinity_window_forward(Tensor s, Tensor t, int kernel_h, int kernel_w, bool max_pool, int window, float eps, "
-    "bool detach_norm) -> (Tensor total, Tensor difference, Tensor s_norms, Tensor t_norms)";
+    "bool detach_norm) -> (Tensor total, Tensor difference, Tensor teacher_affinity, Tensor s_norms, Tensor t_norms)";
 constexpr const char* kBackward =
-    "affinity_window_backward(Tensor grad_total, Tensor x, Tensor norms, Tensor difference, int kernel_h, "
-    "int kernel_w, bool max_pool, int window, float eps, bool detach_norm, float sign) -> Tensor";
+    "affinity_window_backward(Tensor grad_total, Tensor x, Tensor norms, Tensor difference, Tensor teacher_affinity, "
+    "int kernel_h, int kernel_w, bool max_pool, int window, float eps, bool detach_norm, float sign) -> Tensor";
 
 }  // namespace
 

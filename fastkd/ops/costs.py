@@ -84,18 +84,22 @@ def direct_full_graph(x: Shape) -> dict:
 
 
 def window_graph(x: Shape, radius: int, tiled: bool = False) -> dict:
-    """Windowed graph: half-window affinities (and D stored) forward; full-window gather backward. ``tiled``:
-    the CUDA kernels of reach 1 and 2 (csrc/affinity_window/affinity_window.cu), whose forward finds the norms
-    in its own pass over each input (no norm pass ahead) and keeps a_s in the D buffer while t's dots are
-    summed (it writes, reads and rewrites D); their halo re-reads are reuse inside a launch."""
+    """Windowed graph: half-window affinities (D and a_t stored) forward; full-window gather backward, then
+    ``node_backward``. ``tiled``: the CUDA kernels of reach 1 and 2 (csrc/affinity_window/affinity_window.cu),
+    whose forward finds the norms in its own pass over each input (no norm pass ahead) and keeps a_s in the D
+    buffer while t's dots are summed (it writes, reads and rewrites D, and writes a_t), and whose backward is one
+    pass per input: x read, D and a_t read, the gradient written (no dL/df_hat buffer, no second and third read
+    of x). Their halo re-reads, and the D and a_t re-reads of a backward's channel groups, are reuse inside a
+    launch."""
     b, m, channels = x.batch, x.nodes, x.cs + x.ct
     half = radius * (2 * radius + 1) + radius + 1
     full = (2 * radius + 1) ** 2
-    stored = F64 * b * m * half
+    stored = F64 * b * m * half  # one (B, half, m) float64 map: D or a_t
     forward = Cost(flops=2 * b * m * half * channels + 3 * b * m * half, minimum_bytes=x.inputs(),
-                   kernel_bytes=x.inputs() + 3 * stored if tiled else 2 * x.inputs() + stored)
+                   kernel_bytes=x.inputs() + 4 * stored if tiled else 2 * x.inputs() + 2 * stored)
     backward = Cost(flops=2 * b * m * full * channels, minimum_bytes=2 * x.inputs(),
-                    kernel_bytes=4 * x.inputs() + 2 * stored + 3 * x.node_buffers())
+                    kernel_bytes=2 * x.inputs() + 4 * stored if tiled
+                    else 4 * x.inputs() + 2 * stored + 3 * x.node_buffers())
     return {"forward": forward, "backward": backward}
 
 

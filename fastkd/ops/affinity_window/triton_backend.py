@@ -71,7 +71,7 @@ def _affinities(x_ptr, norm_ptr, b, nodes, partners, num_channels, num_nodes, he
 
 @triton.jit
 def _window_forward_kernel(
-    s_ptr, t_ptr, s_norm_ptr, t_norm_ptr, difference_ptr, partial_ptr,
+    s_ptr, t_ptr, s_norm_ptr, t_norm_ptr, difference_ptr, teacher_affinity_ptr, partial_ptr,
     s_channels, t_channels, num_nodes, height, width, grid_h, grid_w, kernel_h, kernel_w, reach_h, reach_w,
     eps: tl.float64,
     s_stride_b, s_stride_c, s_stride_h, s_stride_w,
@@ -97,6 +97,8 @@ def _window_forward_kernel(
                           MAX_POOL, BLOCK_C)
         d = tl.where(valid, a_s - a_t, 0.0)  # where: a NaN node must not leak through a missing partner
         tl.store(difference_ptr + (b * half + k - centre) * num_nodes + nodes, d, mask=nodes < num_nodes)
+        tl.store(teacher_affinity_ptr + (b * half + k - centre) * num_nodes + nodes, tl.where(valid, a_t, 0.0),
+                 mask=nodes < num_nodes)
         weight = tl.where(k == centre, 1.0, 2.0).to(tl.float64)
         squares += weight * d * d
     tl.store(partial_ptr + b * tl.num_programs(0) + block, tl.sum(squares, axis=0))
@@ -164,30 +166,34 @@ def _grid_args(x: torch.Tensor, grid: NodeGrid, window: int, eps: float):
 def affinity_window_forward(
     s: torch.Tensor, t: torch.Tensor, kernel_h: int, kernel_w: int, max_pool: bool, window: int, eps: float,
     detach_norm: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(total, difference, s_norms, t_norms): the float64 windowed sum; ``D = a_s - a_t`` of every node and
-    every offset of the half window, (B, half, m) float64 (0 where the partner is missing); the (B, m) float64
-    node norms. ``detach_norm`` only matters to the backward."""
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, difference, teacher_affinity, s_norms, t_norms): the float64 windowed sum; ``D = a_s - a_t`` and
+    ``a_t`` of every node and every offset of the half window, (B, half, m) float64 (0 where the partner is
+    missing); the (B, m) float64 node norms. ``detach_norm`` only matters to the backward."""
     grid = _node_grid(s, kernel_h, kernel_w, max_pool)
     batch, blocks = s.shape[0], triton.cdiv(grid.nodes, BLOCK_N)
     partials = torch.empty(batch, blocks, dtype=torch.float64, device=s.device)
     half = stored_half_window(window, grid.grid_h, grid.grid_w)
     difference = torch.empty(batch, half, grid.nodes, dtype=torch.float64, device=s.device)
+    teacher_affinity = torch.empty_like(difference)
     s_norms, t_norms = node_norms(s, grid), node_norms(t, grid)
     with on_device(s):
         _window_forward_kernel[(blocks, batch)](
-            s, t, s_norms, t_norms, difference, partials, s.shape[1], t.shape[1], *_grid_args(s, grid, window, eps),
-            *strides(s), *strides(t), MAX_POOL=max_pool, BLOCK_C=BLOCK_CHANNELS, BLOCK_N=BLOCK_N, **KERNEL_OPTIONS)
-    return fixed_order_sum(partials), difference, s_norms, t_norms
+            s, t, s_norms, t_norms, difference, teacher_affinity, partials, s.shape[1], t.shape[1],
+            *_grid_args(s, grid, window, eps), *strides(s), *strides(t), MAX_POOL=max_pool, BLOCK_C=BLOCK_CHANNELS,
+            BLOCK_N=BLOCK_N, **KERNEL_OPTIONS)
+    return fixed_order_sum(partials), difference, teacher_affinity, s_norms, t_norms
 
 
 @torch.library.custom_op("fastkd_triton::affinity_window_backward", mutates_args=())
 def affinity_window_backward(
-    grad_total: torch.Tensor, x: torch.Tensor, norms: torch.Tensor, difference: torch.Tensor, kernel_h: int,
-    kernel_w: int, max_pool: bool, window: int, eps: float, detach_norm: bool, sign: float,
+    grad_total: torch.Tensor, x: torch.Tensor, norms: torch.Tensor, difference: torch.Tensor,
+    teacher_affinity: torch.Tensor, kernel_h: int, kernel_w: int, max_pool: bool, window: int, eps: float,
+    detach_norm: bool, sign: float,
 ) -> torch.Tensor:
     """dL/dx in x's dtype and layout for the upstream gradient ``grad_total`` of the total, sign +1 for the
-    student and -1 for the teacher: dL/df_hat from D, then ``node_backward``."""
+    student and -1 for the teacher: dL/df_hat from D, then ``node_backward`` (which finds the norm's share from
+    dL/df_hat over the channels, so ``teacher_affinity`` is not read)."""
     grid = _node_grid(x, kernel_h, kernel_w, max_pool)
     batch, channels = x.shape[0], x.shape[1]
     grad_hat = torch.empty(batch, channels, grid.nodes, dtype=torch.float64, device=x.device)
