@@ -101,6 +101,31 @@ def test_pairwise_block_boundaries(backend, edge, algorithm, gen):
     check_pairwise(backend, pair(block_edges(backend, algorithm)[edge], gen, torch.float32), algorithm=algorithm)
 
 
+# (B, Cs, Ct, H, W), config, and where the node count lies: (bound, offset), nodes an image for few_nodes and in
+# all for split_nodes
+FEW_NODES = [
+    ((2, 33, 17, 8, 8), dict(algorithm="direct"), ("few_nodes", 0)),  # D formed whole, channels split over blocks
+    ((1, 5, 3, 5, 13), dict(algorithm="direct"), ("few_nodes", 1)),  # a block per 16 rows
+    ((2, 3, 2, 64, 64), dict(algorithm="gram"), ("split_nodes", 0)),  # one thread or program sums a node
+    ((2, 40, 2, 63, 65), dict(algorithm="gram"), ("split_nodes", -2)),  # a warp, or programs, share a node
+    ((2, 40, 2, 63, 65), dict(algorithm="gram", detach_norm=True), ("split_nodes", -2)),
+    ((2, 40, 20, 33, 33), dict(pool_scale=0.5), ("few_nodes", -55)),  # pool_scale's 9 nodes, of 16 x 16 pixels
+]
+
+
+@kernels_only
+@pytest.mark.parametrize("shape, config, bound", FEW_NODES, ids=str)
+def test_few_nodes(backend, shape, config, bound, gen):
+    """Few nodes spread over the GPU: up to few_nodes nodes an image the direct path splits the channels over
+    blocks or programs, and below split_nodes nodes in all so do the node reductions (in CUDA, a warp a node);
+    both sides of both bounds. 40 channels: Triton's splits of 32 end inside a block."""
+    name, offset = bound
+    batch, _, _, height, width = shape
+    nodes = _graph.node_grid(height, width, (1, 1), "avg", config.get("pool_scale")).nodes
+    assert nodes * (batch if name == "split_nodes" else 1) == backend.blocks("affinity_full")[name] + offset
+    check_pairwise(backend, pair(shape, gen, torch.float32, config), grad_inputs=(0, 1), **config)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_distillation_matches_reference_in_every_dtype(backend, algorithm, dtype, gen):

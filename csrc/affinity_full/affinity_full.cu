@@ -14,6 +14,10 @@
 //   direct_rows_kernel     a block owns 16 rows i and sweeps j in 16-node tiles of D formed in shared memory
 //   direct_backward_kernel the same tiles, weighted by 2 (w_i + w_j), times the nodes j: the block owns the
 //                          columns i of the outputs
+//   direct_difference_kernel  for few nodes (kAffinityFewNodes), D itself, (B, m, m), a block per tile pair and
+//                          range of channels (a partial per range, summed by the caller in a fixed order): a
+//                          few tiles still spread over the GPU
+//   direct_columns_kernel  for few nodes, the weighted D times the nodes j, a block per 16 nodes and 16 channels
 // The node norms ahead and the normalisation and pooling backward after are the node launchers shared with
 // the windowed graph (common/nodes.cu); the glue turns each norm into the node's scale 1 / (||f|| + eps) once,
 // so that normalising a staged element is one product. Every kernel has a flat variant (kFlat: one pixel a
@@ -356,13 +360,14 @@ FASTKD_GLOBAL void apply_kernel(Nodes<T> p, Nodes<T> q, Grid grid, global_ptr<co
   }
 }
 
-// a_ij = x_i . x_j for i = i0 + threadIdx.y, j = j0 + threadIdx.x (0 for a node out of range).
+// a_ij = x_i . x_j for i = i0 + threadIdx.y, j = j0 + threadIdx.x (0 for a node out of range), over the channels
+// [first, last); `last` is the channel count or a multiple of kTile (normalized gives 0 past the channels).
 template <bool kFlat, typename T, typename Tile>
 FASTKD_DEVICE double affinity(const Nodes<T>& x, const Grid& grid, std::int64_t b, std::int64_t i0, std::int64_t j0,
-                              Tile& i_tile, Tile& j_tile) {
+                              std::int64_t first, std::int64_t last, Tile& i_tile, Tile& j_tile) {
   const int tx = threadIdx.x, ty = threadIdx.y;
   double acc = 0.0;
-  for (std::int64_t c0 = 0; c0 < x.map.channels; c0 += kTile) {
+  for (std::int64_t c0 = first; c0 < last; c0 += kTile) {
     i_tile[ty * kPitch + tx] = nodes::normalized<kFlat>(x, grid, b, c0 + ty, i0 + tx);  // [channel][node]
     j_tile[ty * kPitch + tx] = nodes::normalized<kFlat>(x, grid, b, c0 + ty, j0 + tx);
     acc = add_staged_dot(acc, i_tile, ty, kPitch, j_tile, tx, kPitch);
@@ -381,8 +386,8 @@ FASTKD_GLOBAL void direct_rows_kernel(Nodes<T> s, Nodes<T> t, Grid grid, global_
   const int tx = threadIdx.x, ty = threadIdx.y;
   double row = 0.0;
   for (std::int64_t j0 = 0; j0 < m; j0 += kTile) {
-    const double difference = affinity<kFlat>(s, grid, b, i0, j0, i_tile, j_tile) -
-                              affinity<kFlat>(t, grid, b, i0, j0, i_tile, j_tile);
+    const double difference = affinity<kFlat>(s, grid, b, i0, j0, 0, s.map.channels, i_tile, j_tile) -
+                              affinity<kFlat>(t, grid, b, i0, j0, 0, t.map.channels, i_tile, j_tile);
     row += difference * difference;
   }
   sums[ty * kPitch + tx] = row;
@@ -424,8 +429,8 @@ FASTKD_GLOBAL void direct_backward_kernel(Nodes<T> s, Nodes<T> t, Grid grid, glo
   const int tx = threadIdx.x, ty = threadIdx.y;
   const double weight_i = i0 + ty < m ? weight[b * m + i0 + ty] : 0.0;
   for (std::int64_t j0 = 0; j0 < m; j0 += kTile) {
-    const double difference = affinity<kFlat>(s, grid, b, i0, j0, i_tile, j_tile) -
-                              affinity<kFlat>(t, grid, b, i0, j0, i_tile, j_tile);
+    const double difference = affinity<kFlat>(s, grid, b, i0, j0, 0, s.map.channels, i_tile, j_tile) -
+                              affinity<kFlat>(t, grid, b, i0, j0, 0, t.map.channels, i_tile, j_tile);
     const double weight_j = j0 + tx < m ? weight[b * m + j0 + tx] : 0.0;
     // The last readers of `weighted` (the previous tile's accumulation) passed the barriers in affinity().
     weighted[ty * kPitch + tx] = 2.0 * (weight_i + weight_j) * difference;
@@ -435,7 +440,50 @@ FASTKD_GLOBAL void direct_backward_kernel(Nodes<T> s, Nodes<T> t, Grid grid, glo
   }
 }
 
-std::int64_t tiles_for(std::int64_t items) { return (items + kTile - 1) / kTile; }
+FASTKD_HOST_DEVICE inline std::int64_t tiles_for(std::int64_t items) { return (items + kTile - 1) / kTile; }
+
+// Block (kTile, kTile), grid (i tiles x j tiles, splits, B), for few nodes: partials[b][split][i][j] = D_ij over
+// the split's channels [split n, (split + 1) n) of s and of t (n = channels_per_split, a multiple of kTile), for
+// i = i0 + ty, j = j0 + tx.
+template <typename T, bool kFlat>
+FASTKD_GLOBAL void direct_difference_kernel(Nodes<T> s, Nodes<T> t, Grid grid, std::int64_t channels_per_split,
+                                            global_ptr<double> partials) {
+  FASTKD_SHARED(double, i_tile, kTileElements);
+  FASTKD_SHARED(double, j_tile, kTileElements);
+  const std::int64_t m = nodes::node_count(grid), tiles = tiles_for(m);
+  const std::int64_t i0 = blockIdx.x / tiles * kTile, j0 = blockIdx.x % tiles * kTile;
+  const std::int64_t split = blockIdx.y, b = blockIdx.z, first = split * channels_per_split;
+  const std::int64_t last = first + channels_per_split;
+  const double difference =
+      affinity<kFlat>(s, grid, b, i0, j0, first, last < s.map.channels ? last : s.map.channels, i_tile, j_tile) -
+      affinity<kFlat>(t, grid, b, i0, j0, first, last < t.map.channels ? last : t.map.channels, i_tile, j_tile);
+  const std::int64_t i = i0 + threadIdx.y, j = j0 + threadIdx.x;
+  if (i < m && j < m) partials[((b * gridDim.y + split) * m + i) * m + j] = difference;
+}
+
+// Block (kTile, kTile), grid (node tiles, channel tiles, B), for few nodes: out[b][c][i] = sign sum_j
+// weighted[b][i][j] x_j[c] for the block's nodes i = i0 + tx and channels c = c0 + ty; weighted (B, m, m).
+template <typename T, bool kFlat>
+FASTKD_GLOBAL void direct_columns_kernel(Nodes<T> x, Grid grid, global_ptr<const double> weighted, double sign,
+                                         global_ptr<double> out) {
+  FASTKD_SHARED(double, weighted_tile, kTileElements);  // [i][j]
+  FASTKD_SHARED(double, j_tile, kTileElements);         // [channel][node]
+  const std::int64_t m = nodes::node_count(grid), channels = x.map.channels;
+  const std::int64_t i0 = static_cast<std::int64_t>(blockIdx.x) * kTile;
+  const std::int64_t c0 = static_cast<std::int64_t>(blockIdx.y) * kTile, b = blockIdx.z;
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  double sum = 0.0;
+  for (std::int64_t j0 = 0; j0 < m; j0 += kTile) {
+    // Every lane loads and stores (whole-warp requests): one past the nodes reads its image's first entry.
+    const bool inside = i0 + ty < m && j0 + tx < m;
+    const double entry = weighted[b * m * m + (inside ? (i0 + ty) * m + j0 + tx : 0)];
+    weighted_tile[ty * kPitch + tx] = inside ? entry : 0.0;
+    j_tile[ty * kPitch + tx] = nodes::normalized<kFlat>(x, grid, b, c0 + ty, j0 + tx);
+    sum = add_staged_dot(sum, weighted_tile, tx * kPitch, 1, j_tile, ty * kPitch, 1);
+  }
+  const std::int64_t c = c0 + ty, i = i0 + tx;
+  if (c < channels && i < m) out[(b * channels + c) * m + i] = sign * sum;
+}
 std::int64_t gram_tiles_for(std::int64_t channels) { return (channels + kGramSide - 1) / kGramSide; }
 
 // Whether both operands take the flat path (one pixel a node, rows back to back; nodes_math.cuh).
@@ -504,6 +552,30 @@ void affinity_full_direct_backward(const nodes::Nodes<T>& s, const nodes::Nodes<
                                 grid, weight, grad_s, grad_t);
 }
 
+template <typename T>
+void affinity_full_direct_difference(const nodes::Nodes<T>& s, const nodes::Nodes<T>& t, const nodes::Grid& grid,
+                                     std::int64_t batch, std::int64_t splits, std::int64_t channels_per_split,
+                                     double* partials, fastkd_stream_t stream) {
+  if (channels_per_split % kTile != 0) {
+    throw std::invalid_argument("affinity_full_direct_difference: channels_per_split must be a multiple of the tile");
+  }
+  const std::int64_t tiles = tiles_for(nodes::node_count(grid));
+  if (tiles == 0 || batch == 0 || splits == 0) return;
+  const LaunchExtent blocks(tiles * tiles, splits, batch);
+  FASTKD_LAUNCH_FLAT_OR_GENERAL(direct_difference_kernel, flat(s, t, grid), blocks, dim3(kTile, kTile), stream, s, t,
+                                grid, channels_per_split, partials);
+}
+
+template <typename T>
+void affinity_full_direct_columns(const nodes::Nodes<T>& x, const nodes::Grid& grid, const double* weighted,
+                                  std::int64_t batch, double sign, double* out, fastkd_stream_t stream) {
+  const std::int64_t node_tiles = tiles_for(nodes::node_count(grid)), channel_tiles = tiles_for(x.map.channels);
+  if (node_tiles == 0 || channel_tiles == 0 || batch == 0) return;
+  const LaunchExtent blocks(node_tiles, channel_tiles, batch);
+  FASTKD_LAUNCH_FLAT_OR_GENERAL(direct_columns_kernel, flat(x, x, grid), blocks, dim3(kTile, kTile), stream, x, grid,
+                                weighted, sign, out);
+}
+
 #undef FASTKD_LAUNCH_FLAT_OR_GENERAL
 
 #define FASTKD_INSTANTIATE(T)                                                                                      \
@@ -517,7 +589,12 @@ void affinity_full_direct_backward(const nodes::Nodes<T>& s, const nodes::Nodes<
                                              std::int64_t, double*, fastkd_stream_t);                              \
   template void affinity_full_direct_backward<T>(const nodes::Nodes<T>&, const nodes::Nodes<T>&,                   \
                                                  const nodes::Grid&, const double*, std::int64_t, double*,         \
-                                                 double*, fastkd_stream_t);
+                                                 double*, fastkd_stream_t);                                \
+  template void affinity_full_direct_difference<T>(const nodes::Nodes<T>&, const nodes::Nodes<T>&,                 \
+                                                   const nodes::Grid&, std::int64_t, std::int64_t, std::int64_t,   \
+                                                   double*, fastkd_stream_t);                                      \
+  template void affinity_full_direct_columns<T>(const nodes::Nodes<T>&, const nodes::Grid&, const double*,         \
+                                                std::int64_t, double, double*, fastkd_stream_t);
 FASTKD_FOR_EACH_STORAGE_TYPE(FASTKD_INSTANTIATE)
 #undef FASTKD_INSTANTIATE
 

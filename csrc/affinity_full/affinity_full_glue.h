@@ -61,7 +61,8 @@ at::Tensor affinity_full_norms(const at::Tensor& x, const nodes::Grid& grid) {
 // into (B, C, grid_h, grid_w) double buffers whose pixels are the nodes: pooling inside the kernels redid it for
 // every tile that staged a node, and left their inner loops issue-bound (sm_90 model, when they pooled: the
 // Gram loop at 49% of the FP64 floor, apply at 7%, the direct ones at 1%; on pixel nodes now 100%, 75% and
-// 11%), and a few large patches (pool_scale) serialised on a few threads. The buffers hold B C m doubles, as dL/df_hat does.
+// 11%), and a few large patches (pool_scale) serialised on a few threads. The buffers hold B C m doubles, as
+// dL/df_hat does.
 struct KernelOperands {
   at::Tensor s, t;
   nodes::Grid grid;
@@ -140,6 +141,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_full_apply(
   return {out, dot_a, dot_b};
 }
 
+// Few nodes (m <= kAffinityFewNodes): D = S'S - T'T (B, m, m) double, each block summing one range of channels
+// of one tile pair (about 1024 blocks in all, as the Gram's splits), the ranges' partials then summed in a fixed
+// order.
+at::Tensor affinity_full_difference(const at::Tensor& s, const at::Tensor& s_scale, const at::Tensor& t,
+                                    const at::Tensor& t_scale, const nodes::Grid& grid) {
+  const int64_t batch = s.size(0), m = nodes::node_count(grid), tile = FASTKD_KERNELS::kAffinityFullTile;
+  const int64_t tiles = (m + tile - 1) / tile, chunks = (std::max(s.size(1), t.size(1)) + tile - 1) / tile;
+  const auto doubles = s.options().dtype(at::kDouble);
+  if (m == 0 || batch == 0 || chunks == 0) return at::zeros({batch, m, m}, doubles);
+  const int64_t splits_wanted = std::max<int64_t>(1, 1024 / (tiles * tiles * batch));
+  const int64_t channels_per_split = (chunks + std::min(chunks, splits_wanted) - 1) / std::min(chunks, splits_wanted) *
+                                     tile;
+  const int64_t splits = (chunks * tile + channels_per_split - 1) / channels_per_split;
+  at::Tensor partials = at::empty({batch, splits, m, m}, doubles);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "affinity_full_direct_difference", [&] {
+    FASTKD_KERNELS::affinity_full_direct_difference(affinity_full_nodes<scalar_t>(s, s_scale),
+                                                    affinity_full_nodes<scalar_t>(t, t_scale), grid, batch, splits,
+                                                    channels_per_split, partials.mutable_data_ptr<double>(),
+                                                    FASTKD_GLUE_STREAM());
+  });
+  return partials.sum(1);  // a fixed-order sum of the per-range partials
+}
+
+// Few nodes: sign `weighted` X (B, C, m) double for the normalised nodes X of x, weighted (B, m, m) double.
+at::Tensor affinity_full_columns(const at::Tensor& x, const at::Tensor& x_scale, const nodes::Grid& grid,
+                                 const at::Tensor& weighted, double sign) {
+  at::Tensor out = at::empty({x.size(0), x.size(1), nodes::node_count(grid)}, x.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "affinity_full_direct_columns", [&] {
+    FASTKD_KERNELS::affinity_full_direct_columns(affinity_full_nodes<scalar_t>(x, x_scale), grid,
+                                                 weighted.const_data_ptr<double>(), x.size(0), sign,
+                                                 out.mutable_data_ptr<double>(), FASTKD_GLUE_STREAM());
+  });
+  return out;
+}
+
 // (terms, ||s_i||, ||t_i||, SS', ST', TT'): terms are r (B, m) with per_row, else sum_i r_i (B,); the Gram
 // matrices are empty (0,) tensors on the direct path. detach_norm only changes the backward.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> affinity_full_forward_op(
@@ -156,12 +192,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto doubles = s.options().dtype(at::kDouble);
   const int64_t batch = s.size(0), m = nodes::node_count(grid);
   if (!use_gram) {
-    at::Tensor rows = at::empty({batch, m}, doubles);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s_c.scalar_type(), "affinity_full_direct_rows", [&] {
-      FASTKD_KERNELS::affinity_full_direct_rows(affinity_full_nodes<scalar_t>(s_c, s_scale),
-                                                affinity_full_nodes<scalar_t>(t_c, t_scale), node_grid, batch,
-                                                rows.mutable_data_ptr<double>(), FASTKD_GLUE_STREAM());
-    });
+    at::Tensor rows;
+    if (m <= FASTKD_KERNELS::kAffinityFewNodes) {
+      rows = affinity_full_difference(s_c, s_scale, t_c, t_scale, node_grid).square().sum(2);
+    } else {
+      rows = at::empty({batch, m}, doubles);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s_c.scalar_type(), "affinity_full_direct_rows", [&] {
+        FASTKD_KERNELS::affinity_full_direct_rows(affinity_full_nodes<scalar_t>(s_c, s_scale),
+                                                  affinity_full_nodes<scalar_t>(t_c, t_scale), node_grid, batch,
+                                                  rows.mutable_data_ptr<double>(), FASTKD_GLUE_STREAM());
+      });
+    }
     return {per_row ? rows : rows.sum(1), s_norm, t_norm, at::empty({0}, doubles), at::empty({0}, doubles),
             at::empty({0}, doubles)};
   }
@@ -215,7 +256,15 @@ std::tuple<at::Tensor, at::Tensor> affinity_full_backward_op(
   const auto doubles = s.options().dtype(at::kDouble);
   const at::Tensor none;
   at::Tensor grad_s_hat, grad_t_hat;
-  if (!use_gram) {
+  if (!use_gram && m <= FASTKD_KERNELS::kAffinityFewNodes) {
+    if (uniform) weight = weight.unsqueeze(1).expand({batch, m});
+    // dL/ds_i = 2 sum_j (w_i + w_j) D_ij s_j, and minus the same of t for dL/dt.
+    const at::Tensor weighted = (2 * (weight.unsqueeze(2) + weight.unsqueeze(1)) *
+                                 affinity_full_difference(s_c, s_scale, t_c, t_scale, node_grid))
+                                    .contiguous();
+    if (need_s) grad_s_hat = affinity_full_columns(s_c, s_scale, node_grid, weighted, 1.0);
+    if (need_t) grad_t_hat = affinity_full_columns(t_c, t_scale, node_grid, weighted, -1.0);
+  } else if (!use_gram) {
     if (uniform) weight = weight.unsqueeze(1).expand({batch, m}).contiguous();
     if (need_s) grad_s_hat = at::zeros({batch, s.size(1), m}, doubles);
     if (need_t) grad_t_hat = at::zeros({batch, t.size(1), m}, doubles);

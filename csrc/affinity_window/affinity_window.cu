@@ -132,11 +132,13 @@ FASTKD_DEVICE Tile tile_of(const Grid& grid, std::int64_t tile) {
 template <int kReach>
 FASTKD_DEVICE std::int64_t halo_index(const Grid& grid, const Tile& tile, int n, int top) {
   const std::int64_t row = tile.row0 - top + n / halo_cols(kReach), col = tile.col0 - kReach + n % halo_cols(kReach);
-  return row >= 0 && row < grid.grid_h && col >= 0 && col < grid.grid_w ? row * grid.grid_w + col : -1;
+  return affinity_window::on_grid(grid, row, col) ? row * grid.grid_w + col : -1;
 }
 
 // One halo node a thread stages: where its patch starts (channel 0 of image b), the patch's size (0 x 0
-// outside the grid) and 1 / (pixel count) for an average.
+// outside the grid) and 1 / (pixel count) for an average. (nodes::NodeAt locates a full-graph node with its
+// norm's scale; this one has no scale yet, and its offset and int sizes take 6 registers a slot against
+// NodeAt's 11: the tiled kernels' register caps hold 2-3 slots a thread.)
 struct HaloNode {
   std::int64_t origin;
   int rows, cols;
@@ -227,8 +229,7 @@ FASTKD_DEVICE void half_window_dots(Staged& staged, Scales& scales, global_ptr<c
 // Whether the partner of node (row, col) at stored offset k lies on the grid.
 template <int kReach>
 FASTKD_DEVICE bool has_partner(const Grid& grid, std::int64_t row, std::int64_t col, int k) {
-  const int dy = stored_dy(kReach, k), dx = stored_dx(kReach, k);
-  return row + dy < grid.grid_h && col + dx >= 0 && col + dx < grid.grid_w;
+  return affinity_window::on_grid(grid, row + stored_dy(kReach, k), col + stored_dx(kReach, k));
 }
 
 // Block kTileThreads, one block per tile of kTileRows x kTileCols nodes of one image (grid: tiles x B). s's
@@ -291,7 +292,7 @@ FASTKD_GLOBAL void FASTKD_LAUNCH_BOUNDS(kTileThreads, tile_blocks_per_sm<T>(fals
 // 4 sign grad sum_{j in window(i)} D_ij f_hat_j (from the staged f_j) and k = 1 / (||f_i|| + eps),
 // dL/df_i = k g - radial f_i, and radial = k^2 (f_i . g) / ||f_i|| (nodes::radial_term) needs no pass over the
 // channels: f_i . g = 4 sign grad sum_j D_ij a_ij / k, from the forward's D and x's affinities a (a_t, or
-// D + a_t for the student). Then the pooling backward (nodes::channel_backward's) writes the node's pixels.
+// D + a_t for the student). Then the pooling backward (nodes::unpool) writes the node's pixels.
 template <int kReach, typename T>
 FASTKD_GLOBAL void FASTKD_LAUNCH_BOUNDS(kTileThreads, tile_blocks_per_sm<T>(kReach == 2))
     window_tile_backward_kernel(global_ptr<const T> x, Map map, global_ptr<const double> norms,
@@ -329,7 +330,7 @@ FASTKD_GLOBAL void FASTKD_LAUNCH_BOUNDS(kTileThreads, tile_blocks_per_sm<T>(kRea
   FASTKD_UNROLL
   for (int k = 0; k < kOffsets; ++k) {
     const int dy = k / kSide - kReach, dx = k % kSide - kReach;
-    const bool inside = active && row + dy >= 0 && row + dy < grid.grid_h && col + dx >= 0 && col + dx < grid.grid_w;
+    const bool inside = active && affinity_window::on_grid(grid, row + dy, col + dx);
     double d = 0.0, a = 0.0;
     if (inside) {
       const std::int64_t at = affinity_window::in_stored_half(dy, dx)
@@ -363,16 +364,8 @@ FASTKD_GLOBAL void FASTKD_LAUNCH_BOUNDS(kTileThreads, tile_blocks_per_sm<T>(kRea
       const std::int64_t c = c0 + cc;
       if (!active || c >= c_end) continue;
       const double grad_pooled = sum - radial * staged[cc * kHalo + own];  // k g - radial f_i
-      std::int64_t winner = -1;  // max pooling: the pixel the gradient goes to (nodes::pool)
-      if (grid.max_pool) nodes::pool(x + at.origin + c * map.stride_c, map, patch, true, &winner);
-      const global_ptr<T> out = grad + grad_origin + c * grad_map.stride_c;
-      for (std::int64_t py = 0; py < patch.rows; ++py) {
-        for (std::int64_t px = 0; px < patch.cols; ++px) {
-          const double value =
-              grid.max_pool ? (py * patch.cols + px == winner ? grad_pooled : 0.0) : grad_pooled * at.inverse_count;
-          out[py * grad_map.stride_h + px * grad_map.stride_w] = from_double<T>(value);
-        }
-      }
+      nodes::unpool(x + at.origin + c * map.stride_c, map, patch, grid.max_pool, grad_pooled, at.inverse_count,
+                    grad + grad_origin + c * grad_map.stride_c, grad_map);
     }
     __syncthreads();  // before the next chunk is staged
   }

@@ -380,22 +380,14 @@ struct BackwardBuffers {
   }
 };
 
-// The pixels of node `node` of image b, channel c, from dL/df_c = grad_pooled: nodes::channel_backward's pooling
-// step (an average spreads it over the patch's pixels, a max sends it to the first maximal pixel).
+// The pixels of node `node` of image b, channel c, from dL/df_c = grad_pooled (nodes::unpool).
 template <typename T>
 inline void unpool(const T* x, const Map& map, const Grid& grid, std::int64_t b, std::int64_t c, std::int64_t node,
                    double grad_pooled, T* grad, const Map& grad_map) {
   const nodes::Patch patch = nodes::patch_of(map, grid, node);
-  std::int64_t winner = -1;
-  if (grid.max_pool) nodes::pool(x + nodes::patch_origin(map, patch, b, c), map, patch, true, &winner);
-  const double count = static_cast<double>(patch.rows * patch.cols);
-  T* out = grad + nodes::patch_origin(grad_map, patch, b, c);
-  for (std::int64_t py = 0; py < patch.rows; ++py) {
-    for (std::int64_t px = 0; px < patch.cols; ++px) {
-      const double value = grid.max_pool ? (py * patch.cols + px == winner ? grad_pooled : 0.0) : grad_pooled / count;
-      out[py * grad_map.stride_h + px * grad_map.stride_w] = from_double<T>(value);
-    }
-  }
+  nodes::unpool(x + nodes::patch_origin(map, patch, b, c), map, patch, grid.max_pool, grad_pooled,
+                1.0 / static_cast<double>(patch.rows * patch.cols), grad + nodes::patch_origin(grad_map, patch, b, c),
+                grad_map);
 }
 
 // g[n] += sum over dx = -reach .. reach of w[(dx + reach) * width + n] * f[n + dx] (n < count), dx in order:

@@ -48,11 +48,16 @@ FASTKD_HOST_DEVICE inline std::int64_t half_index(const Grid& grid, std::int64_t
   return dy * (2 * grid.reach_w + 1) + dx;
 }
 
-// The node at offset (dy, dx) from `node`, or -1 where that leaves the grid (a row or column test: a bound
-// on the flat index would let a partner wrap around to the next row).
+// Whether node (row, col) lies on the grid (a row and column test: a bound on the flat index would let a
+// window's partner wrap around to the next row).
+FASTKD_HOST_DEVICE inline bool on_grid(const nodes::Grid& grid, std::int64_t row, std::int64_t col) {
+  return row >= 0 && row < grid.grid_h && col >= 0 && col < grid.grid_w;
+}
+
+// The node at offset (dy, dx) from `node`, or -1 where that leaves the grid.
 FASTKD_HOST_DEVICE inline std::int64_t partner(const Grid& grid, std::int64_t node, std::int64_t dy, std::int64_t dx) {
   const std::int64_t row = node / grid.grid_w + dy, col = node % grid.grid_w + dx;
-  return row >= 0 && row < grid.grid_h && col >= 0 && col < grid.grid_w ? row * grid.grid_w + col : -1;
+  return on_grid(grid, row, col) ? row * grid.grid_w + col : -1;
 }
 
 // The partner of `node` at offset k of the stored half, or -1.

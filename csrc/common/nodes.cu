@@ -2,15 +2,20 @@
 // emulator runs this same file on the CPU through nodes_emulated.cpp). The per-node math is nodes_math.cuh.
 //
 //   node_norm_kernel       one thread per node: ||f_i||, pooling on the fly
+//   node_norm_warp_kernel  the same for few nodes (below kFewNodes), a warp per node: lane l sums the channels
+//                          l, l + 32, .., and the warp adds its lanes' sums by shuffles in a fixed order
 //   pool_nodes_kernel      one thread per channel of a node: its pooled feature (the threads of a warp take
 //                          consecutive nodes of one channel: coalesced stores, and loads whose sectors the
 //                          next pixels of the patches reuse)
 //   node_radial_kernel     one thread per node: the norm's share k^2 (f . g) / n of its gradient
+//   node_radial_warp_kernel  the same for few nodes, a warp per node, as node_norm_warp_kernel
 //   node_backward_kernel   one thread per channel of a node: normalisation then pooling backward, writing its
 //                          own pixels
 //
-// Patches do not overlap, so every output element is written by one thread: no atomics.
+// Patches do not overlap, so every output element is written by one thread: no atomics. Which kernel runs
+// depends on the shape alone, so a shape gives the same result on every run.
 #include "nodes.h"
+#include "block_sum.cuh"
 #include "nodes_math.cuh"
 
 namespace fastkd {
@@ -18,6 +23,13 @@ namespace FASTKD_KERNELS {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kWarpsPerBlock = kThreads / 32;
+
+// Below this many nodes (B m) the reductions over a node's channels take a warp a node. One thread a node would
+// keep few threads busy, each reading all C channels one after another: with pool_scale (9 nodes at 65 x 65,
+// B = 8) 72 threads, each with 512 loads in sequence, on a GPU that holds 270,000 threads (132 SMs x 2048). At
+// 8192 nodes the warps fill an H100 (132 x 64 warps), and one thread a node reads 32 nodes a request coalesced.
+constexpr std::int64_t kFewNodes = 8192;
 
 using nodes::Grid;
 using nodes::Map;
@@ -28,7 +40,22 @@ FASTKD_GLOBAL void node_norm_kernel(global_ptr<const T> x, Map map, Grid grid, s
   const std::int64_t m = nodes::node_count(grid);
   const std::int64_t index = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (index >= batch * m) return;
-  norms[index] = nodes::node_norm(x, map, grid, index / m, index % m);
+  norms[index] = sqrt(nodes::node_squares(x, map, grid, index / m, index % m));
+}
+
+// The index of this thread's warp among the grid's, and its lane.
+FASTKD_DEVICE std::int64_t warp_index() {
+  return static_cast<std::int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+}
+
+template <typename T>
+FASTKD_GLOBAL void node_norm_warp_kernel(global_ptr<const T> x, Map map, Grid grid, std::int64_t batch,
+                                         global_ptr<double> norms) {
+  const std::int64_t m = nodes::node_count(grid), index = warp_index();
+  const int lane = threadIdx.x % 32;
+  const bool node = index < batch * m;  // the same for the warp's lanes, which all take part in the sum
+  const double squares = warp_sum(node ? nodes::node_squares(x, map, grid, index / m, index % m, lane, 32) : 0.0);
+  if (node && lane == 0) norms[index] = sqrt(squares);
 }
 
 template <typename T>
@@ -49,7 +76,20 @@ FASTKD_GLOBAL void node_radial_kernel(global_ptr<const double> grad_hat, global_
   const std::int64_t m = nodes::node_count(grid);
   const std::int64_t index = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (index >= batch * m) return;
-  radial[index] = nodes::radial_term(grad_hat, x, map, nodes_in, norms, grid, eps, index / m, index % m);
+  radial[index] = nodes::radial_term(nodes::radial_dot(grad_hat, x, map, nodes_in, grid, index / m, index % m),
+                                     norms[index], eps);
+}
+
+template <typename T>
+FASTKD_GLOBAL void node_radial_warp_kernel(global_ptr<const double> grad_hat, global_ptr<const T> x, Map map,
+                                           global_ptr<const double> nodes_in, global_ptr<const double> norms,
+                                           Grid grid, double eps, std::int64_t batch, global_ptr<double> radial) {
+  const std::int64_t m = nodes::node_count(grid), index = warp_index();
+  const int lane = threadIdx.x % 32;
+  const bool node = index < batch * m;
+  const double dot =
+      warp_sum(node ? nodes::radial_dot(grad_hat, x, map, nodes_in, grid, index / m, index % m, lane, 32) : 0.0);
+  if (node && lane == 0) radial[index] = nodes::radial_term(dot, norms[index], eps);
 }
 
 // radial: the nodes' radial terms, or nullptr (the norm detached: none).
@@ -67,6 +107,7 @@ FASTKD_GLOBAL void node_backward_kernel(global_ptr<const double> grad_hat, globa
 }
 
 std::int64_t blocks_for(std::int64_t items) { return (items + kThreads - 1) / kThreads; }
+std::int64_t warp_blocks_for(std::int64_t items) { return (items + kWarpsPerBlock - 1) / kWarpsPerBlock; }
 
 }  // namespace
 
@@ -75,8 +116,13 @@ void node_norms(const T* x, const nodes::Map& map, const nodes::Grid& grid, std:
                 fastkd_stream_t stream) {
   const std::int64_t items = batch * nodes::node_count(grid);
   if (items == 0) return;
-  FASTKD_LAUNCH(node_norm_kernel<T>, LaunchExtent(blocks_for(items)), dim3(kThreads), stream, x, map, grid, batch,
-                norms);
+  if (items < kFewNodes) {
+    FASTKD_LAUNCH(node_norm_warp_kernel<T>, LaunchExtent(warp_blocks_for(items)), dim3(kThreads), stream, x, map,
+                  grid, batch, norms);
+  } else {
+    FASTKD_LAUNCH(node_norm_kernel<T>, LaunchExtent(blocks_for(items)), dim3(kThreads), stream, x, map, grid, batch,
+                  norms);
+  }
 }
 
 template <typename T>
@@ -94,7 +140,10 @@ void node_backward(const double* grad_hat, const T* x, const nodes::Map& map, co
                    double* radial, T* grad, const nodes::Map& grad_map, fastkd_stream_t stream) {
   const std::int64_t node_items = batch * nodes::node_count(grid);
   if (node_items * map.channels == 0) return;
-  if (!detach_norm) {
+  if (!detach_norm && node_items < kFewNodes) {
+    FASTKD_LAUNCH(node_radial_warp_kernel<T>, LaunchExtent(warp_blocks_for(node_items)), dim3(kThreads), stream,
+                  grad_hat, x, map, nodes_in, norms, grid, eps, batch, radial);
+  } else if (!detach_norm) {
     FASTKD_LAUNCH(node_radial_kernel<T>, LaunchExtent(blocks_for(node_items)), dim3(kThreads), stream, grad_hat, x, map,
                   nodes_in, norms, grid, eps, batch, radial);
   }

@@ -128,16 +128,17 @@ FASTKD_HOST_DEVICE double pooled(global_ptr<const T> x, const Map& map, const Gr
   return pool(x + patch_origin(map, patch, b, c), map, patch, grid.max_pool);
 }
 
-// ||f||_2 of `node` in image b.
+// The sum of f_c^2 over the channels c = first, first + step, .. of `node` in image b (all of them for 0, 1:
+// the square of ||f||_2).
 template <typename T>
-FASTKD_HOST_DEVICE double node_norm(global_ptr<const T> x, const Map& map, const Grid& grid, std::int64_t b,
-                                    std::int64_t node) {
+FASTKD_HOST_DEVICE double node_squares(global_ptr<const T> x, const Map& map, const Grid& grid, std::int64_t b,
+                                       std::int64_t node, std::int64_t first = 0, std::int64_t step = 1) {
   double squares = 0.0;
-  for (std::int64_t c = 0; c < map.channels; ++c) {
+  for (std::int64_t c = first; c < map.channels; c += step) {
     const double f = pooled(x, map, grid, b, c, node);
     squares += f * f;
   }
-  return sqrt(squares);
+  return squares;
 }
 
 // Whether every node of `map` is one pixel and node n is the pixel at n * stride_w (rows back to back, as in
@@ -206,24 +207,46 @@ FASTKD_HOST_DEVICE double normalized(const Nodes<T>& operand, const Grid& grid, 
 // (NaN is its own max; see pool). Two steps, so that a few large nodes still spread over many threads:
 // radial_term once a node, then channel_backward once a channel of a node.
 
-// k^2 (f . g) / n of `node` in image b, the norm's share of the gradient (0 when n = 0). f is read from
-// `nodes_in` ((B, C, m) double, the nodes pooled ahead) where it is not nullptr, else pooled from x.
+// f . g of `node` in image b over the channels c = first, first + step, .. (all of them for 0, 1). f is read
+// from `nodes_in` ((B, C, m) double, the nodes pooled ahead) where it is not nullptr, else pooled from x.
 template <typename T>
-FASTKD_HOST_DEVICE double radial_term(global_ptr<const double> grad_hat, global_ptr<const T> x, const Map& map,
-                                      global_ptr<const double> nodes_in, global_ptr<const double> norms,
-                                      const Grid& grid, double eps, std::int64_t b, std::int64_t node) {
+FASTKD_HOST_DEVICE double radial_dot(global_ptr<const double> grad_hat, global_ptr<const T> x, const Map& map,
+                                     global_ptr<const double> nodes_in, const Grid& grid, std::int64_t b,
+                                     std::int64_t node, std::int64_t first = 0, std::int64_t step = 1) {
   const std::int64_t m = node_count(grid);
-  const double norm = norms[b * m + node];
+  const std::int64_t channel0 = b * map.channels * m + node;  // channel 0 of the node in grad_hat and nodes_in
+  double dot = 0.0;
+  for (std::int64_t c = first; c < map.channels; c += step) {
+    const double f = nodes_in != nullptr ? static_cast<double>(nodes_in[channel0 + c * m]) : pooled(x, map, grid, b, c,
+                                                                                                      node);
+    dot += grad_hat[channel0 + c * m] * f;
+  }
+  return dot;
+}
+
+// k^2 (f . g) / n, the norm's share of a node's gradient, from its radial_dot and norm n (0 when n = 0).
+FASTKD_HOST_DEVICE inline double radial_term(double dot, double norm, double eps) {
   if (!(norm > 0)) return 0.0;
   const double scale = 1.0 / (norm + eps);
-  const std::int64_t first = b * map.channels * m + node;  // channel 0 of the node in grad_hat and nodes_in
-  double dot = 0.0;
-  for (std::int64_t c = 0; c < map.channels; ++c) {
-    const double f = nodes_in != nullptr ? static_cast<double>(nodes_in[first + c * m]) : pooled(x, map, grid, b, c,
-                                                                                                   node);
-    dot += grad_hat[first + c * m] * f;
-  }
   return dot * scale * scale / norm;
+}
+
+// The pooling backward of one channel of a node: dL/dx of its pixels (`out`: the first of them, in grad_map's
+// layout) from dL/df = grad_pooled. An average spreads grad_pooled times `inverse_count` (1 / the patch's pixel
+// count, found once by the caller) over the patch; a max sends grad_pooled to the first maximal pixel (`origin`:
+// the patch's first pixel in x; see pool) and 0 to the others.
+template <typename T>
+FASTKD_HOST_DEVICE void unpool(global_ptr<const T> origin, const Map& map, const Patch& patch, bool max_pool,
+                               double grad_pooled, double inverse_count, global_ptr<T> out, const Map& grad_map) {
+  std::int64_t winner = -1;
+  if (max_pool) pool(origin, map, patch, true, &winner);
+  const double per_pixel = max_pool ? grad_pooled : grad_pooled * inverse_count;
+  for (std::int64_t py = 0; py < patch.rows; ++py) {
+    for (std::int64_t px = 0; px < patch.cols; ++px) {
+      const double value = !max_pool || py * patch.cols + px == winner ? per_pixel : 0.0;
+      out[py * grad_map.stride_h + px * grad_map.stride_w] = from_double<T>(value);
+    }
+  }
 }
 
 // dL/dx for the pixels of channel c of `node` in image b, given the node's radial_term (0 when the norm is
@@ -236,18 +259,11 @@ FASTKD_HOST_DEVICE void channel_backward(global_ptr<const double> grad_hat, glob
   const std::int64_t m = node_count(grid);
   const double scale = 1.0 / (norms[b * m + node] + eps);
   const Patch patch = patch_of(map, grid, node);
-  const double count = static_cast<double>(patch.rows * patch.cols);
-  std::int64_t winner = -1;
-  const double f = pool(x + patch_origin(map, patch, b, c), map, patch, grid.max_pool, &winner);
+  const global_ptr<const T> origin = x + patch_origin(map, patch, b, c);
+  const double f = pool(origin, map, patch, grid.max_pool);
   const double grad_pooled = grad_hat[(b * map.channels + c) * m + node] * scale - radial * f;
-  const global_ptr<T> out = grad + patch_origin(grad_map, patch, b, c);
-  for (std::int64_t py = 0; py < patch.rows; ++py) {
-    for (std::int64_t px = 0; px < patch.cols; ++px) {
-      const double value =
-          grid.max_pool ? (py * patch.cols + px == winner ? grad_pooled : 0.0) : grad_pooled / count;
-      out[py * grad_map.stride_h + px * grad_map.stride_w] = from_double<T>(value);
-    }
-  }
+  unpool(origin, map, patch, grid.max_pool, grad_pooled, 1.0 / static_cast<double>(patch.rows * patch.cols),
+         grad + patch_origin(grad_map, patch, b, c), grad_map);
 }
 
 }  // namespace nodes
