@@ -23,11 +23,14 @@ CUOBJDUMP = os.path.join(NVIDIA_BIN, "cuobjdump")
 NVDISASM = os.path.join(NVIDIA_BIN, "nvdisasm")
 ALIGNED_SHAPE = (2, 32, 32, 48)  # every size divisible by 16; the first shape recorded
 ODD_SHAPE = (2, 19, 13, 21)
+# Few nodes (63 pixels; pool_scale: 3 x 3 nodes) and more channels than a program's 32: the direct path's
+# whole-D kernels and the node reductions' channel splits
+FEW_NODES_SHAPE = (2, 40, 7, 9)
 
 
 def record_launches():
     """Every Triton kernel launch of the losses' forward and backward passes, as (kernel, args, kwargs): float32
-    first, then float16, bfloat16, float64; per dtype the aligned shape, then the odd one."""
+    first, then float16, bfloat16, float64; per dtype the aligned shape, the odd one, then few nodes."""
     launches = []
 
     def record(kernel, *args, grid, warmup, **kwargs):
@@ -58,6 +61,12 @@ def record_launches():
                            fastkd.ProbabilityLoss(backend="triton")]
                 for loss in losses:
                     loss(s, t).backward()
+            s = torch.randn(*FEW_NODES_SHAPE, generator=generator).to(dtype).requires_grad_()
+            t = torch.randn(*FEW_NODES_SHAPE, generator=generator).to(dtype).requires_grad_()
+            for loss in (fastkd.PairwiseAffinityLoss(pool_scale=0.5, backend="triton"),
+                         fastkd.PairwiseAffinityLoss(algorithm="direct", backend="triton"),
+                         fastkd.AffinityDistillationLoss(algorithm="direct", backend="triton")):
+                loss(s, t).backward()
     finally:
         JITFunction.run = original_run
         del os.environ["TRITON_INTERPRET"]

@@ -23,6 +23,11 @@ from fastkd.ops._triton_launch import KERNEL_OPTIONS, on_device, strides, to_ele
 
 BLOCK_NODES = 32
 BLOCK_CHANNELS = 32
+# Below this many nodes (B m) the reductions over a node's channels (norms, the norm's share of the gradient)
+# split the channels over programs, BLOCK_CHANNELS a program, and sum the partials in a fixed order: a program
+# per BLOCK_NODES nodes would leave the GPU idle (pool_scale: 9 nodes at 65 x 65, 8 programs for B = 8, each
+# reading 512 channels in sequence). As csrc/common/nodes.cu's kFewNodes.
+FEW_NODES = 8192
 
 
 @triton.jit
@@ -73,19 +78,25 @@ def load_normalized(x_ptr, norm_ptr, b, channels, nodes, num_channels, num_nodes
 
 
 @triton.jit
-def node_norm_kernel(x_ptr, norm_ptr, num_channels, num_nodes, height, width, grid_w,
-                     stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w,
-                     MAX_POOL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``||f_i||_2`` (float64) of every node; grid (node blocks, B)."""
-    b = tl.program_id(1).to(tl.int64)
+def node_norm_kernel(x_ptr, out_ptr, num_channels, num_nodes, height, width, grid_w,
+                     stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, channels_per_split,
+                     SPLIT: tl.constexpr, MAX_POOL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``||f_i||_2`` (float64) of every node, or with SPLIT the sums of ``f_c^2`` over each split's channels
+    ``[split n, (split + 1) n)`` (n = channels_per_split), (B, splits, m); grid (node blocks, splits, B)."""
+    b = tl.program_id(2).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
     nodes = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    first = split * channels_per_split
     squares = tl.zeros((BLOCK_N,), tl.float64)
-    for c0 in range(0, num_channels, BLOCK_C):
+    for c0 in range(first, tl.minimum(first + channels_per_split, num_channels), BLOCK_C):
         channels = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
         pooled = load_pooled(x_ptr, b, channels, nodes, num_channels, num_nodes, height, width, grid_w,
                              stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL)
         squares += tl.sum(pooled * pooled, axis=0)
-    tl.store(norm_ptr + b * num_nodes + nodes, tl.sqrt(squares), mask=nodes < num_nodes)
+    if SPLIT:
+        tl.store(out_ptr + (b * tl.num_programs(1) + split) * num_nodes + nodes, squares, mask=nodes < num_nodes)
+    else:
+        tl.store(out_ptr + b * num_nodes + nodes, tl.sqrt(squares), mask=nodes < num_nodes)
 
 
 @triton.jit
@@ -113,24 +124,36 @@ def program_nodes(norm_ptr, b, num_nodes, eps, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def node_radial_kernel(grad_hat_ptr, x_ptr, norm_ptr, radial_ptr, num_channels, num_nodes, height, width, grid_w,
+def node_radial_kernel(grad_hat_ptr, x_ptr, norm_ptr, out_ptr, num_channels, num_nodes, height, width, grid_w,
                        stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, eps: tl.float64,
-                       MAX_POOL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+                       channels_per_split, SPLIT: tl.constexpr, MAX_POOL: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
     """``k^2 (f . g) / n`` (float64, 0 where n = 0) of every node, the norm's share of its gradient (see
-    :func:`node_backward_kernel`), from dL/df_hat (B, C, m float64, contiguous); grid (node blocks, B)."""
-    b = tl.program_id(1).to(tl.int64)
+    :func:`node_backward_kernel`), from dL/df_hat (B, C, m float64, contiguous); with SPLIT, ``f . g`` over each
+    split's channels (as :func:`node_norm_kernel`), (B, splits, m). Grid (node blocks, splits, B)."""
+    b = tl.program_id(2).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
     nodes, node_ok, norm, scale = program_nodes(norm_ptr, b, num_nodes, eps, BLOCK_N)
     grad_hat_base = grad_hat_ptr + b * num_channels * num_nodes
+    first = split * channels_per_split
     dot = tl.zeros((BLOCK_N,), tl.float64)
-    for c0 in range(0, num_channels, BLOCK_C):
+    for c0 in range(first, tl.minimum(first + channels_per_split, num_channels), BLOCK_C):
         channels = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
         ok = (channels[:, None] < num_channels) & node_ok[None, :]
         g = tl.load(grad_hat_base + channels[:, None] * num_nodes + nodes[None, :], mask=ok, other=0.0)
         pooled = load_pooled(x_ptr, b, channels, nodes, num_channels, num_nodes, height, width, grid_w,
                              stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL)
         dot += tl.sum(g * pooled, axis=0)
-    radial = tl.where(norm > 0, dot * scale * scale / tl.where(norm > 0, norm, 1.0), 0.0)
-    tl.store(radial_ptr + b * num_nodes + nodes, radial, mask=node_ok)
+    if SPLIT:
+        tl.store(out_ptr + (b * tl.num_programs(1) + split) * num_nodes + nodes, dot, mask=node_ok)
+    else:
+        tl.store(out_ptr + b * num_nodes + nodes, radial_term(dot, norm, scale), mask=node_ok)
+
+
+@triton.jit
+def radial_term(dot, norm, scale):
+    """``k^2 (f . g) / n`` from ``f . g``, the norm n and k = 1 / (n + eps); 0 where n = 0."""
+    return tl.where(norm > 0, dot * scale * scale / tl.where(norm > 0, norm, 1.0), 0.0)
 
 
 @triton.jit
@@ -192,15 +215,23 @@ def node_backward_kernel(grad_hat_ptr, x_ptr, norm_ptr, radial_ptr, grad_x_ptr, 
             tl.store(target, to_element_type(grad_pixel, grad_x_ptr), mask=ok & inside[None, :])
 
 
+def channel_splits(batch: int, nodes: int, channels: int) -> int:
+    """How many programs share each node's channels in the node reductions: one (all channels), or below
+    FEW_NODES nodes in all one per BLOCK_CHANNELS channels."""
+    return triton.cdiv(channels, BLOCK_CHANNELS) if batch * nodes < FEW_NODES and channels > BLOCK_CHANNELS else 1
+
+
 def node_norms(x: torch.Tensor, grid: NodeGrid) -> torch.Tensor:
     """``||f_i||_2`` of every node of every image: (B, m) float64."""
     batch, channels, height, width = x.shape
-    norms = torch.empty(batch, grid.nodes, dtype=torch.float64, device=x.device)
+    splits = channel_splits(batch, grid.nodes, channels)
+    out = torch.empty(batch, *([splits] if splits > 1 else []), grid.nodes, dtype=torch.float64, device=x.device)
     with on_device(x):
-        node_norm_kernel[(triton.cdiv(grid.nodes, BLOCK_NODES), batch)](
-            x, norms, channels, grid.nodes, height, width, grid.grid_w, *strides(x), grid.kernel_h, grid.kernel_w,
-            MAX_POOL=grid.max_pool, BLOCK_C=BLOCK_CHANNELS, BLOCK_N=BLOCK_NODES, **KERNEL_OPTIONS)
-    return norms
+        node_norm_kernel[(triton.cdiv(grid.nodes, BLOCK_NODES), splits, batch)](
+            x, out, channels, grid.nodes, height, width, grid.grid_w, *strides(x), grid.kernel_h, grid.kernel_w,
+            BLOCK_CHANNELS if splits > 1 else channels, SPLIT=splits > 1, MAX_POOL=grid.max_pool,
+            BLOCK_C=BLOCK_CHANNELS, BLOCK_N=BLOCK_NODES, **KERNEL_OPTIONS)
+    return out.sum(dim=1).sqrt() if splits > 1 else out  # a fixed-order sum of the splits' partials
 
 
 def pool_nodes(x: torch.Tensor, grid: NodeGrid) -> torch.Tensor:
@@ -225,11 +256,19 @@ def node_backward(grad_hat: torch.Tensor, x: torch.Tensor, norms: torch.Tensor, 
         if not detach_norm:
             source, source_grid = (x, grid) if nodes is None else \
                 (nodes, NodeGrid(1, 1, grid.grid_h, grid.grid_w, False))
-            radial = torch.empty_like(norms)
-            node_radial_kernel[(triton.cdiv(grid.nodes, BLOCK_NODES), batch)](
-                grad_hat, source, norms, radial, channels, grid.nodes, source.shape[2], source.shape[3],
+            splits = channel_splits(batch, grid.nodes, channels)
+            out = torch.empty(batch, *([splits] if splits > 1 else []), grid.nodes, dtype=torch.float64,
+                              device=x.device)
+            node_radial_kernel[(triton.cdiv(grid.nodes, BLOCK_NODES), splits, batch)](
+                grad_hat, source, norms, out, channels, grid.nodes, source.shape[2], source.shape[3],
                 grid.grid_w, *strides(source), source_grid.kernel_h, source_grid.kernel_w, eps,
-                MAX_POOL=source_grid.max_pool, BLOCK_C=BLOCK_CHANNELS, BLOCK_N=BLOCK_NODES, **KERNEL_OPTIONS)
+                BLOCK_CHANNELS if splits > 1 else channels, SPLIT=splits > 1, MAX_POOL=source_grid.max_pool,
+                BLOCK_C=BLOCK_CHANNELS, BLOCK_N=BLOCK_NODES, **KERNEL_OPTIONS)
+            radial = out
+            if splits > 1:  # the splits' dots summed in a fixed order, then radial_term's formula
+                scale = 1.0 / (norms + eps)
+                radial = torch.where(norms > 0, out.sum(dim=1) * scale * scale / torch.where(norms > 0, norms, 1.0),
+                                     0.0)
         node_backward_kernel[(triton.cdiv(grid.nodes, BLOCK_NODES), triton.cdiv(channels, BLOCK_CHANNELS), batch)](
             grad_hat, x, norms, radial, grad_x, channels, grid.nodes, height, width, grid.grid_w, *strides(x),
             *strides(grad_x), grid.kernel_h, grid.kernel_w, eps, DETACH_NORM=detach_norm,

@@ -14,7 +14,8 @@ Two algorithms compute it, chosen by :func:`fastkd.ops._graph.use_gram` unless o
   ``r_i = s_i'(SS')s_i - 2 s_i'(ST')t_i + t_i'(TT')t_i``. The terms cancel to ~1e-6 of their size near
   convergence, so the Gram matrices and everything after them are accumulated in float64.
 * **direct** (O(m^2 C) work, O(m C) memory, flash-style): tiles of D are formed in registers from node
-  tiles and reduced at once; used when m is small next to C.
+  tiles and reduced at once; used when m is small next to C. With few nodes (m <= FEW_NODES) D itself is
+  formed, (B, m, m), its channels split over programs so that a few tiles still fill the GPU.
 
 Backward, for any row weights ``w_i = dL/dr_i`` (uniform for the pair-wise loss):
 
@@ -43,6 +44,10 @@ BLOCK_CHANNELS = 32
 # Gram programs split the node range so that small batches still fill the GPU; each split writes its own
 # partial matrix and the partials are summed in a fixed order (no atomics).
 TARGET_PROGRAMS = 1024
+# Up to this many nodes an image, the direct path forms D (B, m, m) with its channels split over programs
+# (direct_difference), instead of a program per BLOCK_NODES rows (pool_scale: 9 nodes, 8 programs for B = 8,
+# each summing all 512 + 512 channels in sequence). As csrc/affinity_full/affinity_full.h's kAffinityFewNodes.
+FEW_NODES = 64
 # direct_backward_kernel's partner and channel steps: at 32 it needs more than 255 registers on GPUs whose
 # float64 tl.dot is FMAs (no FP64 tensor cores: sm_86, sm_89), and spilled 0.7-1 KB per thread there.
 BACKWARD_BLOCK = 16
@@ -154,11 +159,12 @@ def gram_apply_kernel(p_ptr, p_norm_ptr, q_ptr, q_norm_ptr, a1_ptr, b1_ptr, a2_p
 
 @triton.jit
 def _affinity_tile(x_ptr, x_norm_ptr, b, nodes_i, nodes_j, x_channels, num_nodes, height, width, grid_w,
-                   x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, eps, MAX_POOL: tl.constexpr,
+                   x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, eps, first, last, MAX_POOL: tl.constexpr,
                    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
-    """``a[i, j] = x_i . x_j`` for a (BLOCK_I, BLOCK_J) tile of normalised nodes, in registers."""
+    """``a[i, j] = x_i . x_j`` over the channels ``[first, last)`` for a (BLOCK_I, BLOCK_J) tile of normalised
+    nodes, in registers; ``last`` is the channel count or a multiple of BLOCK_C."""
     affinity = tl.zeros((BLOCK_I, BLOCK_J), tl.float64)
-    for c0 in range(0, x_channels, BLOCK_C):
+    for c0 in range(first, last, BLOCK_C):
         channels = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
         x_i = load_normalized(x_ptr, x_norm_ptr, b, channels, nodes_i, x_channels, num_nodes, height, width,
                               grid_w, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, eps, MAX_POOL)
@@ -175,9 +181,11 @@ def _difference_tile(s_ptr, s_norm_ptr, t_ptr, t_norm_ptr, b, nodes_i, nodes_j, 
                      BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
     """``D[i, j] = s_i . s_j - t_i . t_j`` for a (BLOCK_I, BLOCK_J) tile, in registers."""
     a_s = _affinity_tile(s_ptr, s_norm_ptr, b, nodes_i, nodes_j, s_channels, num_nodes, height, width, grid_w,
-                         s_sb, s_sc, s_sh, s_sw, kernel_h, kernel_w, eps, MAX_POOL, BLOCK_I, BLOCK_J, BLOCK_C)
+                         s_sb, s_sc, s_sh, s_sw, kernel_h, kernel_w, eps, 0, s_channels, MAX_POOL, BLOCK_I, BLOCK_J,
+                         BLOCK_C)
     a_t = _affinity_tile(t_ptr, t_norm_ptr, b, nodes_i, nodes_j, t_channels, num_nodes, height, width, grid_w,
-                         t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w, eps, MAX_POOL, BLOCK_I, BLOCK_J, BLOCK_C)
+                         t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w, eps, 0, t_channels, MAX_POOL, BLOCK_I, BLOCK_J,
+                         BLOCK_C)
     return a_s - a_t
 
 
@@ -243,6 +251,53 @@ def direct_backward_kernel(s_ptr, s_norm_ptr, t_ptr, t_norm_ptr, weight_ptr, gra
                              MAX_POOL, BLOCK_C)
 
 
+@triton.jit(do_not_specialize=UNSPECIALISED)
+def direct_difference_kernel(s_ptr, s_norm_ptr, t_ptr, t_norm_ptr, partials_ptr, s_channels, t_channels,
+                             num_nodes, height, width, grid_w, s_sb, s_sc, s_sh, s_sw, t_sb, t_sc, t_sh, t_sw,
+                             kernel_h, kernel_w, eps: tl.float64, channels_per_split, MAX_POOL: tl.constexpr,
+                             BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Few nodes: a (BLOCK_I, BLOCK_J) tile of D over the split's channels ``[split n, (split + 1) n)`` of s and
+    of t (n = channels_per_split, a multiple of BLOCK_C), into partials (B, splits, m, m); grid (i blocks x j
+    blocks, splits, B)."""
+    tiles_j = tl.cdiv(num_nodes, BLOCK_J)
+    tile = tl.program_id(0)
+    split = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    nodes_i = (tile // tiles_j).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
+    nodes_j = (tile % tiles_j).to(tl.int64) * BLOCK_J + tl.arange(0, BLOCK_J).to(tl.int64)
+    first = split * channels_per_split
+    a_s = _affinity_tile(s_ptr, s_norm_ptr, b, nodes_i, nodes_j, s_channels, num_nodes, height, width, grid_w,
+                         s_sb, s_sc, s_sh, s_sw, kernel_h, kernel_w, eps, first,
+                         tl.minimum(first + channels_per_split, s_channels), MAX_POOL, BLOCK_I, BLOCK_J, BLOCK_C)
+    a_t = _affinity_tile(t_ptr, t_norm_ptr, b, nodes_i, nodes_j, t_channels, num_nodes, height, width, grid_w,
+                         t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w, eps, first,
+                         tl.minimum(first + channels_per_split, t_channels), MAX_POOL, BLOCK_I, BLOCK_J, BLOCK_C)
+    rows = (b * tl.num_programs(1) + split) * num_nodes + nodes_i
+    tl.store(partials_ptr + rows[:, None] * num_nodes + nodes_j[None, :], a_s - a_t,
+             mask=(nodes_i[:, None] < num_nodes) & (nodes_j[None, :] < num_nodes))
+
+
+@triton.jit(do_not_specialize=UNSPECIALISED)
+def direct_columns_kernel(x_ptr, x_norm_ptr, weighted_ptr, out_ptr, x_channels, num_nodes, height, width, grid_w,
+                          x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, eps: tl.float64, MAX_POOL: tl.constexpr,
+                          BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Few nodes: ``out[b, c, i] = sum_j weighted[b, i, j] x_j[c]`` (out (B, C, m), weighted (B, m, m), both
+    float64) for a block of nodes i and of channels; grid (node blocks, channel blocks, B)."""
+    b = tl.program_id(2).to(tl.int64)
+    nodes_i = tl.program_id(0).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
+    channels = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    acc = tl.zeros((BLOCK_C, BLOCK_I), tl.float64)
+    for j0 in range(0, num_nodes, BLOCK_J):
+        nodes_j = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
+        weighted = tl.load(weighted_ptr + (b * num_nodes + nodes_i[:, None]) * num_nodes + nodes_j[None, :],
+                           mask=(nodes_i[:, None] < num_nodes) & (nodes_j[None, :] < num_nodes), other=0.0)
+        x_j = load_normalized(x_ptr, x_norm_ptr, b, channels, nodes_j, x_channels, num_nodes, height, width,
+                              grid_w, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, eps, MAX_POOL)
+        acc += tl.dot(x_j, tl.trans(weighted))
+    ok = (channels[:, None] < x_channels) & (nodes_i[None, :] < num_nodes)
+    tl.store(out_ptr + (b * x_channels + channels[:, None]) * num_nodes + nodes_i[None, :], acc, mask=ok)
+
+
 # ---------------------------------------------------------------------------------------------- launchers
 
 def _geometry(x: torch.Tensor, grid: NodeGrid):
@@ -301,6 +356,35 @@ def gram_apply(p, p_norm, q, q_norm, grid: NodeGrid, eps: float, a1, b1=None, we
     return out, dot_a, dot_b
 
 
+def direct_difference(s, s_norm, t, t_norm, grid: NodeGrid, eps: float) -> torch.Tensor:
+    """Few nodes: ``D = S'S - T'T`` (B, m, m) float64, each program summing one range of channels of one tile
+    pair (about TARGET_PROGRAMS in all), the ranges' partials then summed in a fixed order."""
+    batch, tiles = s.shape[0], triton.cdiv(grid.nodes, BLOCK_NODES)
+    chunks = triton.cdiv(max(s.shape[1], t.shape[1]), BLOCK_CHANNELS)
+    splits = max(1, min(chunks, TARGET_PROGRAMS // max(1, tiles * tiles * batch)))
+    channels_per_split = triton.cdiv(chunks, splits) * BLOCK_CHANNELS
+    splits = max(1, triton.cdiv(chunks * BLOCK_CHANNELS, channels_per_split))
+    partials = torch.empty(batch, splits, grid.nodes, grid.nodes, dtype=torch.float64, device=s.device)
+    with on_device(s):
+        direct_difference_kernel[(tiles * tiles, splits, batch)](
+            s, s_norm, t, t_norm, partials, s.shape[1], t.shape[1], *_geometry(s, grid), *strides(s), *strides(t),
+            grid.kernel_h, grid.kernel_w, eps, channels_per_split, MAX_POOL=grid.max_pool, BLOCK_I=BLOCK_NODES,
+            BLOCK_J=BLOCK_NODES, BLOCK_C=BLOCK_CHANNELS, **KERNEL_OPTIONS)
+    return partials.sum(dim=1)
+
+
+def direct_columns(x, x_norm, weighted, grid: NodeGrid, eps: float) -> torch.Tensor:
+    """Few nodes: ``weighted X`` per image, (B, C, m) float64, for the normalised nodes X (C x m) of x."""
+    batch, channels = x.shape[0], x.shape[1]
+    out = torch.empty(batch, channels, grid.nodes, dtype=torch.float64, device=x.device)
+    with on_device(x):
+        direct_columns_kernel[(triton.cdiv(grid.nodes, BLOCK_NODES), triton.cdiv(channels, BLOCK_CHANNELS), batch)](
+            x, x_norm, weighted, out, channels, *_geometry(x, grid), *strides(x), grid.kernel_h, grid.kernel_w, eps,
+            MAX_POOL=grid.max_pool, BLOCK_I=BLOCK_NODES, BLOCK_J=BLOCK_NODES, BLOCK_C=BLOCK_CHANNELS,
+            **KERNEL_OPTIONS)
+    return out
+
+
 def direct_rows(s, s_norm, t, t_norm, grid: NodeGrid, eps: float) -> torch.Tensor:
     """``r_i = sum_j D_ij^2`` for every node: (B, m) float64."""
     rows = torch.empty(s.shape[0], grid.nodes, dtype=torch.float64, device=s.device)
@@ -353,7 +437,8 @@ def affinity_full_forward(s: torch.Tensor, t: torch.Tensor, kernel_h: int, kerne
     s_norm, t_norm = node_norms(s, grid), node_norms(t, grid)
     empty = s.new_empty((0,), dtype=torch.float64)
     if not use_gram:
-        rows = direct_rows(s, s_norm, t, t_norm, grid, eps)
+        rows = direct_difference(s, s_norm, t, t_norm, grid, eps).square().sum(dim=2) if grid.nodes <= FEW_NODES \
+            else direct_rows(s, s_norm, t, t_norm, grid, eps)
         return (rows if per_row else rows.sum(dim=1)), s_norm, t_norm, empty, empty.clone(), empty.clone()
     grams = gram(s, s_norm, s, s_norm, grid, eps), gram(s, s_norm, t, t_norm, grid, eps), \
         gram(t, t_norm, t, t_norm, grid, eps)
@@ -371,7 +456,13 @@ def grad_hats(grad_terms, s, s_norm, t, t_norm, grams, grid: NodeGrid, eps: floa
     gram_ss, gram_st, gram_tt = grams
     uniform = grad_terms.dim() == 1
     weight = grad_terms.to(torch.float64).contiguous()  # autograd may hand in an expanded (stride 0) tensor
-    if not use_gram:
+    if not use_gram and grid.nodes <= FEW_NODES:  # dL/ds_i = 2 sum_j (w_i + w_j) D_ij s_j, minus that of t
+        weight = weight[:, None].expand(-1, grid.nodes) if uniform else weight
+        weighted = (2 * (weight[:, :, None] + weight[:, None, :]) *
+                    direct_difference(s, s_norm, t, t_norm, grid, eps)).contiguous()
+        grad_s_hat = direct_columns(s, s_norm, weighted, grid, eps) if need_s else None
+        grad_t_hat = direct_columns(t, t_norm, weighted.neg(), grid, eps) if need_t else None
+    elif not use_gram:
         weight = weight[:, None].expand(-1, grid.nodes).contiguous() if uniform else weight
         grad_s_hat, grad_t_hat = direct_backward(s, s_norm, t, t_norm, weight, grid, eps, need_s, need_t)
     else:
