@@ -62,15 +62,18 @@ def _backward(loss_of: Callable[..., torch.Tensor], *shapes, device="cpu") -> Li
 # the loss and gradients (the profile runs backend "cuda" on CPU tensors; benchmarks/gpu_check.sh runs the
 # same cases on a GPU under compute-sanitizer)
 CASES: Dict[str, Callable[[str, str], List[torch.Tensor]]] = {
-    "affinity_full gram, C = 32 + 48, 24 x 24, B = 2": lambda backend, device: _backward(
-        lambda s, t: F.pairwise_affinity_loss(s, t, backend=backend, algorithm="gram"), (2, 32, 24, 24),
-        (2, 48, 24, 24), device=device),
+    "affinity_full gram, C = 32 + 48, 64 x 64, B = 2": lambda backend, device: _backward(
+        lambda s, t: F.pairwise_affinity_loss(s, t, backend=backend, algorithm="gram"), (2, 32, 64, 64),
+        (2, 48, 64, 64), device=device),
     "affinity_full gram, patch = 2, C = 32 + 48, 24 x 24, B = 2": lambda backend, device: _backward(
         lambda s, t: F.pairwise_affinity_loss(s, t, patch=2, backend=backend, algorithm="gram"), (2, 32, 24, 24),
         (2, 48, 24, 24), device=device),
     "affinity_full direct, C = 32 + 48, 16 x 16, B = 2": lambda backend, device: _backward(
         lambda s, t: F.pairwise_affinity_loss(s, t, backend=backend, algorithm="direct"), (2, 32, 16, 16),
         (2, 48, 16, 16), device=device),
+    "affinity_full few nodes, pool_scale = 0.5, C = 32 + 48, 65 x 65, B = 2": lambda backend, device: _backward(
+        lambda s, t: F.pairwise_affinity_loss(s, t, pool_scale=0.5, backend=backend), (2, 32, 65, 65),
+        (2, 48, 65, 65), device=device),
     "affinity_window window = 2, patch = 2, C = 32, 64 x 64, B = 2": lambda backend, device: _backward(
         lambda s, t: F.pairwise_affinity_loss(s, t, window=2, patch=2, backend=backend), (2, 32, 64, 64),
         (2, 32, 64, 64), device=device),
