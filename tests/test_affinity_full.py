@@ -126,6 +126,20 @@ def test_few_nodes(backend, shape, config, bound, gen):
     check_pairwise(backend, pair(shape, gen, torch.float32, config), grad_inputs=(0, 1), **config)
 
 
+@pytest.mark.parametrize("backend", ["cuda"], indirect=True)
+@pytest.mark.parametrize("shape, tiles", [((1, 5, 3, 8, 16), (2, 0)), ((2, 17, 19, 9, 21), (2, 61)),
+                                          ((1, 33, 3, 16, 32), (8, 0))], ids=str)
+def test_cuda_direct_row_tiles(backend, shape, tiles, gen):
+    """The direct path's forward above few_nodes: tiles of D direct_side nodes square on FP64 tensor-core
+    products (whole tiles, and a partial one), column tiles split over blocks (one a split for B = 1 at 8
+    tiles), per-row terms too."""
+    _, _, _, height, width = shape
+    assert divmod(height * width, backend.blocks("affinity_full")["direct_side"]) == tiles
+    inputs = pair(shape, gen, torch.float32)
+    check_pairwise(backend, inputs, grad_inputs=(0, 1), algorithm="direct")
+    check_distillation(backend, inputs, grad_inputs=(0, 1), algorithm="direct")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_distillation_matches_reference_in_every_dtype(backend, algorithm, dtype, gen):

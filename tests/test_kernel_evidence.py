@@ -56,10 +56,10 @@ def test_the_triton_gram_products_run_on_fp64_tensor_cores():
             assert row["main_loop"]["dmma"] > 0, row
 
 
-def test_the_cuda_gram_and_apply_products_run_on_fp64_tensor_cores_and_flat_staging_does_not_divide():
+def test_the_cuda_gram_apply_and_direct_row_products_run_on_fp64_tensor_cores_and_flat_staging_does_not_divide():
     rows = [row for row in record()["rows"]
-            if row["backend"] == "cuda" and row["kernel"] in ("gram_kernel", "apply_kernel")]
-    assert len(rows) == 8  # 2 kernels x flat and general x sm_80 and sm_90
+            if row["backend"] == "cuda" and row["kernel"] in ("gram_kernel", "apply_kernel", "direct_rows_kernel")]
+    assert len(rows) == 12  # 3 kernels x flat and general x sm_80 and sm_90
     for row in rows:
         loop = row["main_loop"]
         assert loop["dmma"] > 0, row["instantiation"]

@@ -11,7 +11,10 @@
 //   apply_kernel           out = A1 P + B1 Q + w (A2 P + B2 Q) for 64 rows x 64 nodes per block with the same
 //                          tensor-core products (32 x 32 outputs a warp, one accumulator for the four terms),
 //                          or the per-node forms p . (A1 p), p . (B1 q) for all rows of 64 nodes
-//   direct_rows_kernel     a block owns 16 rows i and sweeps j in 16-node tiles of D formed in shared memory
+//   direct_rows_kernel     4 warps own 64 rows i and sweep one range of 64-node column tiles of D, each tile
+//                          summed over the channels with the same tensor-core products (32 x 32 a warp in
+//                          registers), then squared and summed per row; a partial per (rows, range), summed by
+//                          the caller in a fixed order
 //   direct_backward_kernel the same tiles, weighted by 2 (w_i + w_j), times the nodes j: the block owns the
 //                          columns i of the outputs
 //   direct_difference_kernel  for few nodes (kAffinityFewNodes), D itself, (B, m, m), a block per tile pair and
@@ -195,6 +198,9 @@ constexpr int kMatrixPitch = kApplyChunk + 4;
 constexpr int kNodePitch = kApplyNodes + 4;
 constexpr int kMatrixTileElements = kApplyRows * kMatrixPitch;
 constexpr int kNodeTileElements = kApplyChunk * kNodePitch;
+// The direct row kernel's tiles of D: kDirectSide nodes square, on the apply kernel's warps and node tiles.
+constexpr int kDirectSide = kAffinityDirectSide;
+static_assert(kDirectSide == kApplyNodes && kApplyThreads == 128, "direct_rows_kernel runs on apply's tiling");
 constexpr int kNodeTilesAt = 2 * kMatrixTileElements;  // staged: [matrix][row][channel], then [tile][channel][node]
 constexpr int kApplyStagedElements = kNodeTilesAt + 2 * kNodeTileElements;
 static_assert(kApplyNodes == 64 && kApplyChunk == 16 && kMatrixPitch % 16 == 4 && kNodePitch % 16 == 4,
@@ -375,27 +381,77 @@ FASTKD_DEVICE double affinity(const Nodes<T>& x, const Grid& grid, std::int64_t 
   return acc;
 }
 
-// Block (kTile, kTile), grid (row tiles, B): thread (tx, ty) forms D[i0 + ty][j0 + tx] for every j tile.
-template <typename T, bool kFlat>
-FASTKD_GLOBAL void direct_rows_kernel(Nodes<T> s, Nodes<T> t, Grid grid, global_ptr<double> rows) {
-  FASTKD_SHARED(double, i_tile, kTileElements);
-  FASTKD_SHARED(double, j_tile, kTileElements);
-  FASTKD_SHARED(double, sums, kTileElements);
-  const std::int64_t m = nodes::node_count(grid);
-  const std::int64_t b = blockIdx.y, i0 = static_cast<std::int64_t>(blockIdx.x) * kTile;
-  const int tx = threadIdx.x, ty = threadIdx.y;
-  double row = 0.0;
-  for (std::int64_t j0 = 0; j0 < m; j0 += kTile) {
-    const double difference = affinity<kFlat>(s, grid, b, i0, j0, 0, s.map.channels, i_tile, j_tile) -
-                              affinity<kFlat>(t, grid, b, i0, j0, 0, t.map.channels, i_tile, j_tile);
-    row += difference * difference;
+// acc += sign X_i' X_j over all channels of x: the share of x in the warp's 32 x 32 of the block's 64 x 64 tile
+// of D (rows from i0, columns from j0), as FP64 mma products over kApplyChunk channels staged at a time
+// ([tile][channel][node] at kNodePitch, the i tile times `sign`: lanes along the nodes, coalesced).
+// `products`: whether the warp's rows and columns reach the nodes (the same for all its lanes).
+template <bool kFlat, typename T, typename Tile>
+FASTKD_DEVICE void add_affinity_products(WarpAccumulators& acc, Tile& staged, const Nodes<T>& x, const Grid& grid,
+                                         double sign, std::int64_t b, std::int64_t i0, std::int64_t j0, bool products,
+                                         int warp_row, int warp_col) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, group = lane / 4, in_group = lane % 4;
+  for (std::int64_t c0 = 0; c0 < x.map.channels; c0 += kApplyChunk) {
+    for (int c = warp; c < kApplyChunk; c += kApplyWarps) {
+      FASTKD_UNROLL
+      for (int half = 0; half < 2; ++half) {
+        const int n = lane + 32 * half;
+        staged[c * kNodePitch + n] = sign * nodes::normalized<kFlat>(x, grid, b, c0 + c, i0 + n);
+        staged[kNodeTileElements + c * kNodePitch + n] = nodes::normalized<kFlat>(x, grid, b, c0 + c, j0 + n);
+      }
+    }
+    __syncthreads();
+    if (products) {
+      for (int k0 = 0; k0 < kApplyChunk; k0 += 4) {
+        const int k = k0 + in_group;
+        double a[kWarpTiles], b_fragment[kWarpTiles];
+        for (int i = 0; i < kWarpTiles; ++i) {
+          a[i] = staged[k * kNodePitch + warp_row + 8 * i + group];                              // sign X_i'[i][k]
+          b_fragment[i] = staged[kNodeTileElements + k * kNodePitch + warp_col + 8 * i + group];  // X_j[k][j]
+        }
+        for (int i = 0; i < kWarpTiles; ++i) {
+          for (int j = 0; j < kWarpTiles; ++j) mma_m8n8k4(acc[i][j], a[i], b_fragment[j]);
+        }
+      }
+    }
+    __syncthreads();
   }
-  sums[ty * kPitch + tx] = row;
+}
+
+// Block kApplyThreads (4 warps, 2 x 2, each 32 x 32 outputs in registers), grid (row tiles, column splits, B):
+// partials[b][split][i] = sum_j D_ij^2 for the block's kDirectSide rows i over the split's column tiles, each
+// tile of D = S_i'S_j - T_i'T_j summed in the accumulators (s's products, then t's with the i tile negated).
+template <typename T, bool kFlat>
+FASTKD_GLOBAL void direct_rows_kernel(Nodes<T> s, Nodes<T> t, Grid grid, std::int64_t tiles_per_split,
+                                      global_ptr<double> partials) {
+  FASTKD_SHARED(double, staged, 2 * kNodeTileElements);  // the i tile, then the j tile
+  FASTKD_SHARED(double, row_sums, 2 * kDirectSide);      // [column half][row]
+  const std::int64_t m = nodes::node_count(grid);
+  const std::int64_t i0 = static_cast<std::int64_t>(blockIdx.x) * kDirectSide, split = blockIdx.y, b = blockIdx.z;
+  const std::int64_t first = split * tiles_per_split * kDirectSide;
+  const std::int64_t last = first + tiles_per_split * kDirectSide < m ? first + tiles_per_split * kDirectSide : m;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, group = lane / 4, in_group = lane % 4;
+  const int warp_row = warp / 2 * kWarpSide, warp_col = warp % 2 * kWarpSide;
+  double rows[kWarpTiles] = {};  // this lane's columns' share of rows warp_row + 8 i + group
+  for (std::int64_t j0 = first; j0 < last; j0 += kDirectSide) {
+    const bool products = i0 + warp_row < m && j0 + warp_col < m;
+    WarpAccumulators acc = {};
+    add_affinity_products<kFlat>(acc, staged, s, grid, 1.0, b, i0, j0, products, warp_row, warp_col);
+    add_affinity_products<kFlat>(acc, staged, t, grid, -1.0, b, i0, j0, products, warp_row, warp_col);
+    for (int i = 0; i < kWarpTiles; ++i) {
+      for (int j = 0; j < kWarpTiles; ++j) rows[i] += acc[i][j][0] * acc[i][j][0] + acc[i][j][1] * acc[i][j][1];
+    }
+  }
+  // The 4 lanes of a group hold a row's columns 2 q, 2 q + 1 of every 8: summed by shuffles (one order, and
+  // the same sum in each of them).
+  for (int i = 0; i < kWarpTiles; ++i) {
+    rows[i] += __shfl_xor_sync(0xffffffffu, rows[i], 1);
+    rows[i] += __shfl_xor_sync(0xffffffffu, rows[i], 2);
+    if (in_group == 0) row_sums[warp % 2 * kDirectSide + warp_row + 8 * i + group] = rows[i];
+  }
   __syncthreads();
-  if (tx == 0 && i0 + ty < m) {
-    double total = 0.0;
-    for (int k = 0; k < kTile; ++k) total += sums[ty * kPitch + k];
-    rows[b * m + i0 + ty] = total;
+  const int r = threadIdx.x;
+  if (r < kDirectSide && i0 + r < m) {
+    partials[(b * gridDim.y + split) * m + i0 + r] = row_sums[r] + row_sums[kDirectSide + r];
   }
 }
 
@@ -533,12 +589,13 @@ void affinity_full_apply(const nodes::Nodes<T>& p, const nodes::Nodes<T>& q, con
 
 template <typename T>
 void affinity_full_direct_rows(const nodes::Nodes<T>& s, const nodes::Nodes<T>& t, const nodes::Grid& grid,
-                               std::int64_t batch, double* rows, fastkd_stream_t stream) {
-  const std::int64_t node_tiles = tiles_for(nodes::node_count(grid));
-  if (node_tiles == 0 || batch == 0) return;
-  const LaunchExtent blocks(node_tiles, batch);
-  FASTKD_LAUNCH_FLAT_OR_GENERAL(direct_rows_kernel, flat(s, t, grid), blocks, dim3(kTile, kTile), stream, s, t, grid,
-                                rows);
+                               std::int64_t batch, std::int64_t splits, std::int64_t tiles_per_split,
+                               double* partials, fastkd_stream_t stream) {
+  const std::int64_t row_tiles = (nodes::node_count(grid) + kDirectSide - 1) / kDirectSide;
+  if (row_tiles == 0 || batch == 0 || splits == 0) return;
+  const LaunchExtent blocks(row_tiles, splits, batch);
+  FASTKD_LAUNCH_FLAT_OR_GENERAL(direct_rows_kernel, flat(s, t, grid), blocks, dim3(kApplyThreads), stream, s, t, grid,
+                                tiles_per_split, partials);
 }
 
 template <typename T>
@@ -586,7 +643,7 @@ void affinity_full_direct_columns(const nodes::Nodes<T>& x, const nodes::Grid& g
                                        const double*, const double*, const double*, const double*, const double*,  \
                                        std::int64_t, double*, double*, double*, fastkd_stream_t);                  \
   template void affinity_full_direct_rows<T>(const nodes::Nodes<T>&, const nodes::Nodes<T>&, const nodes::Grid&,   \
-                                             std::int64_t, double*, fastkd_stream_t);                              \
+                                             std::int64_t, std::int64_t, std::int64_t, double*, fastkd_stream_t);  \
   template void affinity_full_direct_backward<T>(const nodes::Nodes<T>&, const nodes::Nodes<T>&,                   \
                                                  const nodes::Grid&, const double*, std::int64_t, double*,         \
                                                  double*, fastkd_stream_t);                                \

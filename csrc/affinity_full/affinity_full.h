@@ -16,8 +16,10 @@
 namespace fastkd {
 namespace FASTKD_KERNELS {
 
-// Side of the square tiles (threads per block: tile x tile) of the direct kernels.
+// Side of the square tiles (threads per block: tile x tile) of the direct backward and few-node kernels.
 constexpr int kAffinityFullTile = 16;
+// Side of the square tiles of D the direct row kernel forms with tensor-core products.
+constexpr int kAffinityDirectSide = 64;
 // Up to this many nodes an image, the direct path forms D (B, m, m) with its channels split over blocks
 // (affinity_full_direct_difference) instead of a block per 16 rows: with pool_scale (9 nodes at 65 x 65) that
 // was 8 blocks for B = 8, each summing all 512 + 512 channels in sequence. D then holds at most 4096 doubles an
@@ -46,10 +48,13 @@ void affinity_full_apply(const nodes::Nodes<T>& p, const nodes::Nodes<T>& q, con
                          const double* weight, std::int64_t batch, double* out, double* dot_a, double* dot_b,
                          fastkd_stream_t stream);
 
-// rows (B, m): r_i = sum_j D_ij^2 with D = S'S - T'T formed tile by tile.
+// partials (B, splits, m): r_i = sum_j D_ij^2 with D = S'S - T'T formed tile by tile (kAffinityDirectSide
+// nodes square), over the column tiles [split n, (split + 1) n) (n = tiles_per_split); the caller sums the
+// partials in a fixed order.
 template <typename T>
 void affinity_full_direct_rows(const nodes::Nodes<T>& s, const nodes::Nodes<T>& t, const nodes::Grid& grid,
-                               std::int64_t batch, double* rows, fastkd_stream_t stream);
+                               std::int64_t batch, std::int64_t splits, std::int64_t tiles_per_split,
+                               double* partials, fastkd_stream_t stream);
 
 // grad_s (B, Cs, m) += 2 sum_j (w_i + w_j) D_ij s_j and grad_t (B, Ct, m) -= 2 sum_j (w_i + w_j) D_ij t_j,
 // for row weights weight (B, m); either output may be nullptr (not needed). Both must be zeroed first.

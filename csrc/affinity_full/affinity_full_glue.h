@@ -150,9 +150,8 @@ at::Tensor affinity_full_difference(const at::Tensor& s, const at::Tensor& s_sca
   const int64_t tiles = (m + tile - 1) / tile, chunks = (std::max(s.size(1), t.size(1)) + tile - 1) / tile;
   const auto doubles = s.options().dtype(at::kDouble);
   if (m == 0 || batch == 0 || chunks == 0) return at::zeros({batch, m, m}, doubles);
-  const int64_t splits_wanted = std::max<int64_t>(1, 1024 / (tiles * tiles * batch));
-  const int64_t channels_per_split = (chunks + std::min(chunks, splits_wanted) - 1) / std::min(chunks, splits_wanted) *
-                                     tile;
+  const int64_t splits_wanted = std::min(chunks, std::max<int64_t>(1, 1024 / (tiles * tiles * batch)));
+  const int64_t channels_per_split = (chunks + splits_wanted - 1) / splits_wanted * tile;
   const int64_t splits = (chunks * tile + channels_per_split - 1) / channels_per_split;
   at::Tensor partials = at::empty({batch, splits, m, m}, doubles);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "affinity_full_direct_difference", [&] {
@@ -196,12 +195,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (m <= FASTKD_KERNELS::kAffinityFewNodes) {
       rows = affinity_full_difference(s_c, s_scale, t_c, t_scale, node_grid).square().sum(2);
     } else {
-      rows = at::empty({batch, m}, doubles);
+      // The column tiles split so that small batches still fill a GPU (about 1024 blocks, as the Gram's splits).
+      const int64_t side = FASTKD_KERNELS::kAffinityDirectSide, tiles = std::max<int64_t>(1, (m + side - 1) / side);
+      const int64_t splits_wanted = std::min(tiles, std::max<int64_t>(1, 1024 / std::max<int64_t>(1, tiles * batch)));
+      const int64_t tiles_per_split = (tiles + splits_wanted - 1) / splits_wanted;
+      const int64_t splits = (tiles + tiles_per_split - 1) / tiles_per_split;
+      at::Tensor partials = at::empty({batch, splits, m}, doubles);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s_c.scalar_type(), "affinity_full_direct_rows", [&] {
         FASTKD_KERNELS::affinity_full_direct_rows(affinity_full_nodes<scalar_t>(s_c, s_scale),
                                                   affinity_full_nodes<scalar_t>(t_c, t_scale), node_grid, batch,
-                                                  rows.mutable_data_ptr<double>(), FASTKD_GLUE_STREAM());
+                                                  splits, tiles_per_split, partials.mutable_data_ptr<double>(),
+                                                  FASTKD_GLUE_STREAM());
       });
+      rows = partials.sum(1);  // a fixed-order sum of the per-range partials
     }
     return {per_row ? rows : rows.sum(1), s_norm, t_norm, at::empty({0}, doubles), at::empty({0}, doubles),
             at::empty({0}, doubles)};
