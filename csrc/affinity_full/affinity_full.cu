@@ -15,8 +15,8 @@
 //                          summed over the channels with the same tensor-core products (32 x 32 a warp in
 //                          registers), then squared and summed per row; a partial per (rows, range), summed by
 //                          the caller in a fixed order
-//   direct_backward_kernel the same tiles, weighted by 2 (w_i + w_j), times the nodes j: the block owns the
-//                          columns i of the outputs
+//   direct_backward_kernel the same tiles of D, weighted by 2 (w_i + w_j) into shared memory, times the nodes j
+//                          with the same tensor-core products: the block owns the columns i of the outputs
 //   direct_difference_kernel  for few nodes (kAffinityFewNodes), D itself, (B, m, m), a block per tile pair and
 //                          range of channels (a partial per range, summed by the caller in a fixed order): a
 //                          few tiles still spread over the GPU
@@ -76,6 +76,25 @@ FASTKD_DEVICE inline int output_index(int r, int c, int width) {
 constexpr int kWarpTiles = 4;
 constexpr int kWarpSide = 8 * kWarpTiles;
 using WarpAccumulators = double[kWarpTiles][kWarpTiles][2];
+
+// acc += A B over kDepth staged k (a multiple of 4) for the warp's 32 x 32 outputs, in FP64 mma products:
+// A[r][k] at staged[a_at(r, k)] and B[k][c] at staged[b_at(c, k)], r and c counted from the warp's first row
+// and column. Every lane of the warp calls it together.
+template <int kDepth, typename Tile, typename AAt, typename BAt>
+FASTKD_DEVICE void add_warp_products(WarpAccumulators& acc, Tile& staged, AAt a_at, BAt b_at) {
+  const int lane = threadIdx.x % 32, group = lane / 4, in_group = lane % 4;
+  for (int k0 = 0; k0 < kDepth; k0 += 4) {
+    const int k = k0 + in_group;
+    double a[kWarpTiles], b_fragment[kWarpTiles];
+    for (int i = 0; i < kWarpTiles; ++i) {
+      a[i] = staged[a_at(8 * i + group, k)];
+      b_fragment[i] = staged[b_at(8 * i + group, k)];
+    }
+    for (int i = 0; i < kWarpTiles; ++i) {
+      for (int j = 0; j < kWarpTiles; ++j) mma_m8n8k4(acc[i][j], a[i], b_fragment[j]);
+    }
+  }
+}
 
 // The warp's outputs (rows warp_row.., columns warp_col.. of a block's `width` columns) into shared memory at
 // output_index, once the last products' barrier has passed.
@@ -142,7 +161,6 @@ FASTKD_GLOBAL void gram_kernel(Nodes<T> x, Nodes<T> y, Grid grid, global_ptr<con
   const std::int64_t first = split * nodes_per_split;
   const std::int64_t last = first + nodes_per_split < m ? first + nodes_per_split : m;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int group = lane / 4, in_group = lane % 4;  // the fragments' row (column of B) and k
   const int warp_x = warp / (kGramSide / kWarpSide) * kWarpSide;
   const int warp_y = warp % (kGramSide / kWarpSide) * kWarpSide;
   // A warp whose outputs all lie past the channels (at C < kGramSide) stages but skips the products; the
@@ -154,17 +172,9 @@ FASTKD_GLOBAL void gram_kernel(Nodes<T> x, Nodes<T> y, Grid grid, global_ptr<con
     stage_gram_chunk<kFlat>(staged, kGramTileElements, y, grid, nullptr, b, y0, n0, last);
     __syncthreads();
     if (products) {
-      for (int k0 = 0; k0 < kGramChunk; k0 += 4) {
-        double a[kWarpTiles], b_fragment[kWarpTiles];
-        for (int i = 0; i < kWarpTiles; ++i) {
-          const int k = k0 + in_group;
-          a[i] = staged[(warp_x + 8 * i + group) * kGramPitch + k];                              // X[rows][k]
-          b_fragment[i] = staged[kGramTileElements + (warp_y + 8 * i + group) * kGramPitch + k];  // Y[cols][k]
-        }
-        for (int i = 0; i < kWarpTiles; ++i) {
-          for (int j = 0; j < kWarpTiles; ++j) mma_m8n8k4(acc[i][j], a[i], b_fragment[j]);
-        }
-      }
+      add_warp_products<kGramChunk>(
+          acc, staged, [&](int r, int k) { return (warp_x + r) * kGramPitch + k; },  // X[rows][k]
+          [&](int c, int k) { return kGramTileElements + (warp_y + c) * kGramPitch + k; });  // Y[cols][k]
     }
     __syncthreads();
   }
@@ -240,19 +250,10 @@ FASTKD_DEVICE void stage_apply_chunk(Tile& staged, global_ptr<const double> firs
 // weighted nodes), for the warp's 32 rows from warp_row and 32 nodes from warp_node.
 template <typename Tile>
 FASTKD_DEVICE void add_apply_products(WarpAccumulators& acc, Tile& staged, int tile, int warp_row, int warp_node) {
-  const int lane = threadIdx.x % 32, group = lane / 4, in_group = lane % 4;
   const int matrix = tile * kMatrixTileElements, node_tile = kNodeTilesAt + tile * kNodeTileElements;
-  for (int k0 = 0; k0 < kApplyChunk; k0 += 4) {
-    const int k = k0 + in_group;
-    double a[kWarpTiles], b_fragment[kWarpTiles];
-    for (int i = 0; i < kWarpTiles; ++i) {
-      a[i] = staged[matrix + (warp_row + 8 * i + group) * kMatrixPitch + k];                // M[rows][k]
-      b_fragment[i] = staged[node_tile + k * kNodePitch + warp_node + 8 * i + group];  // X[k][nodes]
-    }
-    for (int i = 0; i < kWarpTiles; ++i) {
-      for (int j = 0; j < kWarpTiles; ++j) mma_m8n8k4(acc[i][j], a[i], b_fragment[j]);
-    }
-  }
+  add_warp_products<kApplyChunk>(
+      acc, staged, [&](int r, int k) { return matrix + (warp_row + r) * kMatrixPitch + k; },  // M[rows][k]
+      [&](int c, int k) { return node_tile + k * kNodePitch + warp_node + c; });              // X[k][nodes]
 }
 
 // acc += first X + second (X W) over all channels of x (no second term when second is nullptr; weight (B, m)
@@ -389,7 +390,7 @@ template <bool kFlat, typename T, typename Tile>
 FASTKD_DEVICE void add_affinity_products(WarpAccumulators& acc, Tile& staged, const Nodes<T>& x, const Grid& grid,
                                          double sign, std::int64_t b, std::int64_t i0, std::int64_t j0, bool products,
                                          int warp_row, int warp_col) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, group = lane / 4, in_group = lane % 4;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   for (std::int64_t c0 = 0; c0 < x.map.channels; c0 += kApplyChunk) {
     for (int c = warp; c < kApplyChunk; c += kApplyWarps) {
       FASTKD_UNROLL
@@ -401,17 +402,9 @@ FASTKD_DEVICE void add_affinity_products(WarpAccumulators& acc, Tile& staged, co
     }
     __syncthreads();
     if (products) {
-      for (int k0 = 0; k0 < kApplyChunk; k0 += 4) {
-        const int k = k0 + in_group;
-        double a[kWarpTiles], b_fragment[kWarpTiles];
-        for (int i = 0; i < kWarpTiles; ++i) {
-          a[i] = staged[k * kNodePitch + warp_row + 8 * i + group];                              // sign X_i'[i][k]
-          b_fragment[i] = staged[kNodeTileElements + k * kNodePitch + warp_col + 8 * i + group];  // X_j[k][j]
-        }
-        for (int i = 0; i < kWarpTiles; ++i) {
-          for (int j = 0; j < kWarpTiles; ++j) mma_m8n8k4(acc[i][j], a[i], b_fragment[j]);
-        }
-      }
+      add_warp_products<kApplyChunk>(
+          acc, staged, [&](int i, int k) { return k * kNodePitch + warp_row + i; },  // sign X_i'[i][k]
+          [&](int j, int k) { return kNodeTileElements + k * kNodePitch + warp_col + j; });  // X_j[k][j]
     }
     __syncthreads();
   }
@@ -455,44 +448,91 @@ FASTKD_GLOBAL void direct_rows_kernel(Nodes<T> s, Nodes<T> t, Grid grid, std::in
   }
 }
 
-// out[:, i0 + tx] += sign sum_j weighted[i][j] x_j over one j tile, thread (tx, ty) owning the channels
-// c0 + ty; out (B, C, m) double. Only this block writes the columns i0..i0 + kTile - 1.
+// The direct backward's shared memory: the weighted tile W[i][j] (at weighted_index), then a tile of 64
+// channels x kApplyChunk nodes j at kMatrixPitch; the D tile's node tiles use its start before W is stored.
+constexpr int kWeightedElements = kDirectSide * kNodePitch;
+constexpr int kColumnTileAt = kWeightedElements;
+constexpr int kDirectBackwardElements = kWeightedElements + kDirectSide * kMatrixPitch;
+static_assert(2 * kNodeTileElements <= kWeightedElements && kDirectBackwardElements * 8 <= 48 * 1024,
+              "the direct backward's tiles");
+
+// Where W[i][j] of the block's 64 x 64 tile lies in shared memory: row j, the column i XOR-ed with bit 2 of j.
+// The stores from the accumulators (a half warp: i = 4 consecutive, j = 2 q + e) and the mma B-fragment loads
+// (i = 4 consecutive, j = 4 consecutive) then hit 16 different bank pairs per half warp; at kNodePitch alone
+// (4 mod 16 doubles) the stores would conflict 2-way.
+FASTKD_DEVICE inline int weighted_index(int i, int j) { return j * kNodePitch + (i ^ (j & 4)); }
+
+// out[b][c][i] += sign sum_j W[i][j] x_j[c] for the block's 64 nodes i from i0, every channel c of x and the 64
+// nodes j from j0, with W staged at weighted_index: 64 channels at a time, each warp 32 channels x 32 nodes in
+// FP64 mma products over j, whose nodes are staged kApplyChunk at a time ([channel][node], kMatrixPitch). Only
+// this block writes the columns i0.. of out (B, C, m).
 template <bool kFlat, typename T, typename Tile>
-FASTKD_DEVICE void accumulate_columns(global_ptr<double> out, double sign, const Nodes<T>& x, const Grid& grid,
-                                      std::int64_t b, std::int64_t i0, std::int64_t j0, Tile& weighted,
-                                      Tile& j_tile) {
-  const int tx = threadIdx.x, ty = threadIdx.y;
-  const std::int64_t m = nodes::node_count(grid);
-  const std::int64_t channels = x.map.channels;
-  for (std::int64_t c0 = 0; c0 < channels; c0 += kTile) {
-    j_tile[ty * kPitch + tx] = nodes::normalized<kFlat>(x, grid, b, c0 + ty, j0 + tx);  // [channel][node]
-    const double sum = add_staged_dot(0.0, weighted, tx * kPitch, 1, j_tile, ty * kPitch, 1);
-    const std::int64_t c = c0 + ty, i = i0 + tx;
-    if (c < channels && i < m) out[(b * channels + c) * m + i] += sign * sum;
+FASTKD_DEVICE void add_weighted_columns(global_ptr<double> out, double sign, const Nodes<T>& x, const Grid& grid,
+                                        std::int64_t b, std::int64_t i0, std::int64_t j0, Tile& staged, int warp_row,
+                                        int warp_col) {
+  const int lane = threadIdx.x % 32, group = lane / 4, in_group = lane % 4;
+  const std::int64_t m = nodes::node_count(grid), channels = x.map.channels;
+  for (std::int64_t c0 = 0; c0 < channels; c0 += kDirectSide) {
+    const bool products = c0 + warp_row < channels && i0 + warp_col < m;  // the same for the warp's lanes
+    WarpAccumulators acc = {};
+    for (int n0 = 0; n0 < kDirectSide; n0 += kApplyChunk) {
+      for (int at = threadIdx.x; at < kDirectSide * kApplyChunk; at += kApplyThreads) {  // lanes along the nodes
+        const int c = at / kApplyChunk, n = at % kApplyChunk;
+        staged[kColumnTileAt + c * kMatrixPitch + n] = nodes::normalized<kFlat>(x, grid, b, c0 + c, j0 + n0 + n);
+      }
+      __syncthreads();
+      if (products) {
+        add_warp_products<kApplyChunk>(
+            acc, staged, [&](int c, int k) { return kColumnTileAt + (warp_row + c) * kMatrixPitch + k; },  // X[c][j]
+            [&](int i, int k) { return weighted_index(warp_col + i, n0 + k); });                           // W[i][j]
+      }
+      __syncthreads();  // before the next nodes are staged
+    }
+    for (int i = 0; i < kWarpTiles; ++i) {
+      for (int j = 0; j < kWarpTiles; ++j) {
+        for (int e = 0; e < 2; ++e) {
+          const std::int64_t c = c0 + warp_row + 8 * i + group, node = i0 + warp_col + 8 * j + 2 * in_group + e;
+          if (c < channels && node < m) out[(b * channels + c) * m + node] += sign * acc[i][j][e];
+        }
+      }
+    }
   }
 }
 
-// Block (kTile, kTile), grid (node tiles, B).
+// Block kApplyThreads (4 warps, 2 x 2), grid (node tiles, B): for the block's 64 nodes i, every column tile j
+// of D = S_i'S_j - T_i'T_j in the accumulators (as direct_rows_kernel), weighted into W = 2 (w_i + w_j) D in
+// shared memory, then dL/ds_hat_i += W S_j' and dL/dt_hat_i -= W T_j' (add_weighted_columns).
 template <typename T, bool kFlat>
 FASTKD_GLOBAL void direct_backward_kernel(Nodes<T> s, Nodes<T> t, Grid grid, global_ptr<const double> weight,
-                                          global_ptr<double> grad_s,
-                                          global_ptr<double> grad_t) {
-  FASTKD_SHARED(double, i_tile, kTileElements);
-  FASTKD_SHARED(double, j_tile, kTileElements);
-  FASTKD_SHARED(double, weighted, kTileElements);  // [i][j]: 2 (w_i + w_j) D_ij
+                                          global_ptr<double> grad_s, global_ptr<double> grad_t) {
+  FASTKD_SHARED(double, staged, kDirectBackwardElements);
   const std::int64_t m = nodes::node_count(grid);
-  const std::int64_t b = blockIdx.y, i0 = static_cast<std::int64_t>(blockIdx.x) * kTile;
-  const int tx = threadIdx.x, ty = threadIdx.y;
-  const double weight_i = i0 + ty < m ? weight[b * m + i0 + ty] : 0.0;
-  for (std::int64_t j0 = 0; j0 < m; j0 += kTile) {
-    const double difference = affinity<kFlat>(s, grid, b, i0, j0, 0, s.map.channels, i_tile, j_tile) -
-                              affinity<kFlat>(t, grid, b, i0, j0, 0, t.map.channels, i_tile, j_tile);
-    const double weight_j = j0 + tx < m ? weight[b * m + j0 + tx] : 0.0;
-    // The last readers of `weighted` (the previous tile's accumulation) passed the barriers in affinity().
-    weighted[ty * kPitch + tx] = 2.0 * (weight_i + weight_j) * difference;
+  const std::int64_t i0 = static_cast<std::int64_t>(blockIdx.x) * kDirectSide, b = blockIdx.y;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, group = lane / 4, in_group = lane % 4;
+  const int warp_row = warp / 2 * kWarpSide, warp_col = warp % 2 * kWarpSide;
+  double weight_i[kWarpTiles];
+  for (int i = 0; i < kWarpTiles; ++i) {
+    const std::int64_t node = i0 + warp_row + 8 * i + group;
+    weight_i[i] = node < m ? weight[b * m + node] : 0.0;
+  }
+  for (std::int64_t j0 = 0; j0 < m; j0 += kDirectSide) {
+    const bool products = i0 + warp_row < m && j0 + warp_col < m;
+    WarpAccumulators acc = {};
+    add_affinity_products<kFlat>(acc, staged, s, grid, 1.0, b, i0, j0, products, warp_row, warp_col);
+    add_affinity_products<kFlat>(acc, staged, t, grid, -1.0, b, i0, j0, products, warp_row, warp_col);
+    // The node tiles' last readers passed add_affinity_products' barrier: W may overwrite them.
+    for (int j = 0; j < kWarpTiles; ++j) {
+      for (int e = 0; e < 2; ++e) {
+        const int column = warp_col + 8 * j + 2 * in_group + e;
+        const double weight_j = j0 + column < m ? static_cast<double>(weight[b * m + j0 + column]) : 0.0;
+        for (int i = 0; i < kWarpTiles; ++i) {
+          staged[weighted_index(warp_row + 8 * i + group, column)] = 2.0 * (weight_i[i] + weight_j) * acc[i][j][e];
+        }
+      }
+    }
     __syncthreads();
-    if (grad_s != nullptr) accumulate_columns<kFlat>(grad_s, 1.0, s, grid, b, i0, j0, weighted, j_tile);
-    if (grad_t != nullptr) accumulate_columns<kFlat>(grad_t, -1.0, t, grid, b, i0, j0, weighted, j_tile);
+    if (grad_s != nullptr) add_weighted_columns<kFlat>(grad_s, 1.0, s, grid, b, i0, j0, staged, warp_row, warp_col);
+    if (grad_t != nullptr) add_weighted_columns<kFlat>(grad_t, -1.0, t, grid, b, i0, j0, staged, warp_row, warp_col);
   }
 }
 
@@ -602,10 +642,10 @@ template <typename T>
 void affinity_full_direct_backward(const nodes::Nodes<T>& s, const nodes::Nodes<T>& t, const nodes::Grid& grid,
                                    const double* weight, std::int64_t batch, double* grad_s, double* grad_t,
                                    fastkd_stream_t stream) {
-  const std::int64_t node_tiles = tiles_for(nodes::node_count(grid));
+  const std::int64_t node_tiles = (nodes::node_count(grid) + kDirectSide - 1) / kDirectSide;
   if (node_tiles == 0 || batch == 0 || (grad_s == nullptr && grad_t == nullptr)) return;
   const LaunchExtent blocks(node_tiles, batch);
-  FASTKD_LAUNCH_FLAT_OR_GENERAL(direct_backward_kernel, flat(s, t, grid), blocks, dim3(kTile, kTile), stream, s, t,
+  FASTKD_LAUNCH_FLAT_OR_GENERAL(direct_backward_kernel, flat(s, t, grid), blocks, dim3(kApplyThreads), stream, s, t,
                                 grid, weight, grad_s, grad_t);
 }
 

@@ -16,7 +16,7 @@
 namespace fastkd {
 namespace FASTKD_KERNELS {
 
-// Side of the square tiles (threads per block: tile x tile) of the direct backward and few-node kernels.
+// Side of the square tiles (threads per block: tile x tile) of the few-node direct kernels.
 constexpr int kAffinityFullTile = 16;
 // Side of the square tiles of D the direct row kernel forms with tensor-core products.
 constexpr int kAffinityDirectSide = 64;
