@@ -96,6 +96,8 @@ SERVES: Dict[str, Tuple[str, str, str]] = {
     "gram_apply_kernel": ("PairwiseAffinityLoss() Gram, B=8, C=256+256, 128x128", "backward", "compute"),
     "node_norm_warp_kernel": ("PairwiseAffinityLoss(pool_scale=0.5) direct", "forward", "memory"),
     "node_radial_warp_kernel": ("PairwiseAffinityLoss(pool_scale=0.5) direct", "backward", "memory"),
+    "pool_nodes_warp_kernel": ("PairwiseAffinityLoss(pool_scale=0.5) direct", "forward", "memory"),
+    "node_backward_warp_kernel": ("PairwiseAffinityLoss(pool_scale=0.5) direct", "backward", "memory"),
     "direct_difference_kernel": ("PairwiseAffinityLoss(pool_scale=0.5) direct", "forward", "compute"),
     "direct_columns_kernel": ("PairwiseAffinityLoss(pool_scale=0.5) direct", "backward", "compute"),
     "direct_rows_kernel": ("PairwiseAffinityLoss() direct", "forward", "compute"),

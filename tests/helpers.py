@@ -34,10 +34,11 @@ BLOCKS: Dict[Tuple[str, str], Dict[str, int]] = {
     # over blocks (kAffinityFewNodes in affinity_full.h, FEW_NODES in affinity_full/triton_backend.py), and below
     # split_nodes nodes in all the node reductions split each node's channels (a warp a node: kFewNodes in
     # csrc/common/nodes.cu; a program per BLOCK_CHANNELS: FEW_NODES in fastkd/ops/_triton_nodes.py). direct_side:
-    # kAffinityDirectSide, the CUDA direct row kernel's tiles of D
+    # kAffinityDirectSide, the CUDA direct row kernel's tiles of D; wide_patch: kWidePatch in csrc/common/nodes.cu,
+    # the patch width from which a warp pools a channel of a node (lanes along the patch's rows)
     ("affinity_full", "triton"): dict(nodes=32, channels=32, few_nodes=64, split_nodes=8192),
     ("affinity_full", "cuda"): dict(nodes=16, channels=16, gram_nodes=64, gram_channels=64, few_nodes=64,
-                                    split_nodes=8192, direct_side=64),
+                                    split_nodes=8192, direct_side=64, wide_patch=16),
     # triton: affinity_window/triton_backend.py BLOCK_N (256 under the interpreter, 32 compiled) and
     # BLOCK_CHANNELS; cuda: kThreads in csrc/affinity_window/affinity_window.cu (nodes per block of the per-node
     # kernels), and its tiled kernels' kTileRows x kTileCols nodes, kChunk channels staged at a time and

@@ -127,6 +127,23 @@ def test_few_nodes(backend, shape, config, bound, gen):
 
 
 @pytest.mark.parametrize("backend", ["cuda"], indirect=True)
+@pytest.mark.parametrize("pool", ["avg", "max"])
+@pytest.mark.parametrize("width_offset", [-1, 0, 19])  # 19: wider than a warp's 32 lanes
+def test_cuda_wide_patches(backend, pool, width_offset, gen):
+    """From wide_patch pixels wide a warp pools a channel of a node, its lanes along the patch's rows; the last
+    column and row of patches are cut short by the map's edge, and a non-finite pixel still gives NaN."""
+    patch = (3, backend.blocks("affinity_full")["wide_patch"] + width_offset)
+    width = 2 * patch[1] + 5
+    config = dict(patch=patch, pool=pool)
+    s, t = pair((2, 6, 5, 2 * patch[0] + 1, width), gen, torch.float32, config)
+    check_pairwise(backend, (s, t), grad_inputs=(0, 1), **config)
+    for bad in (float("nan"), float("-inf")):
+        s_bad, t_device = backend.to(s.detach().clone(), t)
+        s_bad[1, 4, 2, patch[1] + 3] = bad
+        assert torch.isnan(pairwise(backend, s_bad, t_device, **config))
+
+
+@pytest.mark.parametrize("backend", ["cuda"], indirect=True)
 @pytest.mark.parametrize("shape, tiles", [((1, 5, 3, 8, 16), (2, 0)), ((2, 17, 19, 9, 21), (2, 61)),
                                           ((1, 33, 3, 16, 32), (8, 0))], ids=str)
 def test_cuda_direct_row_tiles(backend, shape, tiles, gen):
