@@ -122,6 +122,34 @@ SERVES: Dict[str, Tuple[str, str, str]] = {
     "_probability_backward_kernel": ("ProbabilityLoss()", "backward", "memory"),
 }
 
+# CUDA kernels whose loads take more than SECTOR_SLACK times the ideal sectors per request in the emulator's
+# profile, and why (the issue's bar: within 25% of the ideal, or the reason)
+SECTOR_SLACK = 1.25
+SECTOR_REASONS: Dict[str, str] = {
+    "pool_nodes_kernel": (
+        "a warp's lanes take consecutive nodes of one channel, so one request reads one pixel of each of 32 "
+        "patches, kernel_w pixels apart (2 in the profiled 2 x 2 patches): twice the sectors of the bytes it uses, "
+        "whose other halves the next pixel's request reads from L1. From kWidePatch (16) pixels wide a warp pools "
+        "a channel of a node instead (pool_nodes_warp_kernel, 1.19 times the ideal)"),
+    "window_tile_forward_kernel": (
+        "the staging pools each node's patch on the fly (2 x 2 in the profiled case), lanes along consecutive "
+        "nodes of a tile row: a request reads every second pixel, twice the sectors of its bytes, and the next "
+        "request reads the other column from L1"),
+    "window_tile_backward_kernel": (
+        "the same staging as window_tile_forward_kernel (every second pixel of a row of 2 x 2 patches a "
+        "request), and the node's own patch read again for its pooling backward"),
+    "affinity_window_gradient_kernel": (
+        "the partners' pixels are pooled on the fly (2 x 2 patches, lanes along nodes: every second pixel, as "
+        "pool_nodes_kernel) and the D maps are read at window offsets that are not sector-aligned; it serves "
+        "only windows of reach above 2 (reaches 1-2 take the tiled kernels)"),
+    "node_norm_warp_kernel": (
+        "a warp a node (below 8,192 nodes in all), its lanes along the node's channels, which lie m elements "
+        "apart: a sector a lane for 8 bytes of it (the pooled nodes are double). The warps of the next 3 nodes "
+        "read the rest of those sectors, so DRAM reads each once while L2 serves 4 times the ideal; at so few "
+        "nodes the pass reads at most 8,192 C elements"),
+    "node_radial_warp_kernel": "as node_norm_warp_kernel: lanes along a node's channels, m elements apart",
+}
+
 # ---------------------------------------------------------------------------------------------------- SASS
 
 
@@ -403,6 +431,8 @@ def with_evidence(row: Dict[str, object], emulated: Dict[str, Dict[str, float]])
     sectors = figures["load_sectors_per_request"] / figures["ideal_load_sectors"] \
         if figures and figures["ideal_load_sectors"] else 1.0
     share = cost.minimum_bytes / cost.kernel_bytes if entry is not None else 1.0
+    if sectors > SECTOR_SLACK:
+        row["sector_reason"] = SECTOR_REASONS.get(row["kernel"], "")
     row["model"] = {gpu.name: estimate(counts, bound, gpu, wavefronts, sectors, share) for gpu in GPUS}
     return row
 
@@ -432,6 +462,9 @@ def table(rows: List[Dict[str, object]]) -> str:
             + (f" | {floors[GPUS[0].name + ' us']:,.0f} / {floors[GPUS[1].name + ' us']:,.0f} | " if floors
                else " | - | ")
             + f"{h100['fraction']:.0%}, {h100['limited_by']} | {a100['fraction']:.0%}, {a100['limited_by']} |")
+    reasons = {row["kernel"]: row["sector_reason"] for row in rows if "sector_reason" in row}
+    lines += ["", f"Load sectors per request above {SECTOR_SLACK:g} times the ideal, and why:", ""]
+    lines += [f"- `{kernel}`: {reason}." for kernel, reason in sorted(reasons.items())]
     return "\n".join(lines) + "\n"
 
 

@@ -51,6 +51,20 @@ def test_no_kernel_spills_and_no_cuda_kernel_has_a_bank_conflict():
             assert row["emulator"]["bank_conflicts"] == 0, row["kernel"]
 
 
+def test_loads_above_the_sector_slack_have_their_reason_and_reasons_are_not_stale():
+    rows = [row for row in record()["rows"] if row["backend"] == "cuda"]
+    above = set()
+    for row in rows:
+        figures = row["emulator"]  # every CUDA kernel is in the emulator's profile
+        ratio = figures["load_sectors_per_request"] / figures["ideal_load_sectors"]
+        if ratio > kernel_evidence.SECTOR_SLACK:
+            above.add(row["kernel"])
+            assert row["sector_reason"], row["kernel"]
+        else:
+            assert "sector_reason" not in row, row["kernel"]
+    assert above == set(kernel_evidence.SECTOR_REASONS)
+
+
 def test_the_triton_gram_products_run_on_fp64_tensor_cores():
     for row in record()["rows"]:
         if row["backend"] == "triton" and row["kernel"] in ("gram_kernel", "gram_apply_kernel", "direct_rows_kernel"):
