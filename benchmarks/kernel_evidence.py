@@ -94,8 +94,8 @@ SERVES: Dict[str, Tuple[str, str, str]] = {
     "gram_kernel": ("PairwiseAffinityLoss() Gram, B=8, C=256+256, 128x128", "forward", "compute"),
     "apply_kernel": ("PairwiseAffinityLoss() Gram, B=8, C=256+256, 128x128", "backward", "compute"),
     "gram_apply_kernel": ("PairwiseAffinityLoss() Gram, B=8, C=256+256, 128x128", "backward", "compute"),
-    "node_norm_warp_kernel": ("PairwiseAffinityLoss(pool_scale=0.5) direct", "forward", "memory"),
-    "node_radial_warp_kernel": ("PairwiseAffinityLoss(pool_scale=0.5) direct", "backward", "memory"),
+    "node_norm_split_kernel": ("PairwiseAffinityLoss(pool_scale=0.5) direct", "forward", "memory"),
+    "node_radial_split_kernel": ("PairwiseAffinityLoss(pool_scale=0.5) direct", "backward", "memory"),
     "pool_nodes_warp_kernel": ("PairwiseAffinityLoss(pool_scale=0.5) direct", "forward", "memory"),
     "node_backward_warp_kernel": ("PairwiseAffinityLoss(pool_scale=0.5) direct", "backward", "memory"),
     "direct_difference_kernel": ("PairwiseAffinityLoss(pool_scale=0.5) direct", "forward", "compute"),
@@ -142,12 +142,6 @@ SECTOR_REASONS: Dict[str, str] = {
         "the partners' pixels are pooled on the fly (2 x 2 patches, lanes along nodes: every second pixel, as "
         "pool_nodes_kernel) and the D maps are read at window offsets that are not sector-aligned; it serves "
         "only windows of reach above 2 (reaches 1-2 take the tiled kernels)"),
-    "node_norm_warp_kernel": (
-        "a warp a node (below 8,192 nodes in all), its lanes along the node's channels, which lie m elements "
-        "apart: a sector a lane for 8 bytes of it (the pooled nodes are double). The warps of the next 3 nodes "
-        "read the rest of those sectors, so DRAM reads each once while L2 serves 4 times the ideal; at so few "
-        "nodes the pass reads at most 8,192 C elements"),
-    "node_radial_warp_kernel": "as node_norm_warp_kernel: lanes along a node's channels, m elements apart",
 }
 
 # ---------------------------------------------------------------------------------------------------- SASS

@@ -32,10 +32,10 @@ BLOCKS: Dict[Tuple[str, str], Dict[str, int]] = {
     # kApplyNodes, two of the Gram kernel's kAffinityGramChunk) and 64 channels (kAffinityGramSide, and
     # kApplyRows). Few nodes: up to few_nodes nodes an image the direct path forms D whole, its channels split
     # over blocks (kAffinityFewNodes in affinity_full.h, FEW_NODES in affinity_full/triton_backend.py), and below
-    # split_nodes nodes in all the node reductions split each node's channels (a warp a node: kFewNodes in
-    # csrc/common/nodes.cu; a program per BLOCK_CHANNELS: FEW_NODES in fastkd/ops/_triton_nodes.py). direct_side:
-    # kAffinityDirectSide, the CUDA direct row kernel's tiles of D; wide_patch: kWidePatch in csrc/common/nodes.cu,
-    # the patch width from which a warp pools a channel of a node (lanes along the patch's rows)
+    # split_nodes nodes in all the node reductions split each node's channels (32 warps share a block's 32 nodes:
+    # kFewNodes in csrc/common/nodes.cu; a program per BLOCK_CHANNELS: FEW_NODES in fastkd/ops/_triton_nodes.py).
+    # direct_side: kAffinityDirectSide, the CUDA direct row kernel's tiles of D; wide_patch: kWidePatch in
+    # csrc/common/nodes.cu, the patch width from which a warp pools a channel of a node (lanes along its rows)
     ("affinity_full", "triton"): dict(nodes=32, channels=32, few_nodes=64, split_nodes=8192),
     ("affinity_full", "cuda"): dict(nodes=16, channels=16, gram_nodes=64, gram_channels=64, few_nodes=64,
                                     split_nodes=8192, direct_side=64, wide_patch=16),

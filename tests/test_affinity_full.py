@@ -117,7 +117,7 @@ FEW_NODES = [
 @pytest.mark.parametrize("shape, config, bound", FEW_NODES, ids=str)
 def test_few_nodes(backend, shape, config, bound, gen):
     """Few nodes spread over the GPU: up to few_nodes nodes an image the direct path splits the channels over
-    blocks or programs, and below split_nodes nodes in all so do the node reductions (in CUDA, a warp a node);
+    blocks or programs, and below split_nodes nodes in all so do the node reductions (in CUDA, 32 warps share 32 nodes);
     both sides of both bounds. 40 channels: Triton's splits of 32 end inside a block."""
     name, offset = bound
     batch, _, _, height, width = shape

@@ -28,8 +28,8 @@ def test_every_kernel_of_both_backends_is_in_the_record_for_sm80_and_sm90():
     assert {(row["backend"], row["kernel"]) for row in rows} >= {
         ("cuda", "gram_kernel"), ("cuda", "apply_kernel"), ("cuda", "direct_rows_kernel"),
         ("cuda", "direct_backward_kernel"), ("cuda", "node_norm_kernel"), ("cuda", "node_backward_kernel"),
-        ("cuda", "pool_nodes_kernel"), ("cuda", "node_radial_kernel"), ("cuda", "node_norm_warp_kernel"),
-        ("cuda", "node_radial_warp_kernel"), ("cuda", "direct_difference_kernel"), ("cuda", "direct_columns_kernel"),
+        ("cuda", "pool_nodes_kernel"), ("cuda", "node_radial_kernel"), ("cuda", "node_norm_split_kernel"),
+        ("cuda", "node_radial_split_kernel"), ("cuda", "direct_difference_kernel"), ("cuda", "direct_columns_kernel"),
         ("cuda", "pool_nodes_warp_kernel"), ("cuda", "node_backward_warp_kernel"),
         ("cuda", "affinity_window_forward_kernel"), ("cuda", "affinity_window_gradient_kernel"),
         ("cuda", "window_tile_forward_kernel"), ("cuda", "window_tile_backward_kernel"),

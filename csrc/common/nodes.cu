@@ -2,8 +2,9 @@
 // emulator runs this same file on the CPU through nodes_emulated.cpp). The per-node math is nodes_math.cuh.
 //
 //   node_norm_kernel       one thread per node: ||f_i||, pooling on the fly
-//   node_norm_warp_kernel  the same for few nodes (below kFewNodes), a warp per node: lane l sums the channels
-//                          l, l + 32, .., and the warp adds its lanes' sums by shuffles in a fixed order
+//   node_norm_split_kernel the same for few nodes (below kFewNodes), a block per 32 nodes: lanes along the
+//                          nodes (coalesced), warp w summing the channels w, w + kChannelGroups, .., and warp 0
+//                          adding the warps' sums in a fixed order
 //   pool_nodes_kernel      one thread per channel of a node: its pooled feature (the threads of a warp take
 //                          consecutive nodes of one channel: coalesced stores, and loads whose sectors the
 //                          next pixels of the patches reuse)
@@ -11,7 +12,7 @@
 //                          the patch's rows (coalesced loads), their sums or maxima combined by shuffles in a
 //                          fixed order
 //   node_radial_kernel     one thread per node: the norm's share k^2 (f . g) / n of its gradient
-//   node_radial_warp_kernel  the same for few nodes, a warp per node, as node_norm_warp_kernel
+//   node_radial_split_kernel  the same for few nodes, as node_norm_split_kernel
 //   node_backward_kernel   one thread per channel of a node: normalisation then pooling backward, writing its
 //                          own pixels
 //   node_backward_warp_kernel  the same for wide patches with the nodes pooled ahead, a warp per channel of a
@@ -31,11 +32,14 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarpsPerBlock = kThreads / 32;
 
-// Below this many nodes (B m) the reductions over a node's channels take a warp a node. One thread a node would
-// keep few threads busy, each reading all C channels one after another: with pool_scale (9 nodes at 65 x 65,
-// B = 8) 72 threads, each with 512 loads in sequence, on a GPU that holds 270,000 threads (132 SMs x 2048). At
-// 8192 nodes the warps fill an H100 (132 x 64 warps), and one thread a node reads 32 nodes a request coalesced.
+// Below this many nodes (B m) the reductions over a node's channels split them over kChannelGroups warps. One
+// thread a node would keep few threads busy, each reading all C channels one after another: with pool_scale (9
+// nodes at 65 x 65, B = 8) 72 threads, each with 512 loads in sequence, on a GPU that holds 270,000 threads (132
+// SMs x 2048). At 8192 nodes the split fills an H100, and one thread a node reads 32 nodes a request coalesced.
+// (A warp a node, its lanes along the channels, read a sector a lane: 4 times the ideal for double nodes.)
 constexpr std::int64_t kFewNodes = 8192;
+constexpr int kChannelGroups = 32;  // warps of a split block: 1024 threads, 32 nodes x 32 ranges of channels
+constexpr int kSplitThreads = 32 * kChannelGroups;
 
 // Patches at least this wide pool a warp a channel of a node. One thread a node reads pixels kernel_w apart
 // across its warp's lanes, a sector a lane for 4-8 useful bytes (pool_scale at 65 x 65: 22 x 22 patches, 15
@@ -59,14 +63,32 @@ FASTKD_DEVICE std::int64_t warp_index() {
   return static_cast<std::int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
 }
 
+// Block kSplitThreads: `share` of this thread's node (lane l: node 32 blockIdx.x + l of the B m) over the
+// channels w, w + kChannelGroups, .. (warp w), summed over the warps in their order: valid in warp 0. A lane
+// past the nodes gives 0. Every thread of the block must call it (a barrier).
+template <typename Share>
+FASTKD_DEVICE double sum_over_channel_groups(std::int64_t nodes_in_all, Share share) {
+  FASTKD_SHARED(double, partial, kSplitThreads);  // [warp][lane]
+  const int lane = threadIdx.x % 32, group = threadIdx.x / 32;
+  const std::int64_t index = static_cast<std::int64_t>(blockIdx.x) * 32 + lane;
+  partial[threadIdx.x] = index < nodes_in_all ? share(index, group) : 0.0;
+  __syncthreads();
+  double sum = 0.0;
+  if (group == 0) {
+    for (int g = 0; g < kChannelGroups; ++g) sum += partial[g * 32 + lane];
+  }
+  return sum;
+}
+
 template <typename T>
-FASTKD_GLOBAL void node_norm_warp_kernel(global_ptr<const T> x, Map map, Grid grid, std::int64_t batch,
-                                         global_ptr<double> norms) {
-  const std::int64_t m = nodes::node_count(grid), index = warp_index();
-  const int lane = threadIdx.x % 32;
-  const bool node = index < batch * m;  // the same for the warp's lanes, which all take part in the sum
-  const double squares = warp_sum(node ? nodes::node_squares(x, map, grid, index / m, index % m, lane, 32) : 0.0);
-  if (node && lane == 0) norms[index] = sqrt(squares);
+FASTKD_GLOBAL void FASTKD_LAUNCH_BOUNDS(kSplitThreads, 1)
+    node_norm_split_kernel(global_ptr<const T> x, Map map, Grid grid, std::int64_t batch, global_ptr<double> norms) {
+  const std::int64_t m = nodes::node_count(grid);
+  const double squares = sum_over_channel_groups(batch * m, [&](std::int64_t index, int group) {
+    return nodes::node_squares(x, map, grid, index / m, index % m, group, kChannelGroups);
+  });
+  const std::int64_t index = static_cast<std::int64_t>(blockIdx.x) * 32 + threadIdx.x;
+  if (threadIdx.x < 32 && index < batch * m) norms[index] = sqrt(squares);
 }
 
 template <typename T>
@@ -131,15 +153,16 @@ FASTKD_GLOBAL void node_radial_kernel(global_ptr<const double> grad_hat, global_
 }
 
 template <typename T>
-FASTKD_GLOBAL void node_radial_warp_kernel(global_ptr<const double> grad_hat, global_ptr<const T> x, Map map,
-                                           global_ptr<const double> nodes_in, global_ptr<const double> norms,
-                                           Grid grid, double eps, std::int64_t batch, global_ptr<double> radial) {
-  const std::int64_t m = nodes::node_count(grid), index = warp_index();
-  const int lane = threadIdx.x % 32;
-  const bool node = index < batch * m;
-  const double dot =
-      warp_sum(node ? nodes::radial_dot(grad_hat, x, map, nodes_in, grid, index / m, index % m, lane, 32) : 0.0);
-  if (node && lane == 0) radial[index] = nodes::radial_term(dot, norms[index], eps);
+FASTKD_GLOBAL void FASTKD_LAUNCH_BOUNDS(kSplitThreads, 1)
+    node_radial_split_kernel(global_ptr<const double> grad_hat, global_ptr<const T> x, Map map,
+                             global_ptr<const double> nodes_in, global_ptr<const double> norms, Grid grid, double eps,
+                             std::int64_t batch, global_ptr<double> radial) {
+  const std::int64_t m = nodes::node_count(grid);
+  const double dot = sum_over_channel_groups(batch * m, [&](std::int64_t index, int group) {
+    return nodes::radial_dot(grad_hat, x, map, nodes_in, grid, index / m, index % m, group, kChannelGroups);
+  });
+  const std::int64_t index = static_cast<std::int64_t>(blockIdx.x) * 32 + threadIdx.x;
+  if (threadIdx.x < 32 && index < batch * m) radial[index] = nodes::radial_term(dot, norms[index], eps);
 }
 
 // radial: the nodes' radial terms, or nullptr (the norm detached: none).
@@ -227,6 +250,7 @@ FASTKD_GLOBAL void node_backward_warp_kernel(global_ptr<const double> grad_hat, 
 
 std::int64_t blocks_for(std::int64_t items) { return (items + kThreads - 1) / kThreads; }
 std::int64_t warp_blocks_for(std::int64_t items) { return (items + kWarpsPerBlock - 1) / kWarpsPerBlock; }
+std::int64_t split_blocks_for(std::int64_t nodes_in_all) { return (nodes_in_all + 31) / 32; }
 
 }  // namespace
 
@@ -236,8 +260,8 @@ void node_norms(const T* x, const nodes::Map& map, const nodes::Grid& grid, std:
   const std::int64_t items = batch * nodes::node_count(grid);
   if (items == 0) return;
   if (items < kFewNodes) {
-    FASTKD_LAUNCH(node_norm_warp_kernel<T>, LaunchExtent(warp_blocks_for(items)), dim3(kThreads), stream, x, map,
-                  grid, batch, norms);
+    FASTKD_LAUNCH(node_norm_split_kernel<T>, LaunchExtent(split_blocks_for(items)), dim3(kSplitThreads), stream, x,
+                  map, grid, batch, norms);
   } else {
     FASTKD_LAUNCH(node_norm_kernel<T>, LaunchExtent(blocks_for(items)), dim3(kThreads), stream, x, map, grid, batch,
                   norms);
@@ -265,7 +289,7 @@ void node_backward(const double* grad_hat, const T* x, const nodes::Map& map, co
   const std::int64_t node_items = batch * nodes::node_count(grid);
   if (node_items * map.channels == 0) return;
   if (!detach_norm && node_items < kFewNodes) {
-    FASTKD_LAUNCH(node_radial_warp_kernel<T>, LaunchExtent(warp_blocks_for(node_items)), dim3(kThreads), stream,
+    FASTKD_LAUNCH(node_radial_split_kernel<T>, LaunchExtent(split_blocks_for(node_items)), dim3(kSplitThreads), stream,
                   grad_hat, x, map, nodes_in, norms, grid, eps, batch, radial);
   } else if (!detach_norm) {
     FASTKD_LAUNCH(node_radial_kernel<T>, LaunchExtent(blocks_for(node_items)), dim3(kThreads), stream, grad_hat, x, map,
