@@ -42,7 +42,7 @@ constexpr int kChannelGroups = 32;  // warps of a split block: 1024 threads, 32 
 constexpr int kSplitThreads = 32 * kChannelGroups;
 
 // Patches at least this wide pool a warp a channel of a node. One thread a node reads pixels kernel_w apart
-// across its warp's lanes, a sector a lane for 4-8 useful bytes (pool_scale at 65 x 65: 22 x 22 patches, 15
+// across its warp's lanes, a sector a lane for 4-8 useful bytes (pool_scale at 65 x 65: 32 x 32 patches, 15
 // sectors a request against 2); lanes along a patch row read it coalesced, with at least half of them busy.
 constexpr std::int64_t kWidePatch = 16;
 
