@@ -581,6 +581,7 @@ FASTKD_GLOBAL void direct_columns_kernel(Nodes<T> x, Grid grid, global_ptr<const
   if (c < channels && i < m) out[(b * channels + c) * m + i] = sign * sum;
 }
 std::int64_t gram_tiles_for(std::int64_t channels) { return (channels + kGramSide - 1) / kGramSide; }
+std::int64_t direct_tiles_for(std::int64_t nodes) { return (nodes + kDirectSide - 1) / kDirectSide; }
 
 // Whether both operands take the flat path (one pixel a node, rows back to back; nodes_math.cuh).
 template <typename T>
@@ -631,7 +632,7 @@ template <typename T>
 void affinity_full_direct_rows(const nodes::Nodes<T>& s, const nodes::Nodes<T>& t, const nodes::Grid& grid,
                                std::int64_t batch, std::int64_t splits, std::int64_t tiles_per_split,
                                double* partials, fastkd_stream_t stream) {
-  const std::int64_t row_tiles = (nodes::node_count(grid) + kDirectSide - 1) / kDirectSide;
+  const std::int64_t row_tiles = direct_tiles_for(nodes::node_count(grid));
   if (row_tiles == 0 || batch == 0 || splits == 0) return;
   const LaunchExtent blocks(row_tiles, splits, batch);
   FASTKD_LAUNCH_FLAT_OR_GENERAL(direct_rows_kernel, flat(s, t, grid), blocks, dim3(kApplyThreads), stream, s, t, grid,
@@ -642,7 +643,7 @@ template <typename T>
 void affinity_full_direct_backward(const nodes::Nodes<T>& s, const nodes::Nodes<T>& t, const nodes::Grid& grid,
                                    const double* weight, std::int64_t batch, double* grad_s, double* grad_t,
                                    fastkd_stream_t stream) {
-  const std::int64_t node_tiles = (nodes::node_count(grid) + kDirectSide - 1) / kDirectSide;
+  const std::int64_t node_tiles = direct_tiles_for(nodes::node_count(grid));
   if (node_tiles == 0 || batch == 0 || (grad_s == nullptr && grad_t == nullptr)) return;
   const LaunchExtent blocks(node_tiles, batch);
   FASTKD_LAUNCH_FLAT_OR_GENERAL(direct_backward_kernel, flat(s, t, grid), blocks, dim3(kApplyThreads), stream, s, t,
