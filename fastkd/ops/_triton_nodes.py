@@ -1,11 +1,13 @@
 """Graph nodes for the Triton kernels of both affinity ops: pooled on the fly or once ahead, normalised by a
-precomputed norm (a leaf: torch, triton and the shared math of :mod:`fastkd.ops._graph`).
+precomputed scale (a leaf: torch, triton and the shared math of :mod:`fastkd.ops._graph`).
 
 A node is a ``kernel_h x kernel_w`` patch of one image (Liu et al. 2020, sec. 2.1; FORMULAS.md section 1,
-steps 1-2), averaged over the pixels that exist or max-pooled. :func:`load_pooled` pools a (channels x nodes)
-tile in registers whenever a kernel needs it, and the node norms ``||f_i||`` (one float64 per node) are computed
-ahead. The windowed graph pools on the fly; the full graph, whose every node is staged by many programs, pools
-once (:func:`pool_nodes`) into float64 nodes that its kernels then read as pixels.
+steps 1-2), averaged over the pixels that exist or max-pooled. :func:`load_patch_sums` pools a (channels x
+nodes) tile in registers whenever a kernel needs it, leaving an average's division by its pixels to one factor a
+node outside the loops (:func:`pooling_factors`); the node norms ``||f_i||`` (one float64 per node) are computed
+ahead, and the dot kernels read ``f_hat_i`` as a patch's sum times one float64 per node (:func:`node_scales`),
+so that their loops hold no division. The windowed graph pools on the fly; the full graph, whose every node is
+staged by many programs, pools once (:func:`pool_nodes`) into float64 nodes that its kernels then read as pixels.
 
 Nodes are numbered row-major on the ``grid_h x grid_w`` node grid, ``m = grid_h * grid_w``.
 """
@@ -31,11 +33,24 @@ FEW_NODES = 8192
 
 
 @triton.jit
-def load_pooled(x_ptr, b, channels, nodes, num_channels, num_nodes, height, width, grid_w,
-                stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL: tl.constexpr):
-    """The pooled features of ``channels`` (BLOCK_C,) x ``nodes`` (BLOCK_N,) of image ``b`` as a float64
-    (BLOCK_C, BLOCK_N) tile; 0 outside the map. Indices are int64. A max over a patch holding NaN or
-    +-Inf is NaN."""
+def pooling_factors(nodes, height, width, grid_w, kernel_h, kernel_w, MAX_POOL: tl.constexpr):
+    """What turns each node's :func:`load_patch_sums` into its pooled feature, float64 (BLOCK_N,): 1 over the
+    patch's pixels in the map for an average (edge patches of ceil mode hold fewer; 1 past the last node), 1 for
+    a max. One division a node, taken where a kernel's loop does not repeat it."""
+    if MAX_POOL:
+        return tl.full(nodes.shape, 1.0, tl.float64)
+    node_row = nodes // grid_w
+    node_col = nodes % grid_w
+    pixels = tl.minimum(height - node_row * kernel_h, kernel_h) * tl.minimum(width - node_col * kernel_w, kernel_w)
+    return 1.0 / tl.maximum(pixels, 1).to(tl.float64)
+
+
+@triton.jit
+def load_patch_sums(x_ptr, b, channels, nodes, num_channels, num_nodes, height, width, grid_w,
+                    stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL: tl.constexpr):
+    """The sums (MAX_POOL: the maxima) over each node's patch of ``channels`` (BLOCK_C,) x ``nodes`` (BLOCK_N,)
+    of image ``b`` as a float64 (BLOCK_C, BLOCK_N) tile; 0 outside the map. Indices are int64. A max over a patch
+    holding NaN or +-Inf is NaN."""
     valid = (channels[:, None] < num_channels) & (nodes[None, :] < num_nodes)
     node_row = nodes // grid_w
     node_col = nodes % grid_w
@@ -45,7 +60,6 @@ def load_pooled(x_ptr, b, channels, nodes, num_channels, num_nodes, height, widt
         non_finite = tl.zeros(valid.shape, tl.int1)
     else:
         pooled = tl.zeros(valid.shape, tl.float64)
-        count = tl.zeros(nodes.shape, tl.float64)
     for dy in range(0, kernel_h):
         row = node_row * kernel_h + dy
         for dx in range(0, kernel_w):
@@ -58,23 +72,20 @@ def load_pooled(x_ptr, b, channels, nodes, num_channels, num_nodes, height, widt
                 non_finite |= inside[None, :] & (pixel - pixel != 0)  # NaN or +-Inf
             else:
                 pooled += pixel
-                count += inside.to(tl.float64)
     if MAX_POOL:  # a max ignores -Inf, but FORMULAS.md asks that non-finite input give NaN
         pooled = tl.where(non_finite, float("nan"), pooled)
-    else:  # one division a node, not one an element
-        pooled = pooled * (1.0 / tl.maximum(count, 1.0))[None, :]
     return tl.where(valid, pooled, 0.0)
 
 
 @triton.jit
-def load_normalized(x_ptr, norm_ptr, b, channels, nodes, num_channels, num_nodes, height, width, grid_w,
-                    stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, eps, MAX_POOL: tl.constexpr):
-    """``f_hat = f / (||f|| + eps)`` for a (BLOCK_C, BLOCK_N) tile, from the precomputed node norms: each node's
-    scale ``1 / (||f|| + eps)`` once, then one product an element (as the CUDA kernels' node scales)."""
-    pooled = load_pooled(x_ptr, b, channels, nodes, num_channels, num_nodes, height, width, grid_w,
-                         stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL)
-    norm = tl.load(norm_ptr + b * num_nodes + nodes, mask=nodes < num_nodes, other=0.0)
-    return pooled * (1.0 / (norm + eps))[None, :]
+def load_normalized(x_ptr, scale_ptr, b, channels, nodes, num_channels, num_nodes, height, width, grid_w,
+                    stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL: tl.constexpr):
+    """``f_hat = f / (||f|| + eps)`` for a (BLOCK_C, BLOCK_N) tile: the patch sums times each node's scale from
+    :func:`node_scales` (which holds the average's 1 / pixels too), one product an element and no division."""
+    sums = load_patch_sums(x_ptr, b, channels, nodes, num_channels, num_nodes, height, width, grid_w,
+                           stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL)
+    scale = tl.load(scale_ptr + b * num_nodes + nodes, mask=nodes < num_nodes, other=0.0)
+    return sums * scale[None, :]
 
 
 @triton.jit
@@ -90,9 +101,11 @@ def node_norm_kernel(x_ptr, out_ptr, num_channels, num_nodes, height, width, gri
     squares = tl.zeros((BLOCK_N,), tl.float64)
     for c0 in range(first, tl.minimum(first + channels_per_split, num_channels), BLOCK_C):
         channels = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-        pooled = load_pooled(x_ptr, b, channels, nodes, num_channels, num_nodes, height, width, grid_w,
-                             stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL)
-        squares += tl.sum(pooled * pooled, axis=0)
+        sums = load_patch_sums(x_ptr, b, channels, nodes, num_channels, num_nodes, height, width, grid_w,
+                               stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL)
+        squares += tl.sum(sums * sums, axis=0)
+    factor = pooling_factors(nodes, height, width, grid_w, kernel_h, kernel_w, MAX_POOL)
+    squares = squares * (factor * factor)
     if SPLIT:
         tl.store(out_ptr + (b * tl.num_programs(1) + split) * num_nodes + nodes, squares, mask=nodes < num_nodes)
     else:
@@ -107,8 +120,9 @@ def pool_nodes_kernel(x_ptr, out_ptr, num_channels, num_nodes, height, width, gr
     b = tl.program_id(2).to(tl.int64)
     nodes = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     channels = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
-    pooled = load_pooled(x_ptr, b, channels, nodes, num_channels, num_nodes, height, width, grid_w,
-                         stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL)
+    pooled = load_patch_sums(x_ptr, b, channels, nodes, num_channels, num_nodes, height, width, grid_w,
+                             stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL) \
+        * pooling_factors(nodes, height, width, grid_w, kernel_h, kernel_w, MAX_POOL)[None, :]
     valid = (channels[:, None] < num_channels) & (nodes[None, :] < num_nodes)
     tl.store(out_ptr + (b * num_channels + channels[:, None]) * num_nodes + nodes[None, :], pooled, mask=valid)
 
@@ -141,9 +155,10 @@ def node_radial_kernel(grad_hat_ptr, x_ptr, norm_ptr, out_ptr, num_channels, num
         channels = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
         ok = (channels[:, None] < num_channels) & node_ok[None, :]
         g = tl.load(grad_hat_base + channels[:, None] * num_nodes + nodes[None, :], mask=ok, other=0.0)
-        pooled = load_pooled(x_ptr, b, channels, nodes, num_channels, num_nodes, height, width, grid_w,
-                             stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL)
-        dot += tl.sum(g * pooled, axis=0)
+        sums = load_patch_sums(x_ptr, b, channels, nodes, num_channels, num_nodes, height, width, grid_w,
+                               stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL)
+        dot += tl.sum(g * sums, axis=0)
+    dot = dot * pooling_factors(nodes, height, width, grid_w, kernel_h, kernel_w, MAX_POOL)
     if SPLIT:
         tl.store(out_ptr + (b * tl.num_programs(1) + split) * num_nodes + nodes, dot, mask=node_ok)
     else:
@@ -183,8 +198,9 @@ def node_backward_kernel(grad_hat_ptr, x_ptr, norm_ptr, radial_ptr, grad_x_ptr, 
     channels = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
     ok = (channels[:, None] < num_channels) & node_ok[None, :]
     g = tl.load(grad_hat_base + channels[:, None] * num_nodes + nodes[None, :], mask=ok, other=0.0)
-    pooled = load_pooled(x_ptr, b, channels, nodes, num_channels, num_nodes, height, width, grid_w,
-                         stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL)
+    factor = pooling_factors(nodes, height, width, grid_w, kernel_h, kernel_w, MAX_POOL)[None, :]
+    pooled = load_patch_sums(x_ptr, b, channels, nodes, num_channels, num_nodes, height, width, grid_w,
+                             stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL) * factor
     grad_pooled = g * scale[None, :] - radial[None, :] * pooled
     if MAX_POOL:  # the first pixel (row-major in the patch) that holds the max; NaN is its own max
         winner = tl.full(ok.shape, -1, tl.int32)
@@ -198,10 +214,8 @@ def node_backward_kernel(grad_hat_ptr, x_ptr, norm_ptr, radial_ptr, grad_x_ptr, 
                                 mask=ok & inside[None, :], other=0.0).to(tl.float64)
                 same = (pixel == pooled) | ((pixel != pixel) & (pooled != pooled))
                 winner = tl.where((winner < 0) & inside[None, :] & same, dy * kernel_w + dx, winner)
-    else:
-        count = (tl.minimum(height - node_row * kernel_h, kernel_h)
-                 * tl.minimum(width - node_col * kernel_w, kernel_w)).to(tl.float64)
-        grad_pooled = grad_pooled / tl.maximum(count, 1.0)[None, :]  # count < 1 only past the last node
+    else:  # an average's gradient: the same share to each of its pixels
+        grad_pooled = grad_pooled * factor
     for dy in range(0, kernel_h):
         row = node_row * kernel_h + dy
         for dx in range(0, kernel_w):
@@ -232,6 +246,20 @@ def node_norms(x: torch.Tensor, grid: NodeGrid) -> torch.Tensor:
             BLOCK_CHANNELS if splits > 1 else channels, SPLIT=splits > 1, MAX_POOL=grid.max_pool,
             BLOCK_C=BLOCK_CHANNELS, BLOCK_N=BLOCK_NODES, **KERNEL_OPTIONS)
     return out.sum(dim=1).sqrt() if splits > 1 else out  # a fixed-order sum of the splits' partials
+
+
+def node_scales(x: torch.Tensor, norms: torch.Tensor, grid: NodeGrid, eps: float) -> torch.Tensor:
+    """Each node's ``1 / (n_i (||f_i|| + eps))``, (B, m) float64, n_i the pixels its average pools (1 for a max):
+    the scale :func:`load_normalized` turns a patch's sum into ``f_hat_i`` with, so that the dot kernels'
+    loops, which stage a node many times, hold no division."""
+    scales = (norms + eps).reciprocal()
+    if grid.max_pool or (grid.kernel_h, grid.kernel_w) == (1, 1):
+        return scales
+    corners = torch.arange(grid.grid_h, device=x.device) * grid.kernel_h, \
+        torch.arange(grid.grid_w, device=x.device) * grid.kernel_w
+    rows = (x.shape[2] - corners[0]).clamp(max=grid.kernel_h)
+    cols = (x.shape[3] - corners[1]).clamp(max=grid.kernel_w)
+    return scales / (rows[:, None] * cols[None, :]).reshape(-1).to(torch.float64)
 
 
 def pool_nodes(x: torch.Tensor, grid: NodeGrid) -> torch.Tensor:

@@ -36,7 +36,7 @@ import triton.language as tl
 
 from fastkd.ops._graph import NodeGrid
 from fastkd.ops._triton_launch import KERNEL_OPTIONS, on_device, strides
-from fastkd.ops._triton_nodes import load_normalized, node_backward, node_norms, pool_nodes
+from fastkd.ops._triton_nodes import load_normalized, node_backward, node_norms, node_scales, pool_nodes
 from fastkd.ops.affinity_full import schema
 
 BLOCK_NODES = 32
@@ -58,9 +58,9 @@ UNSPECIALISED = ["kernel_h", "kernel_w"]
 
 
 @triton.jit(do_not_specialize=UNSPECIALISED)
-def gram_kernel(x_ptr, x_norm_ptr, y_ptr, y_norm_ptr, weight_ptr, out_ptr, x_channels, y_channels, num_nodes,
+def gram_kernel(x_ptr, x_scale_ptr, y_ptr, y_scale_ptr, weight_ptr, out_ptr, x_channels, y_channels, num_nodes,
                 height, width, grid_w, x_sb, x_sc, x_sh, x_sw, y_sb, y_sc, y_sh, y_sw, kernel_h, kernel_w,
-                eps: tl.float64, nodes_per_split, HAS_WEIGHT: tl.constexpr, MAX_POOL: tl.constexpr,
+                nodes_per_split, HAS_WEIGHT: tl.constexpr, MAX_POOL: tl.constexpr,
                 BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_N: tl.constexpr):
     """One (BLOCK_X x BLOCK_Y) tile of ``X W Y'`` summed over one split of the nodes; grid
     (tiles, splits, B). Writes out[b, split] (B, splits, Cx, Cy) float64."""
@@ -76,10 +76,10 @@ def gram_kernel(x_ptr, x_norm_ptr, y_ptr, y_norm_ptr, weight_ptr, out_ptr, x_cha
     for n0 in range(first, last, BLOCK_N):
         nodes = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         nodes = tl.where(nodes < last, nodes, num_nodes)  # past this split: loaded as 0
-        x_hat = load_normalized(x_ptr, x_norm_ptr, b, x_rows, nodes, x_channels, num_nodes, height, width,
-                                grid_w, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, eps, MAX_POOL)
-        y_hat = load_normalized(y_ptr, y_norm_ptr, b, y_rows, nodes, y_channels, num_nodes, height, width,
-                                grid_w, y_sb, y_sc, y_sh, y_sw, kernel_h, kernel_w, eps, MAX_POOL)
+        x_hat = load_normalized(x_ptr, x_scale_ptr, b, x_rows, nodes, x_channels, num_nodes, height, width,
+                                grid_w, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, MAX_POOL)
+        y_hat = load_normalized(y_ptr, y_scale_ptr, b, y_rows, nodes, y_channels, num_nodes, height, width,
+                                grid_w, y_sb, y_sc, y_sh, y_sw, kernel_h, kernel_w, MAX_POOL)
         if HAS_WEIGHT:
             x_hat = x_hat * tl.load(weight_ptr + b * num_nodes + nodes, mask=nodes < num_nodes, other=0.0)[None, :]
         acc += tl.dot(x_hat, tl.trans(y_hat))
@@ -89,8 +89,8 @@ def gram_kernel(x_ptr, x_norm_ptr, y_ptr, y_norm_ptr, weight_ptr, out_ptr, x_cha
 
 
 @triton.jit
-def _matrix_times_nodes(acc, matrix_ptr, b, out_rows, out_channels, x_ptr, x_norm_ptr, x_channels, nodes,
-                        num_nodes, height, width, grid_w, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, eps,
+def _matrix_times_nodes(acc, matrix_ptr, b, out_rows, out_channels, x_ptr, x_scale_ptr, x_channels, nodes,
+                        num_nodes, height, width, grid_w, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w,
                         MAX_POOL: tl.constexpr, BLOCK_C: tl.constexpr):
     """``acc + M[out_rows, :] @ X_hat[:, nodes]`` for a contiguous float64 matrix M (B, out_channels,
     x_channels)."""
@@ -98,16 +98,16 @@ def _matrix_times_nodes(acc, matrix_ptr, b, out_rows, out_channels, x_ptr, x_nor
         channels = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
         matrix = tl.load(matrix_ptr + (b * out_channels + out_rows[:, None]) * x_channels + channels[None, :],
                          mask=(out_rows[:, None] < out_channels) & (channels[None, :] < x_channels), other=0.0)
-        x_hat = load_normalized(x_ptr, x_norm_ptr, b, channels, nodes, x_channels, num_nodes, height, width,
-                                grid_w, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, eps, MAX_POOL)
+        x_hat = load_normalized(x_ptr, x_scale_ptr, b, channels, nodes, x_channels, num_nodes, height, width,
+                                grid_w, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, MAX_POOL)
         acc += tl.dot(matrix, x_hat)
     return acc
 
 
 @triton.jit(do_not_specialize=UNSPECIALISED)
-def gram_apply_kernel(p_ptr, p_norm_ptr, q_ptr, q_norm_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr, weight_ptr,
+def gram_apply_kernel(p_ptr, p_scale_ptr, q_ptr, q_scale_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr, weight_ptr,
                       out_ptr, dot_a_ptr, dot_b_ptr, p_channels, q_channels, num_nodes, height, width, grid_w,
-                      p_sb, p_sc, p_sh, p_sw, q_sb, q_sc, q_sh, q_sw, kernel_h, kernel_w, eps: tl.float64,
+                      p_sb, p_sc, p_sh, p_sw, q_sb, q_sc, q_sh, q_sw, kernel_h, kernel_w,
                       HAS_Q: tl.constexpr, HAS_WEIGHTED: tl.constexpr, STORE: tl.constexpr, DOTS: tl.constexpr,
                       MAX_POOL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
     """For a block of nodes of one image; grid (node blocks, B):
@@ -125,29 +125,29 @@ def gram_apply_kernel(p_ptr, p_norm_ptr, q_ptr, q_norm_ptr, a1_ptr, b1_ptr, a2_p
     for r0 in range(0, p_channels, BLOCK_C):
         rows = r0 + tl.arange(0, BLOCK_C).to(tl.int64)
         from_p = _matrix_times_nodes(tl.zeros((BLOCK_C, BLOCK_N), tl.float64), a1_ptr, b, rows, p_channels,
-                                     p_ptr, p_norm_ptr, p_channels, nodes, num_nodes, height, width, grid_w,
-                                     p_sb, p_sc, p_sh, p_sw, kernel_h, kernel_w, eps, MAX_POOL, BLOCK_C)
+                                     p_ptr, p_scale_ptr, p_channels, nodes, num_nodes, height, width, grid_w,
+                                     p_sb, p_sc, p_sh, p_sw, kernel_h, kernel_w, MAX_POOL, BLOCK_C)
         from_q = tl.zeros((BLOCK_C, BLOCK_N), tl.float64)
         if HAS_Q:
-            from_q = _matrix_times_nodes(from_q, b1_ptr, b, rows, p_channels, q_ptr, q_norm_ptr, q_channels,
+            from_q = _matrix_times_nodes(from_q, b1_ptr, b, rows, p_channels, q_ptr, q_scale_ptr, q_channels,
                                          nodes, num_nodes, height, width, grid_w, q_sb, q_sc, q_sh, q_sw,
-                                         kernel_h, kernel_w, eps, MAX_POOL, BLOCK_C)
+                                         kernel_h, kernel_w, MAX_POOL, BLOCK_C)
         if DOTS:
-            p_hat = load_normalized(p_ptr, p_norm_ptr, b, rows, nodes, p_channels, num_nodes, height, width,
-                                    grid_w, p_sb, p_sc, p_sh, p_sw, kernel_h, kernel_w, eps, MAX_POOL)
+            p_hat = load_normalized(p_ptr, p_scale_ptr, b, rows, nodes, p_channels, num_nodes, height, width,
+                                    grid_w, p_sb, p_sc, p_sh, p_sw, kernel_h, kernel_w, MAX_POOL)
             dot_a += tl.sum(p_hat * from_p, axis=0)
             dot_b += tl.sum(p_hat * from_q, axis=0)
         if STORE:
             result = from_p + from_q
             if HAS_WEIGHTED:
                 weighted = tl.zeros((BLOCK_C, BLOCK_N), tl.float64)
-                weighted = _matrix_times_nodes(weighted, a2_ptr, b, rows, p_channels, p_ptr, p_norm_ptr,
+                weighted = _matrix_times_nodes(weighted, a2_ptr, b, rows, p_channels, p_ptr, p_scale_ptr,
                                                p_channels, nodes, num_nodes, height, width, grid_w,
-                                               p_sb, p_sc, p_sh, p_sw, kernel_h, kernel_w, eps, MAX_POOL, BLOCK_C)
+                                               p_sb, p_sc, p_sh, p_sw, kernel_h, kernel_w, MAX_POOL, BLOCK_C)
                 if HAS_Q:
-                    weighted = _matrix_times_nodes(weighted, b2_ptr, b, rows, p_channels, q_ptr, q_norm_ptr,
+                    weighted = _matrix_times_nodes(weighted, b2_ptr, b, rows, p_channels, q_ptr, q_scale_ptr,
                                                    q_channels, nodes, num_nodes, height, width, grid_w,
-                                                   q_sb, q_sc, q_sh, q_sw, kernel_h, kernel_w, eps, MAX_POOL,
+                                                   q_sb, q_sc, q_sh, q_sw, kernel_h, kernel_w, MAX_POOL,
                                                    BLOCK_C)
                 result += weight[None, :] * weighted
             out = out_ptr + (b * p_channels + rows[:, None]) * num_nodes + nodes[None, :]
@@ -158,41 +158,41 @@ def gram_apply_kernel(p_ptr, p_norm_ptr, q_ptr, q_norm_ptr, a1_ptr, b1_ptr, a2_p
 
 
 @triton.jit
-def _affinity_tile(x_ptr, x_norm_ptr, b, nodes_i, nodes_j, x_channels, num_nodes, height, width, grid_w,
-                   x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, eps, first, last, MAX_POOL: tl.constexpr,
+def _affinity_tile(x_ptr, x_scale_ptr, b, nodes_i, nodes_j, x_channels, num_nodes, height, width, grid_w,
+                   x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, first, last, MAX_POOL: tl.constexpr,
                    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
     """``a[i, j] = x_i . x_j`` over the channels ``[first, last)`` for a (BLOCK_I, BLOCK_J) tile of normalised
     nodes, in registers; ``last`` is the channel count or a multiple of BLOCK_C."""
     affinity = tl.zeros((BLOCK_I, BLOCK_J), tl.float64)
     for c0 in range(first, last, BLOCK_C):
         channels = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-        x_i = load_normalized(x_ptr, x_norm_ptr, b, channels, nodes_i, x_channels, num_nodes, height, width,
-                              grid_w, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, eps, MAX_POOL)
-        x_j = load_normalized(x_ptr, x_norm_ptr, b, channels, nodes_j, x_channels, num_nodes, height, width,
-                              grid_w, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, eps, MAX_POOL)
+        x_i = load_normalized(x_ptr, x_scale_ptr, b, channels, nodes_i, x_channels, num_nodes, height, width,
+                              grid_w, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, MAX_POOL)
+        x_j = load_normalized(x_ptr, x_scale_ptr, b, channels, nodes_j, x_channels, num_nodes, height, width,
+                              grid_w, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, MAX_POOL)
         affinity += tl.dot(tl.trans(x_i), x_j)
     return affinity
 
 
 @triton.jit
-def _difference_tile(s_ptr, s_norm_ptr, t_ptr, t_norm_ptr, b, nodes_i, nodes_j, s_channels, t_channels,
+def _difference_tile(s_ptr, s_scale_ptr, t_ptr, t_scale_ptr, b, nodes_i, nodes_j, s_channels, t_channels,
                      num_nodes, height, width, grid_w, s_sb, s_sc, s_sh, s_sw, t_sb, t_sc, t_sh, t_sw,
-                     kernel_h, kernel_w, eps, MAX_POOL: tl.constexpr, BLOCK_I: tl.constexpr,
+                     kernel_h, kernel_w, MAX_POOL: tl.constexpr, BLOCK_I: tl.constexpr,
                      BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
     """``D[i, j] = s_i . s_j - t_i . t_j`` for a (BLOCK_I, BLOCK_J) tile, in registers."""
-    a_s = _affinity_tile(s_ptr, s_norm_ptr, b, nodes_i, nodes_j, s_channels, num_nodes, height, width, grid_w,
-                         s_sb, s_sc, s_sh, s_sw, kernel_h, kernel_w, eps, 0, s_channels, MAX_POOL, BLOCK_I, BLOCK_J,
+    a_s = _affinity_tile(s_ptr, s_scale_ptr, b, nodes_i, nodes_j, s_channels, num_nodes, height, width, grid_w,
+                         s_sb, s_sc, s_sh, s_sw, kernel_h, kernel_w, 0, s_channels, MAX_POOL, BLOCK_I, BLOCK_J,
                          BLOCK_C)
-    a_t = _affinity_tile(t_ptr, t_norm_ptr, b, nodes_i, nodes_j, t_channels, num_nodes, height, width, grid_w,
-                         t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w, eps, 0, t_channels, MAX_POOL, BLOCK_I, BLOCK_J,
+    a_t = _affinity_tile(t_ptr, t_scale_ptr, b, nodes_i, nodes_j, t_channels, num_nodes, height, width, grid_w,
+                         t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w, 0, t_channels, MAX_POOL, BLOCK_I, BLOCK_J,
                          BLOCK_C)
     return a_s - a_t
 
 
 @triton.jit(do_not_specialize=UNSPECIALISED)
-def direct_rows_kernel(s_ptr, s_norm_ptr, t_ptr, t_norm_ptr, rows_ptr, s_channels, t_channels, num_nodes,
+def direct_rows_kernel(s_ptr, s_scale_ptr, t_ptr, t_scale_ptr, rows_ptr, s_channels, t_channels, num_nodes,
                        height, width, grid_w, s_sb, s_sc, s_sh, s_sw, t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w,
-                       eps: tl.float64, MAX_POOL: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+                       MAX_POOL: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
                        BLOCK_C: tl.constexpr):
     """``r_i = sum_j D_ij^2`` for a block of rows i of one image, sweeping j in tiles; grid (row blocks, B)."""
     b = tl.program_id(1).to(tl.int64)
@@ -200,32 +200,32 @@ def direct_rows_kernel(s_ptr, s_norm_ptr, t_ptr, t_norm_ptr, rows_ptr, s_channel
     rows = tl.zeros((BLOCK_I,), tl.float64)
     for j0 in range(0, num_nodes, BLOCK_J):
         nodes_j = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
-        difference = _difference_tile(s_ptr, s_norm_ptr, t_ptr, t_norm_ptr, b, nodes_i, nodes_j, s_channels,
+        difference = _difference_tile(s_ptr, s_scale_ptr, t_ptr, t_scale_ptr, b, nodes_i, nodes_j, s_channels,
                                       t_channels, num_nodes, height, width, grid_w, s_sb, s_sc, s_sh, s_sw,
-                                      t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w, eps, MAX_POOL,
+                                      t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w, MAX_POOL,
                                       BLOCK_I, BLOCK_J, BLOCK_C)
         rows += tl.sum(difference * difference, axis=1)
     tl.store(rows_ptr + b * num_nodes + nodes_i, rows, mask=nodes_i < num_nodes)
 
 
 @triton.jit
-def _accumulate_rows(out_ptr, b, nodes_i, weighted, x_ptr, x_norm_ptr, x_channels, nodes_j, num_nodes, height,
-                     width, grid_w, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, eps, MAX_POOL: tl.constexpr,
+def _accumulate_rows(out_ptr, b, nodes_i, weighted, x_ptr, x_scale_ptr, x_channels, nodes_j, num_nodes, height,
+                     width, grid_w, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, MAX_POOL: tl.constexpr,
                      BLOCK_C: tl.constexpr):
     """``out[:, i] += sum_j weighted[i, j] x_j`` for the block's own nodes i (out: B, C, m float64)."""
     for c0 in range(0, x_channels, BLOCK_C):
         channels = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-        x_j = load_normalized(x_ptr, x_norm_ptr, b, channels, nodes_j, x_channels, num_nodes, height, width,
-                              grid_w, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, eps, MAX_POOL)
+        x_j = load_normalized(x_ptr, x_scale_ptr, b, channels, nodes_j, x_channels, num_nodes, height, width,
+                              grid_w, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, MAX_POOL)
         out = out_ptr + (b * x_channels + channels[:, None]) * num_nodes + nodes_i[None, :]
         ok = (channels[:, None] < x_channels) & (nodes_i[None, :] < num_nodes)
         tl.store(out, tl.load(out, mask=ok, other=0.0) + tl.dot(x_j, tl.trans(weighted)), mask=ok)
 
 
 @triton.jit(do_not_specialize=UNSPECIALISED)
-def direct_backward_kernel(s_ptr, s_norm_ptr, t_ptr, t_norm_ptr, weight_ptr, grad_s_ptr, grad_t_ptr,
+def direct_backward_kernel(s_ptr, s_scale_ptr, t_ptr, t_scale_ptr, weight_ptr, grad_s_ptr, grad_t_ptr,
                            s_channels, t_channels, num_nodes, height, width, grid_w, s_sb, s_sc, s_sh, s_sw,
-                           t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w, eps: tl.float64, NEED_S: tl.constexpr,
+                           t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w, NEED_S: tl.constexpr,
                            NEED_T: tl.constexpr, MAX_POOL: tl.constexpr, BLOCK_I: tl.constexpr,
                            BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
     """dL/ds_hat_i = 2 sum_j (w_i + w_j) D_ij s_j and dL/dt_hat_i = -2 sum_j (w_i + w_j) D_ij t_j for a
@@ -236,25 +236,25 @@ def direct_backward_kernel(s_ptr, s_norm_ptr, t_ptr, t_norm_ptr, weight_ptr, gra
     for j0 in range(0, num_nodes, BLOCK_J):
         nodes_j = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
         weight_j = tl.load(weight_ptr + b * num_nodes + nodes_j, mask=nodes_j < num_nodes, other=0.0)
-        difference = _difference_tile(s_ptr, s_norm_ptr, t_ptr, t_norm_ptr, b, nodes_i, nodes_j, s_channels,
+        difference = _difference_tile(s_ptr, s_scale_ptr, t_ptr, t_scale_ptr, b, nodes_i, nodes_j, s_channels,
                                       t_channels, num_nodes, height, width, grid_w, s_sb, s_sc, s_sh, s_sw,
-                                      t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w, eps, MAX_POOL,
+                                      t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w, MAX_POOL,
                                       BLOCK_I, BLOCK_J, BLOCK_C)
         weighted = 2.0 * (weight_i[:, None] + weight_j[None, :]) * difference
         if NEED_S:
-            _accumulate_rows(grad_s_ptr, b, nodes_i, weighted, s_ptr, s_norm_ptr, s_channels, nodes_j, num_nodes,
-                             height, width, grid_w, s_sb, s_sc, s_sh, s_sw, kernel_h, kernel_w, eps, MAX_POOL,
+            _accumulate_rows(grad_s_ptr, b, nodes_i, weighted, s_ptr, s_scale_ptr, s_channels, nodes_j, num_nodes,
+                             height, width, grid_w, s_sb, s_sc, s_sh, s_sw, kernel_h, kernel_w, MAX_POOL,
                              BLOCK_C)
         if NEED_T:
-            _accumulate_rows(grad_t_ptr, b, nodes_i, -weighted, t_ptr, t_norm_ptr, t_channels, nodes_j,
-                             num_nodes, height, width, grid_w, t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w, eps,
+            _accumulate_rows(grad_t_ptr, b, nodes_i, -weighted, t_ptr, t_scale_ptr, t_channels, nodes_j,
+                             num_nodes, height, width, grid_w, t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w,
                              MAX_POOL, BLOCK_C)
 
 
 @triton.jit(do_not_specialize=UNSPECIALISED)
-def direct_difference_kernel(s_ptr, s_norm_ptr, t_ptr, t_norm_ptr, partials_ptr, s_channels, t_channels,
+def direct_difference_kernel(s_ptr, s_scale_ptr, t_ptr, t_scale_ptr, partials_ptr, s_channels, t_channels,
                              num_nodes, height, width, grid_w, s_sb, s_sc, s_sh, s_sw, t_sb, t_sc, t_sh, t_sw,
-                             kernel_h, kernel_w, eps: tl.float64, channels_per_split, MAX_POOL: tl.constexpr,
+                             kernel_h, kernel_w, channels_per_split, MAX_POOL: tl.constexpr,
                              BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
     """Few nodes: a (BLOCK_I, BLOCK_J) tile of D over the split's channels ``[split n, (split + 1) n)`` of s and
     of t (n = channels_per_split, a multiple of BLOCK_C), into partials (B, splits, m, m); grid (i blocks x j
@@ -266,11 +266,11 @@ def direct_difference_kernel(s_ptr, s_norm_ptr, t_ptr, t_norm_ptr, partials_ptr,
     nodes_i = (tile // tiles_j).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
     nodes_j = (tile % tiles_j).to(tl.int64) * BLOCK_J + tl.arange(0, BLOCK_J).to(tl.int64)
     first = split * channels_per_split
-    a_s = _affinity_tile(s_ptr, s_norm_ptr, b, nodes_i, nodes_j, s_channels, num_nodes, height, width, grid_w,
-                         s_sb, s_sc, s_sh, s_sw, kernel_h, kernel_w, eps, first,
+    a_s = _affinity_tile(s_ptr, s_scale_ptr, b, nodes_i, nodes_j, s_channels, num_nodes, height, width, grid_w,
+                         s_sb, s_sc, s_sh, s_sw, kernel_h, kernel_w, first,
                          tl.minimum(first + channels_per_split, s_channels), MAX_POOL, BLOCK_I, BLOCK_J, BLOCK_C)
-    a_t = _affinity_tile(t_ptr, t_norm_ptr, b, nodes_i, nodes_j, t_channels, num_nodes, height, width, grid_w,
-                         t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w, eps, first,
+    a_t = _affinity_tile(t_ptr, t_scale_ptr, b, nodes_i, nodes_j, t_channels, num_nodes, height, width, grid_w,
+                         t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w, first,
                          tl.minimum(first + channels_per_split, t_channels), MAX_POOL, BLOCK_I, BLOCK_J, BLOCK_C)
     rows = (b * tl.num_programs(1) + split) * num_nodes + nodes_i
     tl.store(partials_ptr + rows[:, None] * num_nodes + nodes_j[None, :], a_s - a_t,
@@ -278,8 +278,8 @@ def direct_difference_kernel(s_ptr, s_norm_ptr, t_ptr, t_norm_ptr, partials_ptr,
 
 
 @triton.jit(do_not_specialize=UNSPECIALISED)
-def direct_columns_kernel(x_ptr, x_norm_ptr, weighted_ptr, out_ptr, x_channels, num_nodes, height, width, grid_w,
-                          x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, eps: tl.float64, MAX_POOL: tl.constexpr,
+def direct_columns_kernel(x_ptr, x_scale_ptr, weighted_ptr, out_ptr, x_channels, num_nodes, height, width, grid_w,
+                          x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, MAX_POOL: tl.constexpr,
                           BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
     """Few nodes: ``out[b, c, i] = sum_j weighted[b, i, j] x_j[c]`` (out (B, C, m), weighted (B, m, m), both
     float64) for a block of nodes i and of channels; grid (node blocks, channel blocks, B)."""
@@ -291,8 +291,8 @@ def direct_columns_kernel(x_ptr, x_norm_ptr, weighted_ptr, out_ptr, x_channels, 
         nodes_j = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
         weighted = tl.load(weighted_ptr + (b * num_nodes + nodes_i[:, None]) * num_nodes + nodes_j[None, :],
                            mask=(nodes_i[:, None] < num_nodes) & (nodes_j[None, :] < num_nodes), other=0.0)
-        x_j = load_normalized(x_ptr, x_norm_ptr, b, channels, nodes_j, x_channels, num_nodes, height, width,
-                              grid_w, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, eps, MAX_POOL)
+        x_j = load_normalized(x_ptr, x_scale_ptr, b, channels, nodes_j, x_channels, num_nodes, height, width,
+                              grid_w, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, MAX_POOL)
         acc += tl.dot(x_j, tl.trans(weighted))
     ok = (channels[:, None] < x_channels) & (nodes_i[None, :] < num_nodes)
     tl.store(out_ptr + (b * x_channels + channels[:, None]) * num_nodes + nodes_i[None, :], acc, mask=ok)
@@ -313,7 +313,7 @@ def kernel_operands(s: torch.Tensor, t: torch.Tensor, grid: NodeGrid) -> Tuple[t
     return pool_nodes(s, grid), pool_nodes(t, grid), NodeGrid(1, 1, grid.grid_h, grid.grid_w, False)
 
 
-def gram(x, x_norm, y, y_norm, grid: NodeGrid, eps: float, weight: Optional[torch.Tensor] = None):
+def gram(x, x_scale, y, y_scale, grid: NodeGrid, weight: Optional[torch.Tensor] = None):
     """``X W Y'`` per image for the normalised nodes of x and y (W = diag(weight), or the identity):
     (B, Cx, Cy) float64."""
     batch, x_channels, y_channels = x.shape[0], x.shape[1], y.shape[1]
@@ -325,14 +325,14 @@ def gram(x, x_norm, y, y_norm, grid: NodeGrid, eps: float, weight: Optional[torc
     partials = torch.empty(batch, splits, x_channels, y_channels, dtype=torch.float64, device=x.device)
     with on_device(x):
         gram_kernel[(tiles, splits, batch)](
-            x, x_norm, y, y_norm, x_norm if weight is None else weight, partials, x_channels, y_channels,
-            *_geometry(x, grid), *strides(x), *strides(y), grid.kernel_h, grid.kernel_w, eps, nodes_per_split,
+            x, x_scale, y, y_scale, x_scale if weight is None else weight, partials, x_channels, y_channels,
+            *_geometry(x, grid), *strides(x), *strides(y), grid.kernel_h, grid.kernel_w, nodes_per_split,
             HAS_WEIGHT=weight is not None, MAX_POOL=grid.max_pool, BLOCK_X=BLOCK_CHANNELS,
             BLOCK_Y=BLOCK_CHANNELS, BLOCK_N=BLOCK_NODES, **KERNEL_OPTIONS)
     return partials.sum(dim=1)
 
 
-def gram_apply(p, p_norm, q, q_norm, grid: NodeGrid, eps: float, a1, b1=None, weighted=None, store=True,
+def gram_apply(p, p_scale, q, q_scale, grid: NodeGrid, a1, b1=None, weighted=None, store=True,
                dots=False):
     """``A1 P + B1 Q + w (A2 P + B2 Q)`` with ``weighted = (A2, B2, w)``, and/or the forms
     ``(p . A1 p, p . B1 q)`` per node. Returns ``(out or None, dot_a or None, dot_b or None)``."""
@@ -342,21 +342,21 @@ def gram_apply(p, p_norm, q, q_norm, grid: NodeGrid, eps: float, a1, b1=None, we
     dot_a = torch.empty(batch, grid.nodes, dtype=torch.float64, device=p.device) if dots else None
     dot_b = torch.empty_like(dot_a) if dots else None
     a2, b2, weight = weighted if weighted is not None else (None, None, None)
-    dummy = p_norm  # stands for an absent operand; never read
+    dummy = p_scale  # stands for an absent operand; never read
     operands = [a1, b1, a2, b2]
     a1, b1, a2, b2 = (dummy if m is None else m.contiguous() for m in operands)
     with on_device(p):
         gram_apply_kernel[(triton.cdiv(grid.nodes, BLOCK_NODES), batch)](
-            p, p_norm, p if q is None else q, p_norm if q is None else q_norm, a1, b1, a2, b2,
+            p, p_scale, p if q is None else q, p_scale if q is None else q_scale, a1, b1, a2, b2,
             dummy if weight is None else weight, dummy if out is None else out,
             dummy if dot_a is None else dot_a, dummy if dot_b is None else dot_b, p_channels, q_channels,
-            *_geometry(p, grid), *strides(p), *strides(p if q is None else q), grid.kernel_h, grid.kernel_w, eps,
+            *_geometry(p, grid), *strides(p), *strides(p if q is None else q), grid.kernel_h, grid.kernel_w,
             HAS_Q=q is not None, HAS_WEIGHTED=weighted is not None, STORE=store, DOTS=dots,
             MAX_POOL=grid.max_pool, BLOCK_C=BLOCK_CHANNELS, BLOCK_N=BLOCK_NODES, **KERNEL_OPTIONS)
     return out, dot_a, dot_b
 
 
-def direct_difference(s, s_norm, t, t_norm, grid: NodeGrid, eps: float) -> torch.Tensor:
+def direct_difference(s, s_scale, t, t_scale, grid: NodeGrid) -> torch.Tensor:
     """Few nodes: ``D = S'S - T'T`` (B, m, m) float64, each program summing one range of channels of one tile
     pair (about TARGET_PROGRAMS in all), the ranges' partials then summed in a fixed order."""
     batch, tiles = s.shape[0], triton.cdiv(grid.nodes, BLOCK_NODES)
@@ -367,58 +367,58 @@ def direct_difference(s, s_norm, t, t_norm, grid: NodeGrid, eps: float) -> torch
     partials = torch.empty(batch, splits, grid.nodes, grid.nodes, dtype=torch.float64, device=s.device)
     with on_device(s):
         direct_difference_kernel[(tiles * tiles, splits, batch)](
-            s, s_norm, t, t_norm, partials, s.shape[1], t.shape[1], *_geometry(s, grid), *strides(s), *strides(t),
-            grid.kernel_h, grid.kernel_w, eps, channels_per_split, MAX_POOL=grid.max_pool, BLOCK_I=BLOCK_NODES,
+            s, s_scale, t, t_scale, partials, s.shape[1], t.shape[1], *_geometry(s, grid), *strides(s), *strides(t),
+            grid.kernel_h, grid.kernel_w, channels_per_split, MAX_POOL=grid.max_pool, BLOCK_I=BLOCK_NODES,
             BLOCK_J=BLOCK_NODES, BLOCK_C=BLOCK_CHANNELS, **KERNEL_OPTIONS)
     return partials.sum(dim=1)
 
 
-def direct_columns(x, x_norm, weighted, grid: NodeGrid, eps: float) -> torch.Tensor:
+def direct_columns(x, x_scale, weighted, grid: NodeGrid) -> torch.Tensor:
     """Few nodes: ``weighted X`` per image, (B, C, m) float64, for the normalised nodes X (C x m) of x."""
     batch, channels = x.shape[0], x.shape[1]
     out = torch.empty(batch, channels, grid.nodes, dtype=torch.float64, device=x.device)
     with on_device(x):
         direct_columns_kernel[(triton.cdiv(grid.nodes, BLOCK_NODES), triton.cdiv(channels, BLOCK_CHANNELS), batch)](
-            x, x_norm, weighted, out, channels, *_geometry(x, grid), *strides(x), grid.kernel_h, grid.kernel_w, eps,
+            x, x_scale, weighted, out, channels, *_geometry(x, grid), *strides(x), grid.kernel_h, grid.kernel_w,
             MAX_POOL=grid.max_pool, BLOCK_I=BLOCK_NODES, BLOCK_J=BLOCK_NODES, BLOCK_C=BLOCK_CHANNELS,
             **KERNEL_OPTIONS)
     return out
 
 
-def direct_rows(s, s_norm, t, t_norm, grid: NodeGrid, eps: float) -> torch.Tensor:
+def direct_rows(s, s_scale, t, t_scale, grid: NodeGrid) -> torch.Tensor:
     """``r_i = sum_j D_ij^2`` for every node: (B, m) float64."""
     rows = torch.empty(s.shape[0], grid.nodes, dtype=torch.float64, device=s.device)
     with on_device(s):
         direct_rows_kernel[(triton.cdiv(grid.nodes, BLOCK_NODES), s.shape[0])](
-            s, s_norm, t, t_norm, rows, s.shape[1], t.shape[1], *_geometry(s, grid), *strides(s), *strides(t),
-            grid.kernel_h, grid.kernel_w, eps, MAX_POOL=grid.max_pool, BLOCK_I=BLOCK_NODES, BLOCK_J=BLOCK_NODES,
+            s, s_scale, t, t_scale, rows, s.shape[1], t.shape[1], *_geometry(s, grid), *strides(s), *strides(t),
+            grid.kernel_h, grid.kernel_w, MAX_POOL=grid.max_pool, BLOCK_I=BLOCK_NODES, BLOCK_J=BLOCK_NODES,
             BLOCK_C=BLOCK_CHANNELS, **KERNEL_OPTIONS)
     return rows
 
 
-def direct_backward(s, s_norm, t, t_norm, weight, grid: NodeGrid, eps: float, need_s: bool, need_t: bool):
+def direct_backward(s, s_scale, t, t_scale, weight, grid: NodeGrid, need_s: bool, need_t: bool):
     """dL/ds_hat and dL/dt_hat, contiguous (B, C, m) float64, for row weights ``weight`` (B, m)."""
     batch = s.shape[0]
     grad_s = torch.zeros(batch, s.shape[1], grid.nodes, dtype=torch.float64, device=s.device) if need_s else None
     grad_t = torch.zeros(batch, t.shape[1], grid.nodes, dtype=torch.float64, device=s.device) if need_t else None
     with on_device(s):
         direct_backward_kernel[(triton.cdiv(grid.nodes, BLOCK_NODES), batch)](
-            s, s_norm, t, t_norm, weight, s_norm if grad_s is None else grad_s,
-            s_norm if grad_t is None else grad_t, s.shape[1], t.shape[1], *_geometry(s, grid), *strides(s),
-            *strides(t), grid.kernel_h, grid.kernel_w, eps, NEED_S=need_s, NEED_T=need_t,
+            s, s_scale, t, t_scale, weight, s_scale if grad_s is None else grad_s,
+            s_scale if grad_t is None else grad_t, s.shape[1], t.shape[1], *_geometry(s, grid), *strides(s),
+            *strides(t), grid.kernel_h, grid.kernel_w, NEED_S=need_s, NEED_T=need_t,
             MAX_POOL=grid.max_pool, BLOCK_I=BLOCK_NODES, BLOCK_J=BACKWARD_BLOCK, BLOCK_C=BACKWARD_BLOCK,
             **KERNEL_OPTIONS)
     return grad_s, grad_t
 
 
-def gram_rows(s, s_norm, t, t_norm, grams, grid: NodeGrid, eps: float) -> torch.Tensor:
+def gram_rows(s, s_scale, t, t_scale, grams, grid: NodeGrid) -> torch.Tensor:
     """``r_i = s_i'(SS')s_i - 2 s_i'(ST')t_i + t_i'(TT')t_i`` (B, m). Values within 64 ulps of the forms are
     rounding noise and become exactly 0 (as in the torch backend), so identical rows have a zero loss and
     gradient."""
     gram_ss, gram_st, gram_tt = grams
-    _, form_ss, minus_form_st = gram_apply(s, s_norm, t, t_norm, grid, eps, gram_ss, -gram_st, store=False,
+    _, form_ss, minus_form_st = gram_apply(s, s_scale, t, t_scale, grid, gram_ss, -gram_st, store=False,
                                            dots=True)
-    _, form_tt, _ = gram_apply(t, t_norm, None, None, grid, eps, gram_tt, store=False, dots=True)
+    _, form_tt, _ = gram_apply(t, t_scale, None, None, grid, gram_tt, store=False, dots=True)
     rows = form_ss + 2 * minus_form_st + form_tt
     noise = 64 * torch.finfo(torch.float64).eps * (form_ss + form_tt)
     return torch.where(rows <= noise, torch.zeros_like(rows), rows)  # NaN stays NaN
@@ -435,22 +435,23 @@ def affinity_full_forward(s: torch.Tensor, t: torch.Tensor, kernel_h: int, kerne
     (B,). The Gram matrices are empty on the direct path. ``detach_norm`` only changes the backward."""
     s, t, grid = kernel_operands(s, t, NodeGrid(kernel_h, kernel_w, grid_h, grid_w, max_pool))
     s_norm, t_norm = node_norms(s, grid), node_norms(t, grid)
+    s_scale, t_scale = node_scales(s, s_norm, grid, eps), node_scales(t, t_norm, grid, eps)
     empty = s.new_empty((0,), dtype=torch.float64)
     if not use_gram:
-        rows = direct_difference(s, s_norm, t, t_norm, grid, eps).square().sum(dim=2) if grid.nodes <= FEW_NODES \
-            else direct_rows(s, s_norm, t, t_norm, grid, eps)
+        rows = direct_difference(s, s_scale, t, t_scale, grid).square().sum(dim=2) if grid.nodes <= FEW_NODES \
+            else direct_rows(s, s_scale, t, t_scale, grid)
         return (rows if per_row else rows.sum(dim=1)), s_norm, t_norm, empty, empty.clone(), empty.clone()
-    grams = gram(s, s_norm, s, s_norm, grid, eps), gram(s, s_norm, t, t_norm, grid, eps), \
-        gram(t, t_norm, t, t_norm, grid, eps)
+    grams = gram(s, s_scale, s, s_scale, grid), gram(s, s_scale, t, t_scale, grid), \
+        gram(t, t_scale, t, t_scale, grid)
     if per_row:
-        terms = gram_rows(s, s_norm, t, t_norm, grams, grid, eps)
+        terms = gram_rows(s, s_scale, t, t_scale, grams, grid)
     else:  # ||SS'||^2 - 2||ST'||^2 + ||TT'||^2, a sum of squares that rounding may leave at -1e-17
         terms = (grams[0].square().sum((1, 2)) - 2 * grams[1].square().sum((1, 2))
                  + grams[2].square().sum((1, 2))).clamp_min(0)
     return (terms, s_norm, t_norm) + grams
 
 
-def grad_hats(grad_terms, s, s_norm, t, t_norm, grams, grid: NodeGrid, eps: float, use_gram: bool,
+def grad_hats(grad_terms, s, s_scale, t, t_scale, grams, grid: NodeGrid, use_gram: bool,
               need_s: bool, need_t: bool):
     """dL/ds_hat and dL/dt_hat (B, C, m) float64 (None where not needed) from the kernels' operands."""
     gram_ss, gram_st, gram_tt = grams
@@ -459,30 +460,30 @@ def grad_hats(grad_terms, s, s_norm, t, t_norm, grams, grid: NodeGrid, eps: floa
     if not use_gram and grid.nodes <= FEW_NODES:  # dL/ds_i = 2 sum_j (w_i + w_j) D_ij s_j, minus that of t
         weight = weight[:, None].expand(-1, grid.nodes) if uniform else weight
         weighted = (2 * (weight[:, :, None] + weight[:, None, :]) *
-                    direct_difference(s, s_norm, t, t_norm, grid, eps)).contiguous()
-        grad_s_hat = direct_columns(s, s_norm, weighted, grid, eps) if need_s else None
-        grad_t_hat = direct_columns(t, t_norm, weighted.neg(), grid, eps) if need_t else None
+                    direct_difference(s, s_scale, t, t_scale, grid)).contiguous()
+        grad_s_hat = direct_columns(s, s_scale, weighted, grid) if need_s else None
+        grad_t_hat = direct_columns(t, t_scale, weighted.neg(), grid) if need_t else None
     elif not use_gram:
         weight = weight[:, None].expand(-1, grid.nodes).contiguous() if uniform else weight
-        grad_s_hat, grad_t_hat = direct_backward(s, s_norm, t, t_norm, weight, grid, eps, need_s, need_t)
+        grad_s_hat, grad_t_hat = direct_backward(s, s_scale, t, t_scale, weight, grid, need_s, need_t)
     else:
         grad_s_hat = grad_t_hat = None
         if uniform:  # w_k = w: dL/ds = 4 w (SS' s - ST' t), dL/dt = 4 w (TT' t - TS' s)
             w = weight[:, None, None]
             if need_s:
-                grad_s_hat = gram_apply(s, s_norm, t, t_norm, grid, eps, 4 * w * gram_ss, -4 * w * gram_st)[0]
+                grad_s_hat = gram_apply(s, s_scale, t, t_scale, grid, 4 * w * gram_ss, -4 * w * gram_st)[0]
             if need_t:
-                grad_t_hat = gram_apply(t, t_norm, s, s_norm, grid, eps, 4 * w * gram_tt,
+                grad_t_hat = gram_apply(t, t_scale, s, s_scale, grid, 4 * w * gram_tt,
                                         -4 * w * gram_st.transpose(1, 2))[0]
         else:
-            weighted_st = gram(s, s_norm, t, t_norm, grid, eps, weight)  # S W T'
+            weighted_st = gram(s, s_scale, t, t_scale, grid, weight)  # S W T'
             if need_s:
-                weighted_ss = gram(s, s_norm, s, s_norm, grid, eps, weight)
-                grad_s_hat = gram_apply(s, s_norm, t, t_norm, grid, eps, 2 * weighted_ss, -2 * weighted_st,
+                weighted_ss = gram(s, s_scale, s, s_scale, grid, weight)
+                grad_s_hat = gram_apply(s, s_scale, t, t_scale, grid, 2 * weighted_ss, -2 * weighted_st,
                                         weighted=(2 * gram_ss, -2 * gram_st, weight))[0]
             if need_t:
-                weighted_tt = gram(t, t_norm, t, t_norm, grid, eps, weight)
-                grad_t_hat = gram_apply(t, t_norm, s, s_norm, grid, eps, 2 * weighted_tt,
+                weighted_tt = gram(t, t_scale, t, t_scale, grid, weight)
+                grad_t_hat = gram_apply(t, t_scale, s, s_scale, grid, 2 * weighted_tt,
                                         -2 * weighted_st.transpose(1, 2),
                                         weighted=(2 * gram_tt, -2 * gram_st.transpose(1, 2), weight))[0]
     return grad_s_hat, grad_t_hat
@@ -498,8 +499,9 @@ def affinity_full_backward(grad_terms: torch.Tensor, s: torch.Tensor, t: torch.T
     gradient that is not needed."""
     grid = NodeGrid(kernel_h, kernel_w, grid_h, grid_w, max_pool)
     s_nodes, t_nodes, node_grid = kernel_operands(s, t, grid)  # pooled again: nothing is kept between the passes
-    grad_s_hat, grad_t_hat = grad_hats(grad_terms, s_nodes, s_norm, t_nodes, t_norm, (gram_ss, gram_st, gram_tt),
-                                       node_grid, eps, use_gram, need_s, need_t)
+    s_scale, t_scale = node_scales(s_nodes, s_norm, node_grid, eps), node_scales(t_nodes, t_norm, node_grid, eps)
+    grad_s_hat, grad_t_hat = grad_hats(grad_terms, s_nodes, s_scale, t_nodes, t_scale, (gram_ss, gram_st, gram_tt),
+                                       node_grid, use_gram, need_s, need_t)
     empty = s.new_empty((0,))
     pooled = node_grid != grid
     grad_s = node_backward(grad_s_hat, s, s_norm, grid, eps, detach_norm, s_nodes if pooled else None) \

@@ -38,7 +38,8 @@ from triton.runtime.jit import JITFunction
 
 from fastkd.ops._graph import NodeGrid, stored_half_window
 from fastkd.ops._triton_launch import KERNEL_OPTIONS, fixed_order_sum, on_device, strides
-from fastkd.ops._triton_nodes import BLOCK_CHANNELS, BLOCK_NODES, load_normalized, node_backward, node_norms
+from fastkd.ops._triton_nodes import (BLOCK_CHANNELS, BLOCK_NODES, load_normalized, node_backward, node_norms,
+                                      node_scales)
 from fastkd.ops.affinity_window import schema
 
 
@@ -54,26 +55,25 @@ def _partners(nodes, dy, dx, num_nodes, grid_h, grid_w):
 
 
 @triton.jit
-def _affinities(x_ptr, norm_ptr, b, nodes, partners, num_channels, num_nodes, height, width, grid_w,
-                stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, eps,
+def _affinities(x_ptr, scale_ptr, b, nodes, partners, num_channels, num_nodes, height, width, grid_w,
+                stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w,
                 MAX_POOL: tl.constexpr, BLOCK_C: tl.constexpr):
     """``a_ij = f_hat_i . f_hat_j`` in float64 for the nodes i (BLOCK_N,) and their partners j."""
     a = tl.zeros(nodes.shape, tl.float64)
     for c0 in range(0, num_channels, BLOCK_C):
         channels = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-        f_i = load_normalized(x_ptr, norm_ptr, b, channels, nodes, num_channels, num_nodes, height, width,
-                              grid_w, stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, eps, MAX_POOL)
-        f_j = load_normalized(x_ptr, norm_ptr, b, channels, partners, num_channels, num_nodes, height, width,
-                              grid_w, stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, eps, MAX_POOL)
+        f_i = load_normalized(x_ptr, scale_ptr, b, channels, nodes, num_channels, num_nodes, height, width,
+                              grid_w, stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL)
+        f_j = load_normalized(x_ptr, scale_ptr, b, channels, partners, num_channels, num_nodes, height, width,
+                              grid_w, stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL)
         a += tl.sum(f_i * f_j, axis=0)
     return a
 
 
 @triton.jit
 def _window_forward_kernel(
-    s_ptr, t_ptr, s_norm_ptr, t_norm_ptr, difference_ptr, teacher_affinity_ptr, partial_ptr,
+    s_ptr, t_ptr, s_scale_ptr, t_scale_ptr, difference_ptr, teacher_affinity_ptr, partial_ptr,
     s_channels, t_channels, num_nodes, height, width, grid_h, grid_w, kernel_h, kernel_w, reach_h, reach_w,
-    eps: tl.float64,
     s_stride_b, s_stride_c, s_stride_h, s_stride_w,
     t_stride_b, t_stride_c, t_stride_h, t_stride_w,
     MAX_POOL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -89,11 +89,11 @@ def _window_forward_kernel(
     squares = tl.zeros((BLOCK_N,), tl.float64)
     for k in range(centre, (2 * reach_h + 1) * span):
         partners, valid = _partners(nodes, k // span - reach_h, k % span - reach_w, num_nodes, grid_h, grid_w)
-        a_s = _affinities(s_ptr, s_norm_ptr, b, nodes, partners, s_channels, num_nodes, height, width, grid_w,
-                          s_stride_b, s_stride_c, s_stride_h, s_stride_w, kernel_h, kernel_w, eps,
+        a_s = _affinities(s_ptr, s_scale_ptr, b, nodes, partners, s_channels, num_nodes, height, width, grid_w,
+                          s_stride_b, s_stride_c, s_stride_h, s_stride_w, kernel_h, kernel_w,
                           MAX_POOL, BLOCK_C)
-        a_t = _affinities(t_ptr, t_norm_ptr, b, nodes, partners, t_channels, num_nodes, height, width, grid_w,
-                          t_stride_b, t_stride_c, t_stride_h, t_stride_w, kernel_h, kernel_w, eps,
+        a_t = _affinities(t_ptr, t_scale_ptr, b, nodes, partners, t_channels, num_nodes, height, width, grid_w,
+                          t_stride_b, t_stride_c, t_stride_h, t_stride_w, kernel_h, kernel_w,
                           MAX_POOL, BLOCK_C)
         d = tl.where(valid, a_s - a_t, 0.0)  # where: a NaN node must not leak through a missing partner
         tl.store(difference_ptr + (b * half + k - centre) * num_nodes + nodes, d, mask=nodes < num_nodes)
@@ -106,9 +106,8 @@ def _window_forward_kernel(
 
 @triton.jit
 def _window_backward_kernel(
-    grad_ptr, x_ptr, norm_ptr, difference_ptr, grad_hat_ptr, sign: tl.float64,
+    grad_ptr, x_ptr, scale_ptr, difference_ptr, grad_hat_ptr, sign: tl.float64,
     num_channels, num_nodes, height, width, grid_h, grid_w, kernel_h, kernel_w, reach_h, reach_w,
-    eps: tl.float64,
     stride_b, stride_c, stride_h, stride_w,
     MAX_POOL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -132,8 +131,8 @@ def _window_backward_kernel(
                 d = tl.load(difference_ptr + (b * half + k - centre) * num_nodes + nodes, mask=valid, other=0.0)
             else:
                 d = tl.load(difference_ptr + (b * half + centre - k) * num_nodes + partners, mask=valid, other=0.0)
-            f_j = load_normalized(x_ptr, norm_ptr, b, channels, partners, num_channels, num_nodes, height, width,
-                                  grid_w, stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, eps, MAX_POOL)
+            f_j = load_normalized(x_ptr, scale_ptr, b, channels, partners, num_channels, num_nodes, height, width,
+                                  grid_w, stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL)
             acc += d[None, :] * f_j
         tl.store(grad_hat_ptr + (b * num_channels + channels[:, None]) * num_nodes + nodes[None, :], scale * acc,
                  mask=(channels[:, None] < num_channels) & (nodes[None, :] < num_nodes))
@@ -156,10 +155,10 @@ def _reach(grid: NodeGrid, window: int) -> Tuple[int, int]:
     return min(window, grid.grid_h - 1), min(window, grid.grid_w - 1)
 
 
-def _grid_args(x: torch.Tensor, grid: NodeGrid, window: int, eps: float):
+def _grid_args(x: torch.Tensor, grid: NodeGrid, window: int):
     """The sizes every window kernel takes after the channel count(s)."""
     return (grid.nodes, x.shape[2], x.shape[3], grid.grid_h, grid.grid_w, grid.kernel_h, grid.kernel_w,
-            *_reach(grid, window), eps)
+            *_reach(grid, window))
 
 
 @torch.library.custom_op("fastkd_triton::affinity_window_forward", mutates_args=())
@@ -177,10 +176,11 @@ def affinity_window_forward(
     difference = torch.empty(batch, half, grid.nodes, dtype=torch.float64, device=s.device)
     teacher_affinity = torch.empty_like(difference)
     s_norms, t_norms = node_norms(s, grid), node_norms(t, grid)
+    s_scales, t_scales = node_scales(s, s_norms, grid, eps), node_scales(t, t_norms, grid, eps)
     with on_device(s):
         _window_forward_kernel[(blocks, batch)](
-            s, t, s_norms, t_norms, difference, teacher_affinity, partials, s.shape[1], t.shape[1],
-            *_grid_args(s, grid, window, eps), *strides(s), *strides(t), MAX_POOL=max_pool, BLOCK_C=BLOCK_CHANNELS,
+            s, t, s_scales, t_scales, difference, teacher_affinity, partials, s.shape[1], t.shape[1],
+            *_grid_args(s, grid, window), *strides(s), *strides(t), MAX_POOL=max_pool, BLOCK_C=BLOCK_CHANNELS,
             BLOCK_N=BLOCK_N, **KERNEL_OPTIONS)
     return fixed_order_sum(partials), difference, teacher_affinity, s_norms, t_norms
 
@@ -197,9 +197,10 @@ def affinity_window_backward(
     grid = _node_grid(x, kernel_h, kernel_w, max_pool)
     batch, channels = x.shape[0], x.shape[1]
     grad_hat = torch.empty(batch, channels, grid.nodes, dtype=torch.float64, device=x.device)
+    scales = node_scales(x, norms, grid, eps)
     with on_device(x):
         _window_backward_kernel[(triton.cdiv(grid.nodes, BLOCK_N), batch)](
-            grad_total, x, norms, difference, grad_hat, sign, channels, *_grid_args(x, grid, window, eps),
+            grad_total, x, scales, difference, grad_hat, sign, channels, *_grid_args(x, grid, window),
             *strides(x), MAX_POOL=grid.max_pool, BLOCK_C=BLOCK_CHANNELS, BLOCK_N=BLOCK_N, **KERNEL_OPTIONS)
     return node_backward(grad_hat, x, norms, grid, eps, detach_norm)
 
