@@ -160,13 +160,18 @@ def as_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.0):
     """``actual`` (any dtype) equals the float64 ``expected`` within the tolerance of ``dtype``.
 
-    ``scale`` widens the tolerance for results that went through more roundings (e.g. gradients).
+    ``scale`` widens the tolerance for results that went through more roundings (e.g. gradients). No value
+    stored in ``actual``'s dtype is nearer than half its spacing at zero (a subnormal's), so that spacing is
+    the least absolute tolerance: a half-precision gradient far below the peak of all gradients is subnormal.
     """
     rtol, atol = TOLERANCES[dtype]
     expected = expected.detach().to(torch.float64)
     peak = expected.abs().max().item() if expected.numel() else 0.0
+    finfo = torch.finfo(actual.dtype)
+    subnormal_spacing = finfo.smallest_normal * finfo.eps
     torch.testing.assert_close(
-        actual.detach().to(torch.float64), expected, rtol=rtol * scale, atol=atol * scale * peak + 1e-300
+        actual.detach().to(torch.float64), expected, rtol=rtol * scale,
+        atol=(atol * peak + subnormal_spacing) * scale,
     )
 
 
