@@ -105,7 +105,7 @@ def test_pairwise_block_boundaries(backend, edge, algorithm, gen):
 # all for split_nodes
 FEW_NODES = [
     ((2, 33, 17, 8, 8), dict(algorithm="direct"), ("few_nodes", 0)),  # D formed whole, channels split over blocks
-    ((1, 5, 3, 5, 13), dict(algorithm="direct"), ("few_nodes", 1)),  # a block per 16 rows
+    ((1, 5, 3, 5, 13), dict(algorithm="direct"), ("few_nodes", 1)),  # a block per 64 rows
     ((2, 3, 2, 64, 64), dict(algorithm="gram"), ("split_nodes", 0)),  # one thread or program sums a node
     ((2, 40, 2, 63, 65), dict(algorithm="gram"), ("split_nodes", -2)),  # a warp, or programs, share a node
     ((2, 40, 2, 63, 65), dict(algorithm="gram", detach_norm=True), ("split_nodes", -2)),
@@ -225,7 +225,8 @@ def test_gram_and_direct_agree_and_the_cost_model_picks_the_same_path_everywhere
     assert torch.equal(pairwise(backend, s, t), pairwise(backend, s, t, algorithm="gram"))
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 5, 4), (2, 64, 2, 2)], ids=str)  # auto: the Gram path, the direct path
+# auto: the Gram path, the direct path; (2, 3, 7, 10): 70 nodes, past few_nodes, in 64 x 64 tiles of D in CUDA
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4), (2, 64, 2, 2), (2, 3, 7, 10)], ids=str)
 @pytest.mark.parametrize("algorithm", ALGORITHMS + ["auto"])
 def test_identical_rows_give_zero_distillation_loss_and_gradient(backend, algorithm, shape, gen):
     s = randn(shape, gen, torch.float64).to(backend.device)

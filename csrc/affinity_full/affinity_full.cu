@@ -17,10 +17,12 @@
 //                          the caller in a fixed order
 //   direct_backward_kernel the same tiles of D, weighted by 2 (w_i + w_j) into shared memory, times the nodes j
 //                          with the same tensor-core products: the block owns the columns i of the outputs
-//   direct_difference_kernel  for few nodes (kAffinityFewNodes), D itself, (B, m, m), a block per tile pair and
-//                          range of channels (a partial per range, summed by the caller in a fixed order): a
-//                          few tiles still spread over the GPU
-//   direct_columns_kernel  for few nodes, the weighted D times the nodes j, a block per 16 nodes and 16 channels
+//   direct_difference_kernel  for few nodes (kAffinityFewNodes), D itself, (B, m, m): one 64 x 64 tile an image,
+//                          formed with the same tensor-core products by a block per range of channels (a partial
+//                          per range, summed by the caller in a fixed order), so that one tile still spreads
+//                          over the GPU
+//   direct_columns_kernel  for few nodes, the weighted D times the nodes j with the direct backward's tensor-core
+//                          products, a block per 64 channels
 // The node norms ahead and the normalisation and pooling backward after are the node launchers shared with
 // the windowed graph (common/nodes.cu); the glue turns each norm into the node's scale 1 / (||f|| + eps) once,
 // so that normalising a staged element is one product. Every kernel has a flat variant (kFlat: one pixel a
@@ -40,26 +42,9 @@ namespace fastkd {
 namespace FASTKD_KERNELS {
 namespace {
 
-constexpr int kTile = kAffinityFullTile;
-// Row stride of the shared tiles, one double more than a row: the 16 lanes of a half warp reading down a
-// column (t[i * kPitch + k], i = lane) then hit 16 different bank pairs; at a stride of kTile doubles (128
-// bytes) they would all hit one (a 16-way bank conflict, seen in the emulator's profile).
-constexpr int kPitch = kTile + 1;
-constexpr int kTileElements = kTile * kPitch;
-
 using nodes::Grid;
 using nodes::Map;
 using nodes::Nodes;
-
-// acc + sum_k a_tile[a0 + k a_step] b_tile[b0 + k b_step], adding the terms in the order of k, once every
-// thread of the block has staged its elements of both tiles; the tiles may be staged again when it returns.
-template <typename Tile>
-FASTKD_DEVICE double add_staged_dot(double acc, Tile& a_tile, int a0, int a_step, Tile& b_tile, int b0, int b_step) {
-  __syncthreads();
-  for (int k = 0; k < kTile; ++k) acc += a_tile[a0 + k * a_step] * b_tile[b0 + k * b_step];
-  __syncthreads();
-  return acc;
-}
 
 // Where output (r, c) of a block's outputs, `width` columns a row, lies in shared memory on its way out:
 // row-major, each row's columns permuted by an XOR of bits 0 and 3 with bits 1 and 0 of r. The fragment stores
@@ -367,58 +352,68 @@ FASTKD_GLOBAL void apply_kernel(Nodes<T> p, Nodes<T> q, Grid grid, global_ptr<co
   }
 }
 
-// a_ij = x_i . x_j for i = i0 + threadIdx.y, j = j0 + threadIdx.x (0 for a node out of range), over the channels
-// [first, last); `last` is the channel count or a multiple of kTile (normalized gives 0 past the channels).
-template <bool kFlat, typename T, typename Tile>
-FASTKD_DEVICE double affinity(const Nodes<T>& x, const Grid& grid, std::int64_t b, std::int64_t i0, std::int64_t j0,
-                              std::int64_t first, std::int64_t last, Tile& i_tile, Tile& j_tile) {
-  const int tx = threadIdx.x, ty = threadIdx.y;
-  double acc = 0.0;
-  for (std::int64_t c0 = first; c0 < last; c0 += kTile) {
-    i_tile[ty * kPitch + tx] = nodes::normalized<kFlat>(x, grid, b, c0 + ty, i0 + tx);  // [channel][node]
-    j_tile[ty * kPitch + tx] = nodes::normalized<kFlat>(x, grid, b, c0 + ty, j0 + tx);
-    acc = add_staged_dot(acc, i_tile, ty, kPitch, j_tile, tx, kPitch);
-  }
-  return acc;
-}
-
-// acc += sign X_i' X_j over all channels of x: the share of x in the warp's 32 x 32 of the block's 64 x 64 tile
-// of D (rows from i0, columns from j0), as FP64 mma products over kApplyChunk channels staged at a time
-// ([tile][channel][node] at kNodePitch, the i tile times `sign`: lanes along the nodes, coalesced).
-// `products`: whether the warp's rows and columns reach the nodes (the same for all its lanes).
+// acc += X_i' X_j over the channels [first, last) of x (first a multiple of kApplyChunk; normalized gives 0
+// past the channels) for the warp's 32 x 32 of the block's 64 x 64 tile of affinities (rows from i0, columns
+// from j0), as FP64 mma products over kApplyChunk channels staged at a time ([tile][channel][node] at
+// kNodePitch: lanes along the nodes, coalesced). `products`: whether the warp's rows and columns reach the
+// nodes (the same for all its lanes).
 template <bool kFlat, typename T, typename Tile>
 FASTKD_DEVICE void add_affinity_products(WarpAccumulators& acc, Tile& staged, const Nodes<T>& x, const Grid& grid,
-                                         double sign, std::int64_t b, std::int64_t i0, std::int64_t j0, bool products,
-                                         int warp_row, int warp_col) {
+                                         std::int64_t b, std::int64_t i0, std::int64_t j0, bool products,
+                                         int warp_row, int warp_col, std::int64_t first, std::int64_t last) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  for (std::int64_t c0 = 0; c0 < x.map.channels; c0 += kApplyChunk) {
+  for (std::int64_t c0 = first; c0 < last; c0 += kApplyChunk) {
     for (int c = warp; c < kApplyChunk; c += kApplyWarps) {
       FASTKD_UNROLL
       for (int half = 0; half < 2; ++half) {
         const int n = lane + 32 * half;
-        staged[c * kNodePitch + n] = sign * nodes::normalized<kFlat>(x, grid, b, c0 + c, i0 + n);
+        staged[c * kNodePitch + n] = nodes::normalized<kFlat>(x, grid, b, c0 + c, i0 + n);
         staged[kNodeTileElements + c * kNodePitch + n] = nodes::normalized<kFlat>(x, grid, b, c0 + c, j0 + n);
       }
     }
     __syncthreads();
     if (products) {
       add_warp_products<kApplyChunk>(
-          acc, staged, [&](int i, int k) { return k * kNodePitch + warp_row + i; },  // sign X_i'[i][k]
+          acc, staged, [&](int i, int k) { return k * kNodePitch + warp_row + i; },  // X_i'[i][k]
           [&](int j, int k) { return kNodeTileElements + k * kNodePitch + warp_col + j; });  // X_j[k][j]
     }
     __syncthreads();
   }
 }
 
+// d = S_i'S_j - T_i'T_j over the channels [first, last) (clamped to each operand's) for the warp's 32 x 32 of
+// the block's tile of D: each affinity in accumulators of its own, then their difference, so that identical
+// rows of s and t give exactly 0 (in one accumulator, s's products and then t's negated leave the FMAs'
+// rounding errors, and a distillation loss's row norm takes a unit gradient from that noise).
+template <bool kFlat, typename T, typename Tile>
+FASTKD_DEVICE void form_difference(WarpAccumulators& d, Tile& staged, const Nodes<T>& s, const Nodes<T>& t,
+                                   const Grid& grid, std::int64_t b, std::int64_t i0, std::int64_t j0, bool products,
+                                   int warp_row, int warp_col, std::int64_t first, std::int64_t last) {
+  WarpAccumulators a_t = {};
+  for (int i = 0; i < kWarpTiles; ++i) {
+    for (int j = 0; j < kWarpTiles; ++j) d[i][j][0] = d[i][j][1] = 0.0;
+  }
+  add_affinity_products<kFlat>(d, staged, s, grid, b, i0, j0, products, warp_row, warp_col, first,
+                               last < s.map.channels ? last : s.map.channels);
+  add_affinity_products<kFlat>(a_t, staged, t, grid, b, i0, j0, products, warp_row, warp_col, first,
+                               last < t.map.channels ? last : t.map.channels);
+  for (int i = 0; i < kWarpTiles; ++i) {
+    for (int j = 0; j < kWarpTiles; ++j) {
+      for (int e = 0; e < 2; ++e) d[i][j][e] -= a_t[i][j][e];
+    }
+  }
+}
+
 // Block kApplyThreads (4 warps, 2 x 2, each 32 x 32 outputs in registers), grid (row tiles, column splits, B):
 // partials[b][split][i] = sum_j D_ij^2 for the block's kDirectSide rows i over the split's column tiles, each
-// tile of D = S_i'S_j - T_i'T_j summed in the accumulators (s's products, then t's with the i tile negated).
+// tile of D = S_i'S_j - T_i'T_j formed in registers (form_difference).
 template <typename T, bool kFlat>
 FASTKD_GLOBAL void direct_rows_kernel(Nodes<T> s, Nodes<T> t, Grid grid, std::int64_t tiles_per_split,
                                       global_ptr<double> partials) {
   FASTKD_SHARED(double, staged, 2 * kNodeTileElements);  // the i tile, then the j tile
   FASTKD_SHARED(double, row_sums, 2 * kDirectSide);      // [column half][row]
   const std::int64_t m = nodes::node_count(grid);
+  const std::int64_t all_channels = s.map.channels > t.map.channels ? s.map.channels : t.map.channels;
   const std::int64_t i0 = static_cast<std::int64_t>(blockIdx.x) * kDirectSide, split = blockIdx.y, b = blockIdx.z;
   const std::int64_t first = split * tiles_per_split * kDirectSide;
   const std::int64_t last = first + tiles_per_split * kDirectSide < m ? first + tiles_per_split * kDirectSide : m;
@@ -427,9 +422,8 @@ FASTKD_GLOBAL void direct_rows_kernel(Nodes<T> s, Nodes<T> t, Grid grid, std::in
   double rows[kWarpTiles] = {};  // this lane's columns' share of rows warp_row + 8 i + group
   for (std::int64_t j0 = first; j0 < last; j0 += kDirectSide) {
     const bool products = i0 + warp_row < m && j0 + warp_col < m;
-    WarpAccumulators acc = {};
-    add_affinity_products<kFlat>(acc, staged, s, grid, 1.0, b, i0, j0, products, warp_row, warp_col);
-    add_affinity_products<kFlat>(acc, staged, t, grid, -1.0, b, i0, j0, products, warp_row, warp_col);
+    WarpAccumulators acc;
+    form_difference<kFlat>(acc, staged, s, t, grid, b, i0, j0, products, warp_row, warp_col, 0, all_channels);
     for (int i = 0; i < kWarpTiles; ++i) {
       for (int j = 0; j < kWarpTiles; ++j) rows[i] += acc[i][j][0] * acc[i][j][0] + acc[i][j][1] * acc[i][j][1];
     }
@@ -462,18 +456,19 @@ static_assert(2 * kNodeTileElements <= kWeightedElements && kDirectBackwardEleme
 // (4 mod 16 doubles) the stores would conflict 2-way.
 FASTKD_DEVICE inline int weighted_index(int i, int j) { return j * kNodePitch + (i ^ (j & 4)); }
 
-// out[b][c][i] += sign sum_j W[i][j] x_j[c] for the block's 64 nodes i from i0, every channel c of x and the 64
-// nodes j from j0, with W staged at weighted_index: 64 channels at a time, each warp 32 channels x 32 nodes in
-// FP64 mma products over j, whose nodes are staged kApplyChunk at a time ([channel][node], kMatrixPitch). Only
-// this block writes the columns i0.. of out (B, C, m).
-template <bool kFlat, typename T, typename Tile>
+// out[b][c][i] += sign sum_j W[i][j] x_j[c] (kAdd; else =) for the block's 64 nodes i from i0, the channels c of
+// x from `first` up to `last` (or the channel count) and the 64 nodes j from j0, with W staged at
+// weighted_index: 64 channels at a time, each warp 32 channels x 32 nodes in FP64 mma products over j, whose
+// nodes are staged kApplyChunk at a time ([channel][node], kMatrixPitch). Only this block writes those
+// entries of out (B, C, m).
+template <bool kFlat, bool kAdd, typename T, typename Tile>
 FASTKD_DEVICE void add_weighted_columns(global_ptr<double> out, double sign, const Nodes<T>& x, const Grid& grid,
                                         std::int64_t b, std::int64_t i0, std::int64_t j0, Tile& staged, int warp_row,
-                                        int warp_col) {
+                                        int warp_col, std::int64_t first, std::int64_t last) {
   const int lane = threadIdx.x % 32, group = lane / 4, in_group = lane % 4;
-  const std::int64_t m = nodes::node_count(grid), channels = x.map.channels;
-  for (std::int64_t c0 = 0; c0 < channels; c0 += kDirectSide) {
-    const bool products = c0 + warp_row < channels && i0 + warp_col < m;  // the same for the warp's lanes
+  const std::int64_t m = nodes::node_count(grid), channels = x.map.channels, end = channels < last ? channels : last;
+  for (std::int64_t c0 = first; c0 < end; c0 += kDirectSide) {
+    const bool products = c0 + warp_row < end && i0 + warp_col < m;  // the same for the warp's lanes
     WarpAccumulators acc = {};
     for (int n0 = 0; n0 < kDirectSide; n0 += kApplyChunk) {
       for (int at = threadIdx.x; at < kDirectSide * kApplyChunk; at += kApplyThreads) {  // lanes along the nodes
@@ -492,7 +487,10 @@ FASTKD_DEVICE void add_weighted_columns(global_ptr<double> out, double sign, con
       for (int j = 0; j < kWarpTiles; ++j) {
         for (int e = 0; e < 2; ++e) {
           const std::int64_t c = c0 + warp_row + 8 * i + group, node = i0 + warp_col + 8 * j + 2 * in_group + e;
-          if (c < channels && node < m) out[(b * channels + c) * m + node] += sign * acc[i][j][e];
+          if (c < end && node < m) {
+            const std::int64_t at = (b * channels + c) * m + node;
+            out[at] = kAdd ? out[at] + sign * acc[i][j][e] : sign * acc[i][j][e];
+          }
         }
       }
     }
@@ -507,6 +505,7 @@ FASTKD_GLOBAL void direct_backward_kernel(Nodes<T> s, Nodes<T> t, Grid grid, glo
                                           global_ptr<double> grad_s, global_ptr<double> grad_t) {
   FASTKD_SHARED(double, staged, kDirectBackwardElements);
   const std::int64_t m = nodes::node_count(grid);
+  const std::int64_t all_channels = s.map.channels > t.map.channels ? s.map.channels : t.map.channels;
   const std::int64_t i0 = static_cast<std::int64_t>(blockIdx.x) * kDirectSide, b = blockIdx.y;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, group = lane / 4, in_group = lane % 4;
   const int warp_row = warp / 2 * kWarpSide, warp_col = warp % 2 * kWarpSide;
@@ -517,10 +516,9 @@ FASTKD_GLOBAL void direct_backward_kernel(Nodes<T> s, Nodes<T> t, Grid grid, glo
   }
   for (std::int64_t j0 = 0; j0 < m; j0 += kDirectSide) {
     const bool products = i0 + warp_row < m && j0 + warp_col < m;
-    WarpAccumulators acc = {};
-    add_affinity_products<kFlat>(acc, staged, s, grid, 1.0, b, i0, j0, products, warp_row, warp_col);
-    add_affinity_products<kFlat>(acc, staged, t, grid, -1.0, b, i0, j0, products, warp_row, warp_col);
-    // The node tiles' last readers passed add_affinity_products' barrier: W may overwrite them.
+    WarpAccumulators acc;
+    form_difference<kFlat>(acc, staged, s, t, grid, b, i0, j0, products, warp_row, warp_col, 0, all_channels);
+    // The node tiles' last readers passed form_difference's last barrier: W may overwrite them.
     for (int j = 0; j < kWarpTiles; ++j) {
       for (int e = 0; e < 2; ++e) {
         const int column = warp_col + 8 * j + 2 * in_group + e;
@@ -531,55 +529,70 @@ FASTKD_GLOBAL void direct_backward_kernel(Nodes<T> s, Nodes<T> t, Grid grid, glo
       }
     }
     __syncthreads();
-    if (grad_s != nullptr) add_weighted_columns<kFlat>(grad_s, 1.0, s, grid, b, i0, j0, staged, warp_row, warp_col);
-    if (grad_t != nullptr) add_weighted_columns<kFlat>(grad_t, -1.0, t, grid, b, i0, j0, staged, warp_row, warp_col);
+    if (grad_s != nullptr) {
+      add_weighted_columns<kFlat, true>(grad_s, 1.0, s, grid, b, i0, j0, staged, warp_row, warp_col, 0,
+                                        s.map.channels);
+    }
+    if (grad_t != nullptr) {
+      add_weighted_columns<kFlat, true>(grad_t, -1.0, t, grid, b, i0, j0, staged, warp_row, warp_col, 0,
+                                        t.map.channels);
+    }
   }
 }
 
-FASTKD_HOST_DEVICE inline std::int64_t tiles_for(std::int64_t items) { return (items + kTile - 1) / kTile; }
+// The few-node kernels' shared memory: the difference kernel's node tiles, then its 64 x 64 outputs (at
+// output_index); the column kernel's W and column tile as the direct backward's.
+constexpr int kDifferenceElements = kDirectSide * kDirectSide;
+static_assert(2 * kNodeTileElements <= kDifferenceElements && kDifferenceElements * 8 <= 48 * 1024,
+              "the few-node difference kernel's tiles");
+static_assert(kAffinityFewNodes == kDirectSide && kAffinityChannelChunk == kApplyChunk, "few-node tiling");
 
-// Block (kTile, kTile), grid (i tiles x j tiles, splits, B), for few nodes: partials[b][split][i][j] = D_ij over
-// the split's channels [split n, (split + 1) n) of s and of t (n = channels_per_split, a multiple of kTile), for
-// i = i0 + ty, j = j0 + tx.
+// Block kApplyThreads (4 warps, 2 x 2, each 32 x 32 in registers), grid (splits, B), for few nodes (m <=
+// kDirectSide): partials[b][split] = D = S'S - T'T over the split's channels [split n, (split + 1) n) of s and of
+// t (n = channels_per_split, a multiple of kApplyChunk), the one 64 x 64 tile of D an image summed in the
+// accumulators as in direct_rows_kernel, then written m x m through shared memory (rows of m consecutive
+// doubles, lanes along them).
 template <typename T, bool kFlat>
 FASTKD_GLOBAL void direct_difference_kernel(Nodes<T> s, Nodes<T> t, Grid grid, std::int64_t channels_per_split,
                                             global_ptr<double> partials) {
-  FASTKD_SHARED(double, i_tile, kTileElements);
-  FASTKD_SHARED(double, j_tile, kTileElements);
-  const std::int64_t m = nodes::node_count(grid), tiles = tiles_for(m);
-  const std::int64_t i0 = blockIdx.x / tiles * kTile, j0 = blockIdx.x % tiles * kTile;
-  const std::int64_t split = blockIdx.y, b = blockIdx.z, first = split * channels_per_split;
-  const std::int64_t last = first + channels_per_split;
-  const double difference =
-      affinity<kFlat>(s, grid, b, i0, j0, first, last < s.map.channels ? last : s.map.channels, i_tile, j_tile) -
-      affinity<kFlat>(t, grid, b, i0, j0, first, last < t.map.channels ? last : t.map.channels, i_tile, j_tile);
-  const std::int64_t i = i0 + threadIdx.y, j = j0 + threadIdx.x;
-  if (i < m && j < m) partials[((b * gridDim.y + split) * m + i) * m + j] = difference;
+  FASTKD_SHARED(double, staged, kDifferenceElements);
+  const std::int64_t m = nodes::node_count(grid), split = blockIdx.x, b = blockIdx.y;
+  const std::int64_t first = split * channels_per_split, last = first + channels_per_split;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int warp_row = warp / 2 * kWarpSide, warp_col = warp % 2 * kWarpSide;
+  const bool products = warp_row < m && warp_col < m;
+  WarpAccumulators acc;
+  form_difference<kFlat>(acc, staged, s, t, grid, b, 0, 0, products, warp_row, warp_col, first, last);
+  stage_outputs(staged, acc, warp_row, warp_col, kDirectSide);  // the node tiles' readers passed a barrier
+  __syncthreads();
+  global_ptr<double> out = partials + (b * gridDim.x + split) * m * m;
+  for (std::int64_t i = warp; i < m; i += kApplyWarps) {
+    for (std::int64_t j = lane; j < m; j += 32) {
+      out[i * m + j] = staged[output_index(static_cast<int>(i), static_cast<int>(j), kDirectSide)];
+    }
+  }
 }
 
-// Block (kTile, kTile), grid (node tiles, channel tiles, B), for few nodes: out[b][c][i] = sign sum_j
-// weighted[b][i][j] x_j[c] for the block's nodes i = i0 + tx and channels c = c0 + ty; weighted (B, m, m).
+// Block kApplyThreads (4 warps, 2 x 2), grid (channel tiles of kDirectSide, B), for few nodes (m <=
+// kDirectSide): out[b][c][i] = sign sum_j weighted[b][j][i] x_j[c] for the block's 64 channels c and every
+// node i (add_weighted_columns), with W[i][j] = weighted[b][j][i] staged at weighted_index (0 past the nodes):
+// lanes along i read a row of weighted and store consecutive elements of shared memory (along j they would
+// store kNodePitch apart, a 4-way bank conflict).
 template <typename T, bool kFlat>
 FASTKD_GLOBAL void direct_columns_kernel(Nodes<T> x, Grid grid, global_ptr<const double> weighted, double sign,
                                          global_ptr<double> out) {
-  FASTKD_SHARED(double, weighted_tile, kTileElements);  // [i][j]
-  FASTKD_SHARED(double, j_tile, kTileElements);         // [channel][node]
-  const std::int64_t m = nodes::node_count(grid), channels = x.map.channels;
-  const std::int64_t i0 = static_cast<std::int64_t>(blockIdx.x) * kTile;
-  const std::int64_t c0 = static_cast<std::int64_t>(blockIdx.y) * kTile, b = blockIdx.z;
-  const int tx = threadIdx.x, ty = threadIdx.y;
-  double sum = 0.0;
-  for (std::int64_t j0 = 0; j0 < m; j0 += kTile) {
-    // Every lane loads and stores (whole-warp requests): one past the nodes reads its image's first entry.
-    const bool inside = i0 + ty < m && j0 + tx < m;
-    const double entry = weighted[b * m * m + (inside ? (i0 + ty) * m + j0 + tx : 0)];
-    weighted_tile[ty * kPitch + tx] = inside ? entry : 0.0;
-    j_tile[ty * kPitch + tx] = nodes::normalized<kFlat>(x, grid, b, c0 + ty, j0 + tx);
-    sum = add_staged_dot(sum, weighted_tile, tx * kPitch, 1, j_tile, ty * kPitch, 1);
+  FASTKD_SHARED(double, staged, kDirectBackwardElements);
+  const std::int64_t m = nodes::node_count(grid), c0 = static_cast<std::int64_t>(blockIdx.x) * kDirectSide;
+  const std::int64_t b = blockIdx.y;
+  const int warp = threadIdx.x / 32, warp_row = warp / 2 * kWarpSide, warp_col = warp % 2 * kWarpSide;
+  for (int at = threadIdx.x; at < kDirectSide * kDirectSide; at += kApplyThreads) {  // lanes along i
+    const int i = at % kDirectSide, j = at / kDirectSide;
+    staged[weighted_index(i, j)] = i < m && j < m ? weighted[(b * m + j) * m + i] : 0.0;
   }
-  const std::int64_t c = c0 + ty, i = i0 + tx;
-  if (c < channels && i < m) out[(b * channels + c) * m + i] = sign * sum;
+  __syncthreads();
+  add_weighted_columns<kFlat, false>(out, sign, x, grid, b, 0, 0, staged, warp_row, warp_col, c0, c0 + kDirectSide);
 }
+
 std::int64_t gram_tiles_for(std::int64_t channels) { return (channels + kGramSide - 1) / kGramSide; }
 std::int64_t direct_tiles_for(std::int64_t nodes) { return (nodes + kDirectSide - 1) / kDirectSide; }
 
@@ -654,24 +667,28 @@ template <typename T>
 void affinity_full_direct_difference(const nodes::Nodes<T>& s, const nodes::Nodes<T>& t, const nodes::Grid& grid,
                                      std::int64_t batch, std::int64_t splits, std::int64_t channels_per_split,
                                      double* partials, fastkd_stream_t stream) {
-  if (channels_per_split % kTile != 0) {
-    throw std::invalid_argument("affinity_full_direct_difference: channels_per_split must be a multiple of the tile");
+  if (channels_per_split % kApplyChunk != 0 || nodes::node_count(grid) > kAffinityFewNodes) {
+    throw std::invalid_argument(
+        "affinity_full_direct_difference: channels_per_split must be a multiple of kAffinityChannelChunk, and the "
+        "nodes at most kAffinityFewNodes");
   }
-  const std::int64_t tiles = tiles_for(nodes::node_count(grid));
-  if (tiles == 0 || batch == 0 || splits == 0) return;
-  const LaunchExtent blocks(tiles * tiles, splits, batch);
-  FASTKD_LAUNCH_FLAT_OR_GENERAL(direct_difference_kernel, flat(s, t, grid), blocks, dim3(kTile, kTile), stream, s, t,
-                                grid, channels_per_split, partials);
+  if (nodes::node_count(grid) == 0 || batch == 0 || splits == 0) return;
+  const LaunchExtent blocks(splits, batch);
+  FASTKD_LAUNCH_FLAT_OR_GENERAL(direct_difference_kernel, flat(s, t, grid), blocks, dim3(kApplyThreads), stream, s,
+                                t, grid, channels_per_split, partials);
 }
 
 template <typename T>
 void affinity_full_direct_columns(const nodes::Nodes<T>& x, const nodes::Grid& grid, const double* weighted,
                                   std::int64_t batch, double sign, double* out, fastkd_stream_t stream) {
-  const std::int64_t node_tiles = tiles_for(nodes::node_count(grid)), channel_tiles = tiles_for(x.map.channels);
-  if (node_tiles == 0 || channel_tiles == 0 || batch == 0) return;
-  const LaunchExtent blocks(node_tiles, channel_tiles, batch);
-  FASTKD_LAUNCH_FLAT_OR_GENERAL(direct_columns_kernel, flat(x, x, grid), blocks, dim3(kTile, kTile), stream, x, grid,
-                                weighted, sign, out);
+  if (nodes::node_count(grid) > kAffinityFewNodes) {
+    throw std::invalid_argument("affinity_full_direct_columns: the nodes must be at most kAffinityFewNodes");
+  }
+  const std::int64_t channel_tiles = direct_tiles_for(x.map.channels);
+  if (nodes::node_count(grid) == 0 || channel_tiles == 0 || batch == 0) return;
+  const LaunchExtent blocks(channel_tiles, batch);
+  FASTKD_LAUNCH_FLAT_OR_GENERAL(direct_columns_kernel, flat(x, x, grid), blocks, dim3(kApplyThreads), stream, x,
+                                grid, weighted, sign, out);
 }
 
 #undef FASTKD_LAUNCH_FLAT_OR_GENERAL

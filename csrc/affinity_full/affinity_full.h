@@ -16,14 +16,15 @@
 namespace fastkd {
 namespace FASTKD_KERNELS {
 
-// Side of the square tiles (threads per block: tile x tile) of the few-node direct kernels.
-constexpr int kAffinityFullTile = 16;
+// Channels the tensor-core products of D stage at a time; the few-node difference kernel's channel splits are
+// a multiple of it.
+constexpr int kAffinityChannelChunk = 16;
 // Side of the square tiles of D the direct row kernel forms with tensor-core products.
 constexpr int kAffinityDirectSide = 64;
 // Up to this many nodes an image, the direct path forms D (B, m, m) with its channels split over blocks
-// (affinity_full_direct_difference) instead of a block per 16 rows: with pool_scale (9 nodes at 65 x 65) that
-// was 8 blocks for B = 8, each summing all 512 + 512 channels in sequence. D then holds at most 4096 doubles an
-// image.
+// (affinity_full_direct_difference) instead of a block per 64 rows: with pool_scale (9 nodes at 65 x 65) that
+// would be 8 blocks for B = 8, each summing all 512 + 512 channels in sequence. D is then one tile
+// (kAffinityDirectSide square) an image.
 constexpr int kAffinityFewNodes = 64;
 // The Gram kernel's output tiles (kAffinityGramSide channels square) and the nodes it stages at a time.
 constexpr int kAffinityGramSide = 64;
@@ -63,16 +64,17 @@ void affinity_full_direct_backward(const nodes::Nodes<T>& s, const nodes::Nodes<
                                    const double* weight, std::int64_t batch, double* grad_s, double* grad_t,
                                    fastkd_stream_t stream);
 
-// Few nodes: partials (B, splits, m, m) = D = S'S - T'T over the channels [split n, (split + 1) n) of s and t,
-// n = channels_per_split (a multiple of kAffinityFullTile, else std::invalid_argument); the caller sums them in a
-// fixed order.
+// Few nodes (m <= kAffinityFewNodes): partials (B, splits, m, m) = D = S'S - T'T over the channels
+// [split n, (split + 1) n) of s and t, n = channels_per_split (a multiple of kAffinityChannelChunk; else, or for
+// more nodes, std::invalid_argument); the caller sums them in a fixed order.
 template <typename T>
 void affinity_full_direct_difference(const nodes::Nodes<T>& s, const nodes::Nodes<T>& t, const nodes::Grid& grid,
                                      std::int64_t batch, std::int64_t splits, std::int64_t channels_per_split,
                                      double* partials, fastkd_stream_t stream);
 
-// Few nodes: out (B, C, m) = sign weighted X for the normalised nodes X (C x m) of each image, i.e.
-// out[b][c][i] = sign sum_j weighted[b][i][j] x_j[c]; weighted (B, m, m).
+// Few nodes (m <= kAffinityFewNodes, else std::invalid_argument): out (B, C, m) = sign X weighted for the
+// normalised nodes X (C x m) of each image, i.e. out[b][c][i] = sign sum_j weighted[b][j][i] x_j[c]; weighted
+// (B, m, m) (the direct backward's is symmetric: the weighted D times the nodes j).
 template <typename T>
 void affinity_full_direct_columns(const nodes::Nodes<T>& x, const nodes::Grid& grid, const double* weighted,
                                   std::int64_t batch, double sign, double* out, fastkd_stream_t stream);

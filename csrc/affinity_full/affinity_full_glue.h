@@ -142,17 +142,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_full_apply(
 }
 
 // Few nodes (m <= kAffinityFewNodes): D = S'S - T'T (B, m, m) double, each block summing one range of channels
-// of one tile pair (about 1024 blocks in all, as the Gram's splits), the ranges' partials then summed in a fixed
+// of one image (about 1024 blocks in all, as the Gram's splits), the ranges' partials then summed in a fixed
 // order.
 at::Tensor affinity_full_difference(const at::Tensor& s, const at::Tensor& s_scale, const at::Tensor& t,
                                     const at::Tensor& t_scale, const nodes::Grid& grid) {
-  const int64_t batch = s.size(0), m = nodes::node_count(grid), tile = FASTKD_KERNELS::kAffinityFullTile;
-  const int64_t tiles = (m + tile - 1) / tile, chunks = (std::max(s.size(1), t.size(1)) + tile - 1) / tile;
+  const int64_t batch = s.size(0), m = nodes::node_count(grid), chunk = FASTKD_KERNELS::kAffinityChannelChunk;
+  const int64_t chunks = (std::max(s.size(1), t.size(1)) + chunk - 1) / chunk;
   const auto doubles = s.options().dtype(at::kDouble);
   if (m == 0 || batch == 0 || chunks == 0) return at::zeros({batch, m, m}, doubles);
-  const int64_t splits_wanted = std::min(chunks, std::max<int64_t>(1, 1024 / (tiles * tiles * batch)));
-  const int64_t channels_per_split = (chunks + splits_wanted - 1) / splits_wanted * tile;
-  const int64_t splits = (chunks * tile + channels_per_split - 1) / channels_per_split;
+  const int64_t splits_wanted = std::min(chunks, std::max<int64_t>(1, 1024 / batch));
+  const int64_t channels_per_split = (chunks + splits_wanted - 1) / splits_wanted * chunk;
+  const int64_t splits = (chunks * chunk + channels_per_split - 1) / channels_per_split;
   at::Tensor partials = at::empty({batch, splits, m, m}, doubles);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "affinity_full_direct_difference", [&] {
     FASTKD_KERNELS::affinity_full_direct_difference(affinity_full_nodes<scalar_t>(s, s_scale),
@@ -163,7 +163,8 @@ at::Tensor affinity_full_difference(const at::Tensor& s, const at::Tensor& s_sca
   return partials.sum(1);  // a fixed-order sum of the per-range partials
 }
 
-// Few nodes: sign `weighted` X (B, C, m) double for the normalised nodes X of x, weighted (B, m, m) double.
+// Few nodes: sign X `weighted` (B, C, m) double for the normalised nodes X of x, weighted (B, m, m) double
+// (symmetric in the direct backward).
 at::Tensor affinity_full_columns(const at::Tensor& x, const at::Tensor& x_scale, const nodes::Grid& grid,
                                  const at::Tensor& weighted, double sign) {
   at::Tensor out = at::empty({x.size(0), x.size(1), nodes::node_count(grid)}, x.options().dtype(at::kDouble));
