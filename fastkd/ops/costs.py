@@ -8,7 +8,8 @@ to report how far a kernel is from its floor.
 Counting rules. A FLOP is one float64 add or multiply (a fused multiply-add is 2). ``minimum_bytes`` is the
 traffic no implementation can avoid: each input read once, and in backward each gradient written once.
 ``kernel_bytes`` is what the kernels as written move, counting every input a kernel reads once per launch
-(reuse inside a launch is assumed to hit L2) and every float64 buffer they write and read back. Pooling and
+(reuse inside a launch is assumed to hit L2) and every float64 buffer they write and read back; where a node
+is a patch, the full graph's kernels read float64 maps of the pooled nodes, pooled once a pass. Pooling and
 normalisation FLOPs (O(B C H W)) are left out of the affinity counts: they are small next to the
 O(B m C^2) products. Notation: ``B`` images, ``Cs``/``Ct`` channels, ``H x W`` pixels, ``m`` nodes,
 ``e`` bytes per input element, ``h = r (2r + 1) + r + 1`` offsets in half a Chebyshev window of radius r.
@@ -53,8 +54,29 @@ class Shape:
         return self.batch * (self.cs + self.ct) * self.height * self.width * self.element_bytes
 
     def node_buffers(self) -> float:
-        """Bytes of one float64 (B, C, m) buffer for s and one for t (dL/df_hat)."""
+        """Bytes of one float64 (B, C, m) buffer for s and one for t (dL/df_hat, or the pooled nodes)."""
         return F64 * self.batch * self.nodes * (self.cs + self.ct)
+
+    @property
+    def pooled(self) -> bool:
+        """Whether a node is a patch of pixels (patch > 1 or pool_scale) rather than one pixel."""
+        return self.nodes < self.height * self.width
+
+    def node_reads(self) -> float:
+        """Bytes of one read of the nodes the full graph's dot kernels take: the inputs themselves, or the
+        float64 maps of their pooled nodes (``kernel_operands`` pools them once a pass)."""
+        return self.node_buffers() if self.pooled else self.inputs()
+
+    def pooling(self) -> float:
+        """Bytes of the pass that pools the nodes ahead (the inputs read, the float64 maps written), or 0."""
+        return self.inputs() + self.node_buffers() if self.pooled else 0.0
+
+
+def _node_backward_bytes(x: Shape) -> float:
+    """The backward's last step: dL/df_hat written and read twice (the float64 buffers), f read for the
+    norm's share and for the normalisation's backward, and dL/dx written. (A max pool's backward also reads the
+    inputs to find each patch's winner: not counted, the examples average.)"""
+    return 3 * x.node_buffers() + 2 * x.node_reads() + x.inputs()
 
 
 def gram_full_graph(x: Shape, per_row: bool) -> dict:
@@ -64,12 +86,12 @@ def gram_full_graph(x: Shape, per_row: bool) -> dict:
     grams = 2 * b * m * (cs * cs + cs * ct + ct * ct)
     apply = 2 * b * m * (cs + ct) ** 2  # dL/ds_hat and dL/dt_hat: (Cs x (Cs + Ct)) and (Ct x (Ct + Cs)) per node
     forms = 2 * b * m * (cs * cs + cs * ct + ct * ct) if per_row else 0
-    forward = Cost(flops=grams + forms, minimum_bytes=x.inputs(),
-                   kernel_bytes=(3 + (2 if per_row else 0)) * x.inputs())  # norms 1x, Gram 2x, forms 2x
+    forward = Cost(flops=grams + forms, minimum_bytes=x.inputs(),  # norms 1x, Gram 2x, forms 2x
+                   kernel_bytes=x.pooling() + (3 + (2 if per_row else 0)) * x.node_reads())
     weighted = grams if per_row else 0  # S W S', S W T', T W T'
     backward = Cost(flops=weighted + apply * (2 if per_row else 1), minimum_bytes=2 * x.inputs(),
-                    kernel_bytes=(2 * x.inputs() if per_row else 0) + 2 * x.inputs()  # weighted Grams, apply
-                    + 3 * x.inputs() + 3 * x.node_buffers())  # node_backward: 2 reads + 1 write; buffers
+                    kernel_bytes=x.pooling() + ((2 if per_row else 0) + 2) * x.node_reads()  # weighted Grams, apply
+                    + _node_backward_bytes(x))
     return {"forward": forward, "backward": backward}
 
 
@@ -79,9 +101,9 @@ def direct_full_graph(x: Shape) -> dict:
     the pool_scale example 0.2 MB beside 138 MB of inputs, left out."""
     b, m, cs, ct = x.batch, x.nodes, x.cs, x.ct
     tiles = 2 * b * m * m * (cs + ct) + 3 * b * m * m  # the two affinity products, then D^2 and its sum
-    forward = Cost(flops=tiles, minimum_bytes=x.inputs(), kernel_bytes=2 * x.inputs())
+    forward = Cost(flops=tiles, minimum_bytes=x.inputs(), kernel_bytes=x.pooling() + 2 * x.node_reads())  # norms, D
     backward = Cost(flops=tiles + 2 * b * m * m * (cs + ct), minimum_bytes=2 * x.inputs(),
-                    kernel_bytes=4 * x.inputs() + 3 * x.node_buffers())
+                    kernel_bytes=x.pooling() + x.node_reads() + _node_backward_bytes(x))  # D re-formed and applied
     return {"forward": forward, "backward": backward}
 
 
