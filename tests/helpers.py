@@ -27,7 +27,8 @@ BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 
 # Block sizes the boundary tests straddle, per (op, backend), as the kernels define them.
 BLOCKS: Dict[Tuple[str, str], Dict[str, int]] = {
-    # fastkd/ops/_triton_nodes.py BLOCK_NODES, BLOCK_CHANNELS; csrc/affinity_full/affinity_full.h
+    # fastkd/ops/_triton_nodes.py BLOCK_NODES, BLOCK_CHANNELS (and the Triton Gram kernel's GRAM_CHANNELS in
+    # affinity_full/triton_backend.py); csrc/affinity_full/affinity_full.h
     # kAffinityDirectSide (the direct kernels' tiles of D, and the channels their backward computes at a
     # time; kAffinityChannelChunk = 16 are staged at a time), and for the Gram algorithm's kernels 64 nodes
     # (affinity_full.cu's kApplyNodes, two of the Gram kernel's kAffinityGramChunk) and 64 channels
@@ -38,7 +39,8 @@ BLOCKS: Dict[Tuple[str, str], Dict[str, int]] = {
     # BLOCK_CHANNELS: FEW_NODES in fastkd/ops/_triton_nodes.py).
     # direct_side: kAffinityDirectSide, the CUDA direct row kernel's tiles of D; wide_patch: kWidePatch in
     # csrc/common/nodes.cu, the patch width from which a warp pools a channel of a node (lanes along its rows)
-    ("affinity_full", "triton"): dict(nodes=32, channels=32, few_nodes=64, split_nodes=8192),
+    ("affinity_full", "triton"): dict(nodes=32, channels=32, gram_nodes=32, gram_channels=64, few_nodes=64,
+                                      split_nodes=8192),
     ("affinity_full", "cuda"): dict(nodes=64, channels=64, gram_nodes=64, gram_channels=64, few_nodes=64,
                                     split_nodes=8192, direct_side=64, wide_patch=16),
     # triton: affinity_window/triton_backend.py BLOCK_N (256 under the interpreter, 32 compiled) and

@@ -95,6 +95,16 @@ def test_pairwise_configurations(backend, config, algorithm, gen):
     check_pairwise(backend, pair((2, 6, 4, 9, 10), gen, torch.float32, config), algorithm=algorithm, **config)
 
 
+def test_triton_block_sizes_are_the_kernels():
+    from fastkd.ops.affinity_full import triton_backend
+
+    blocks = helpers.BLOCKS[("affinity_full", "triton")]
+    assert (blocks["nodes"], blocks["channels"], blocks["gram_nodes"], blocks["gram_channels"]) == (
+        triton_backend.BLOCK_NODES, triton_backend.BLOCK_CHANNELS, triton_backend.BLOCK_NODES,
+        triton_backend.GRAM_CHANNELS)
+    assert blocks["few_nodes"] == triton_backend.FEW_NODES
+
+
 @pytest.mark.parametrize("edge", range(4))
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_pairwise_block_boundaries(backend, edge, algorithm, gen):

@@ -41,6 +41,12 @@ from fastkd.ops.affinity_full import schema
 
 BLOCK_NODES = 32
 BLOCK_CHANNELS = 32
+# The Gram kernel's channel tiles, GRAM_CHANNELS square: at 32 its staging (loads, conversions, the scale's
+# products, index arithmetic) outnumbered the float64 MMAs, 552 instructions for 32 DMMA a warp in the loop on
+# sm_90 (model: 46% of the H100 floor); at 64 a staged element feeds twice the products (1129 for 128: 91%). No
+# spills on sm_80, sm_89 or sm_90 (tests/triton_compile_check.py); gram_apply_kernel, with up to four
+# accumulators, spilled at 64 and keeps BLOCK_CHANNELS.
+GRAM_CHANNELS = 64
 # Gram programs split the node range so that small batches still fill the GPU; each split writes its own
 # partial matrix and the partials are summed in a fixed order (no atomics).
 TARGET_PROGRAMS = 1024
@@ -317,7 +323,7 @@ def gram(x, x_scale, y, y_scale, grid: NodeGrid, weight: Optional[torch.Tensor] 
     """``X W Y'`` per image for the normalised nodes of x and y (W = diag(weight), or the identity):
     (B, Cx, Cy) float64."""
     batch, x_channels, y_channels = x.shape[0], x.shape[1], y.shape[1]
-    tiles = triton.cdiv(x_channels, BLOCK_CHANNELS) * triton.cdiv(y_channels, BLOCK_CHANNELS)
+    tiles = triton.cdiv(x_channels, GRAM_CHANNELS) * triton.cdiv(y_channels, GRAM_CHANNELS)
     node_blocks = triton.cdiv(grid.nodes, BLOCK_NODES)
     splits = 1 if not x.is_cuda else max(1, min(node_blocks, TARGET_PROGRAMS // max(1, tiles * batch)))
     nodes_per_split = triton.cdiv(node_blocks, splits) * BLOCK_NODES
@@ -327,8 +333,8 @@ def gram(x, x_scale, y, y_scale, grid: NodeGrid, weight: Optional[torch.Tensor] 
         gram_kernel[(tiles, splits, batch)](
             x, x_scale, y, y_scale, x_scale if weight is None else weight, partials, x_channels, y_channels,
             *_geometry(x, grid), *strides(x), *strides(y), grid.kernel_h, grid.kernel_w, nodes_per_split,
-            HAS_WEIGHT=weight is not None, MAX_POOL=grid.max_pool, BLOCK_X=BLOCK_CHANNELS,
-            BLOCK_Y=BLOCK_CHANNELS, BLOCK_N=BLOCK_NODES, **KERNEL_OPTIONS)
+            HAS_WEIGHT=weight is not None, MAX_POOL=grid.max_pool, BLOCK_X=GRAM_CHANNELS,
+            BLOCK_Y=GRAM_CHANNELS, BLOCK_N=BLOCK_NODES, **KERNEL_OPTIONS)
     return partials.sum(dim=1)
 
 
