@@ -37,10 +37,11 @@ BLOCKS: Dict[Tuple[str, str], Dict[str, int]] = {
     # affinity_full/triton_backend.py), and below split_nodes nodes in all the node reductions split each node's
     # channels (32 warps share a block's 32 nodes: kFewNodes in csrc/common/nodes.cu; a program per
     # BLOCK_CHANNELS: FEW_NODES in fastkd/ops/_triton_nodes.py).
-    # direct_side: kAffinityDirectSide, the CUDA direct row kernel's tiles of D; wide_patch: kWidePatch in
+    # direct_side: kAffinityDirectSide, the CUDA direct row kernel's tiles of D (Triton's: its DIRECT_ROWS rows
+    # of D a program, in affinity_full/triton_backend.py); wide_patch: kWidePatch in
     # csrc/common/nodes.cu, the patch width from which a warp pools a channel of a node (lanes along its rows)
     ("affinity_full", "triton"): dict(nodes=32, channels=32, gram_nodes=32, gram_channels=64, few_nodes=64,
-                                      split_nodes=8192),
+                                      split_nodes=8192, direct_side=64),
     ("affinity_full", "cuda"): dict(nodes=64, channels=64, gram_nodes=64, gram_channels=64, few_nodes=64,
                                     split_nodes=8192, direct_side=64, wide_patch=16),
     # triton: affinity_window/triton_backend.py BLOCK_N (256 under the interpreter, 32 compiled) and

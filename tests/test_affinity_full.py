@@ -102,7 +102,7 @@ def test_triton_block_sizes_are_the_kernels():
     assert (blocks["nodes"], blocks["channels"], blocks["gram_nodes"], blocks["gram_channels"]) == (
         triton_backend.BLOCK_NODES, triton_backend.BLOCK_CHANNELS, triton_backend.BLOCK_NODES,
         triton_backend.GRAM_CHANNELS)
-    assert blocks["few_nodes"] == triton_backend.FEW_NODES
+    assert (blocks["few_nodes"], blocks["direct_side"]) == (triton_backend.FEW_NODES, triton_backend.DIRECT_ROWS)
 
 
 @pytest.mark.parametrize("edge", range(4))
@@ -153,13 +153,13 @@ def test_cuda_wide_patches(backend, pool, width_offset, gen):
         assert torch.isnan(pairwise(backend, s_bad, t_device, **config))
 
 
-@pytest.mark.parametrize("backend", ["cuda"], indirect=True)
+@pytest.mark.parametrize("backend", ["cuda", "triton"], indirect=True)
 @pytest.mark.parametrize("shape, tiles", [((1, 5, 3, 8, 16), (2, 0)), ((2, 17, 19, 9, 21), (2, 61)),
                                           ((1, 33, 3, 16, 32), (8, 0))], ids=str)
-def test_cuda_direct_row_tiles(backend, shape, tiles, gen):
-    """The direct path's forward above few_nodes: tiles of D direct_side nodes square on FP64 tensor-core
-    products (whole tiles, and a partial one), column tiles split over blocks (one a split for B = 1 at 8
-    tiles), per-row terms too."""
+def test_direct_row_tiles(backend, shape, tiles, gen):
+    """The direct path's forward above few_nodes: tiles of D direct_side rows (in CUDA direct_side nodes
+    square, on FP64 tensor-core products; whole tiles, and a partial one), in CUDA column tiles split over
+    blocks (one a split for B = 1 at 8 tiles), per-row terms too."""
     _, _, _, height, width = shape
     assert divmod(height * width, backend.blocks("affinity_full")["direct_side"]) == tiles
     inputs = pair(shape, gen, torch.float32)

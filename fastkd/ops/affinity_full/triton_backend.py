@@ -54,6 +54,12 @@ TARGET_PROGRAMS = 1024
 # (direct_difference), instead of a program per BLOCK_NODES rows (pool_scale: 9 nodes, 8 programs for B = 8,
 # each summing all 512 + 512 channels in sequence). As csrc/affinity_full/affinity_full.h's kAffinityFewNodes.
 FEW_NODES = 64
+# direct_rows_kernel's tiles of D, DIRECT_ROWS rows i x BLOCK_NODES nodes j: at 32 x 32 its loop took 1093
+# instructions for 64 DMMA a warp on sm_90 (model: 47% of the H100 floor), at 64 x 32 1517 for 128 (67%). At
+# 64 x 64 (74%) its variant with 64-bit offsets spilled 144-160 bytes on sm_80, sm_89 and sm_90; no spills at
+# 64 x 32 (tests/triton_compile_check.py). direct_difference_kernel spilled at 64 x 64 too (its int64 store
+# addresses beside both affinities) and keeps BLOCK_NODES square.
+DIRECT_ROWS = 64
 # direct_backward_kernel's partner and channel steps: at 32 it needs more than 255 registers on GPUs whose
 # float64 tl.dot is FMAs (no FP64 tensor cores: sm_86, sm_89), and spilled 0.7-1 KB per thread there.
 BACKWARD_BLOCK = 16
@@ -395,9 +401,9 @@ def direct_rows(s, s_scale, t, t_scale, grid: NodeGrid) -> torch.Tensor:
     """``r_i = sum_j D_ij^2`` for every node: (B, m) float64."""
     rows = torch.empty(s.shape[0], grid.nodes, dtype=torch.float64, device=s.device)
     with on_device(s):
-        direct_rows_kernel[(triton.cdiv(grid.nodes, BLOCK_NODES), s.shape[0])](
+        direct_rows_kernel[(triton.cdiv(grid.nodes, DIRECT_ROWS), s.shape[0])](
             s, s_scale, t, t_scale, rows, s.shape[1], t.shape[1], *_geometry(s, grid), *strides(s), *strides(t),
-            grid.kernel_h, grid.kernel_w, MAX_POOL=grid.max_pool, BLOCK_I=BLOCK_NODES, BLOCK_J=BLOCK_NODES,
+            grid.kernel_h, grid.kernel_w, MAX_POOL=grid.max_pool, BLOCK_I=DIRECT_ROWS, BLOCK_J=BLOCK_NODES,
             BLOCK_C=BLOCK_CHANNELS, **KERNEL_OPTIONS)
     return rows
 
