@@ -6,8 +6,10 @@ steps 1-2), averaged over the pixels that exist or max-pooled. :func:`load_patch
 nodes) tile in registers whenever a kernel needs it, leaving an average's division by its pixels to one factor a
 node outside the loops (:func:`pooling_factors`); the node norms ``||f_i||`` (one float64 per node) are computed
 ahead, and the dot kernels read ``f_hat_i`` as a patch's sum times one float64 per node (:func:`node_scales`),
-so that their loops hold no division. The windowed graph pools on the fly; the full graph, whose every node is
-staged by many programs, pools once (:func:`pool_nodes`) into float64 nodes that its kernels then read as pixels.
+and take each node's row and column on the grid once, outside their loops (:func:`node_coordinates`, stepped
+along a loop over nodes by :func:`advance_coordinates`), so that their loops hold no division. The windowed
+graph pools on the fly; the full graph, whose every node is staged by many programs, pools once
+(:func:`pool_nodes`) into float64 nodes that its kernels then read as pixels.
 
 Nodes are numbered row-major on the ``grid_h x grid_w`` node grid, ``m = grid_h * grid_w``.
 """
@@ -33,27 +35,39 @@ FEW_NODES = 8192
 
 
 @triton.jit
-def pooling_factors(nodes, height, width, grid_w, kernel_h, kernel_w, MAX_POOL: tl.constexpr):
+def node_coordinates(nodes, grid_w):
+    """Each node's row and column on the node grid: the one division a node, which kernels take outside the
+    loops that stage the node (:func:`advance_coordinates` steps them along a loop over nodes)."""
+    return nodes // grid_w, nodes % grid_w
+
+
+@triton.jit
+def advance_coordinates(node_row, node_col, step_rows, step_cols, grid_w):
+    """The coordinates of the nodes ``step_rows * grid_w + step_cols`` further on (``0 <= step_cols < grid_w``,
+    found once by the caller): an add and a carry, no division."""
+    node_col = node_col + step_cols
+    carry = node_col >= grid_w
+    return node_row + step_rows + tl.where(carry, 1, 0), tl.where(carry, node_col - grid_w, node_col)
+
+
+@triton.jit
+def pooling_factors(node_row, node_col, height, width, kernel_h, kernel_w, MAX_POOL: tl.constexpr):
     """What turns each node's :func:`load_patch_sums` into its pooled feature, float64 (BLOCK_N,): 1 over the
     patch's pixels in the map for an average (edge patches of ceil mode hold fewer; 1 past the last node), 1 for
     a max. One division a node, taken where a kernel's loop does not repeat it."""
     if MAX_POOL:
-        return tl.full(nodes.shape, 1.0, tl.float64)
-    node_row = nodes // grid_w
-    node_col = nodes % grid_w
+        return tl.full(node_row.shape, 1.0, tl.float64)
     pixels = tl.minimum(height - node_row * kernel_h, kernel_h) * tl.minimum(width - node_col * kernel_w, kernel_w)
     return 1.0 / tl.maximum(pixels, 1).to(tl.float64)
 
 
 @triton.jit
-def load_patch_sums(x_ptr, b, channels, nodes, num_channels, num_nodes, height, width, grid_w,
+def load_patch_sums(x_ptr, b, channels, nodes, node_row, node_col, num_channels, num_nodes, height, width,
                     stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL: tl.constexpr):
     """The sums (MAX_POOL: the maxima) over each node's patch of ``channels`` (BLOCK_C,) x ``nodes`` (BLOCK_N,)
-    of image ``b`` as a float64 (BLOCK_C, BLOCK_N) tile; 0 outside the map. Indices are int64. A max over a patch
-    holding NaN or +-Inf is NaN."""
+    of image ``b`` as a float64 (BLOCK_C, BLOCK_N) tile; 0 outside the map. ``node_row``, ``node_col``: the
+    nodes' :func:`node_coordinates`. Indices are int64. A max over a patch holding NaN or +-Inf is NaN."""
     valid = (channels[:, None] < num_channels) & (nodes[None, :] < num_nodes)
-    node_row = nodes // grid_w
-    node_col = nodes % grid_w
     base = x_ptr + b * stride_b + channels[:, None] * stride_c
     if MAX_POOL:
         pooled = tl.full(valid.shape, float("-inf"), tl.float64)
@@ -78,11 +92,11 @@ def load_patch_sums(x_ptr, b, channels, nodes, num_channels, num_nodes, height, 
 
 
 @triton.jit
-def load_normalized(x_ptr, scale_ptr, b, channels, nodes, num_channels, num_nodes, height, width, grid_w,
-                    stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL: tl.constexpr):
+def load_normalized(x_ptr, scale_ptr, b, channels, nodes, node_row, node_col, num_channels, num_nodes, height,
+                    width, stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL: tl.constexpr):
     """``f_hat = f / (||f|| + eps)`` for a (BLOCK_C, BLOCK_N) tile: the patch sums times each node's scale from
     :func:`node_scales` (which holds the average's 1 / pixels too), one product an element and no division."""
-    sums = load_patch_sums(x_ptr, b, channels, nodes, num_channels, num_nodes, height, width, grid_w,
+    sums = load_patch_sums(x_ptr, b, channels, nodes, node_row, node_col, num_channels, num_nodes, height, width,
                            stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL)
     scale = tl.load(scale_ptr + b * num_nodes + nodes, mask=nodes < num_nodes, other=0.0)
     return sums * scale[None, :]
@@ -97,14 +111,15 @@ def node_norm_kernel(x_ptr, out_ptr, num_channels, num_nodes, height, width, gri
     b = tl.program_id(2).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     nodes = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    node_row, node_col = node_coordinates(nodes, grid_w)
     first = split * channels_per_split
     squares = tl.zeros((BLOCK_N,), tl.float64)
     for c0 in range(first, tl.minimum(first + channels_per_split, num_channels), BLOCK_C):
         channels = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-        sums = load_patch_sums(x_ptr, b, channels, nodes, num_channels, num_nodes, height, width, grid_w,
-                               stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL)
+        sums = load_patch_sums(x_ptr, b, channels, nodes, node_row, node_col, num_channels, num_nodes, height,
+                               width, stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL)
         squares += tl.sum(sums * sums, axis=0)
-    factor = pooling_factors(nodes, height, width, grid_w, kernel_h, kernel_w, MAX_POOL)
+    factor = pooling_factors(node_row, node_col, height, width, kernel_h, kernel_w, MAX_POOL)
     squares = squares * (factor * factor)
     if SPLIT:
         tl.store(out_ptr + (b * tl.num_programs(1) + split) * num_nodes + nodes, squares, mask=nodes < num_nodes)
@@ -120,9 +135,10 @@ def pool_nodes_kernel(x_ptr, out_ptr, num_channels, num_nodes, height, width, gr
     b = tl.program_id(2).to(tl.int64)
     nodes = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     channels = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
-    pooled = load_patch_sums(x_ptr, b, channels, nodes, num_channels, num_nodes, height, width, grid_w,
+    node_row, node_col = node_coordinates(nodes, grid_w)
+    pooled = load_patch_sums(x_ptr, b, channels, nodes, node_row, node_col, num_channels, num_nodes, height, width,
                              stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL) \
-        * pooling_factors(nodes, height, width, grid_w, kernel_h, kernel_w, MAX_POOL)[None, :]
+        * pooling_factors(node_row, node_col, height, width, kernel_h, kernel_w, MAX_POOL)[None, :]
     valid = (channels[:, None] < num_channels) & (nodes[None, :] < num_nodes)
     tl.store(out_ptr + (b * num_channels + channels[:, None]) * num_nodes + nodes[None, :], pooled, mask=valid)
 
@@ -148,6 +164,7 @@ def node_radial_kernel(grad_hat_ptr, x_ptr, norm_ptr, out_ptr, num_channels, num
     b = tl.program_id(2).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     nodes, node_ok, norm, scale = program_nodes(norm_ptr, b, num_nodes, eps, BLOCK_N)
+    node_row, node_col = node_coordinates(nodes, grid_w)
     grad_hat_base = grad_hat_ptr + b * num_channels * num_nodes
     first = split * channels_per_split
     dot = tl.zeros((BLOCK_N,), tl.float64)
@@ -155,10 +172,10 @@ def node_radial_kernel(grad_hat_ptr, x_ptr, norm_ptr, out_ptr, num_channels, num
         channels = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
         ok = (channels[:, None] < num_channels) & node_ok[None, :]
         g = tl.load(grad_hat_base + channels[:, None] * num_nodes + nodes[None, :], mask=ok, other=0.0)
-        sums = load_patch_sums(x_ptr, b, channels, nodes, num_channels, num_nodes, height, width, grid_w,
-                               stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL)
+        sums = load_patch_sums(x_ptr, b, channels, nodes, node_row, node_col, num_channels, num_nodes, height,
+                               width, stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL)
         dot += tl.sum(g * sums, axis=0)
-    dot = dot * pooling_factors(nodes, height, width, grid_w, kernel_h, kernel_w, MAX_POOL)
+    dot = dot * pooling_factors(node_row, node_col, height, width, kernel_h, kernel_w, MAX_POOL)
     if SPLIT:
         tl.store(out_ptr + (b * tl.num_programs(1) + split) * num_nodes + nodes, dot, mask=node_ok)
     else:
@@ -193,13 +210,12 @@ def node_backward_kernel(grad_hat_ptr, x_ptr, norm_ptr, radial_ptr, grad_x_ptr, 
         radial = tl.zeros((BLOCK_N,), tl.float64)
     else:
         radial = tl.load(radial_ptr + b * num_nodes + nodes, mask=node_ok, other=0.0)
-    node_row = nodes // grid_w
-    node_col = nodes % grid_w
+    node_row, node_col = node_coordinates(nodes, grid_w)
     channels = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
     ok = (channels[:, None] < num_channels) & node_ok[None, :]
     g = tl.load(grad_hat_base + channels[:, None] * num_nodes + nodes[None, :], mask=ok, other=0.0)
-    factor = pooling_factors(nodes, height, width, grid_w, kernel_h, kernel_w, MAX_POOL)[None, :]
-    pooled = load_patch_sums(x_ptr, b, channels, nodes, num_channels, num_nodes, height, width, grid_w,
+    factor = pooling_factors(node_row, node_col, height, width, kernel_h, kernel_w, MAX_POOL)[None, :]
+    pooled = load_patch_sums(x_ptr, b, channels, nodes, node_row, node_col, num_channels, num_nodes, height, width,
                              stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL) * factor
     grad_pooled = g * scale[None, :] - radial[None, :] * pooled
     if MAX_POOL:  # the first pixel (row-major in the patch) that holds the max; NaN is its own max

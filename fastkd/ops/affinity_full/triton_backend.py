@@ -36,14 +36,15 @@ import triton.language as tl
 
 from fastkd.ops._graph import NodeGrid
 from fastkd.ops._triton_launch import KERNEL_OPTIONS, on_device, strides
-from fastkd.ops._triton_nodes import load_normalized, node_backward, node_norms, node_scales, pool_nodes
+from fastkd.ops._triton_nodes import (advance_coordinates, load_normalized, node_backward, node_coordinates,
+                                     node_norms, node_scales, pool_nodes)
 from fastkd.ops.affinity_full import schema
 
 BLOCK_NODES = 32
 BLOCK_CHANNELS = 32
 # The Gram kernel's channel tiles, GRAM_CHANNELS square: at 32 its staging (loads, conversions, the scale's
 # products, index arithmetic) outnumbered the float64 MMAs, 552 instructions for 32 DMMA a warp in the loop on
-# sm_90 (model: 46% of the H100 floor); at 64 a staged element feeds twice the products (1129 for 128: 91%). No
+# sm_90 (model: 46% of the H100 floor); at 64 a staged element feeds twice the products (1095 for 128: 93%). No
 # spills on sm_80, sm_89 or sm_90 (tests/triton_compile_check.py); gram_apply_kernel, with up to four
 # accumulators, spilled at 64 and keeps BLOCK_CHANNELS.
 GRAM_CHANNELS = 64
@@ -55,7 +56,7 @@ TARGET_PROGRAMS = 1024
 # each summing all 512 + 512 channels in sequence). As csrc/affinity_full/affinity_full.h's kAffinityFewNodes.
 FEW_NODES = 64
 # direct_rows_kernel's tiles of D, DIRECT_ROWS rows i x BLOCK_NODES nodes j: at 32 x 32 its loop took 1093
-# instructions for 64 DMMA a warp on sm_90 (model: 47% of the H100 floor), at 64 x 32 1517 for 128 (67%). At
+# instructions for 64 DMMA a warp on sm_90 (model: 47% of the H100 floor), at 64 x 32 1330 for 128 (78%). At
 # 64 x 64 (74%) its variant with 64-bit offsets spilled 144-160 bytes on sm_80, sm_89 and sm_90; no spills at
 # 64 x 32 (tests/triton_compile_check.py). direct_difference_kernel spilled at 64 x 64 too (its int64 store
 # addresses beside both affinities) and keeps BLOCK_NODES square.
@@ -85,16 +86,19 @@ def gram_kernel(x_ptr, x_scale_ptr, y_ptr, y_scale_ptr, weight_ptr, out_ptr, x_c
     acc = tl.zeros((BLOCK_X, BLOCK_Y), tl.float64)
     first = split * nodes_per_split
     last = tl.minimum(first + nodes_per_split, num_nodes)
+    node_row, node_col = node_coordinates(first + tl.arange(0, BLOCK_N).to(tl.int64), grid_w)
+    step_rows, step_cols = BLOCK_N // grid_w, BLOCK_N % grid_w
     for n0 in range(first, last, BLOCK_N):
         nodes = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         nodes = tl.where(nodes < last, nodes, num_nodes)  # past this split: loaded as 0
-        x_hat = load_normalized(x_ptr, x_scale_ptr, b, x_rows, nodes, x_channels, num_nodes, height, width,
-                                grid_w, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, MAX_POOL)
-        y_hat = load_normalized(y_ptr, y_scale_ptr, b, y_rows, nodes, y_channels, num_nodes, height, width,
-                                grid_w, y_sb, y_sc, y_sh, y_sw, kernel_h, kernel_w, MAX_POOL)
+        x_hat = load_normalized(x_ptr, x_scale_ptr, b, x_rows, nodes, node_row, node_col, x_channels, num_nodes,
+                                height, width, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, MAX_POOL)
+        y_hat = load_normalized(y_ptr, y_scale_ptr, b, y_rows, nodes, node_row, node_col, y_channels, num_nodes,
+                                height, width, y_sb, y_sc, y_sh, y_sw, kernel_h, kernel_w, MAX_POOL)
         if HAS_WEIGHT:
             x_hat = x_hat * tl.load(weight_ptr + b * num_nodes + nodes, mask=nodes < num_nodes, other=0.0)[None, :]
         acc += tl.dot(x_hat, tl.trans(y_hat))
+        node_row, node_col = advance_coordinates(node_row, node_col, step_rows, step_cols, grid_w)
     splits = tl.num_programs(1).to(tl.int64)
     out = out_ptr + ((b * splits + split) * x_channels + x_rows[:, None]) * y_channels + y_rows[None, :]
     tl.store(out, acc, mask=(x_rows[:, None] < x_channels) & (y_rows[None, :] < y_channels))
@@ -102,7 +106,7 @@ def gram_kernel(x_ptr, x_scale_ptr, y_ptr, y_scale_ptr, weight_ptr, out_ptr, x_c
 
 @triton.jit
 def _matrix_times_nodes(acc, matrix_ptr, b, out_rows, out_channels, x_ptr, x_scale_ptr, x_channels, nodes,
-                        num_nodes, height, width, grid_w, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w,
+                        node_row, node_col, num_nodes, height, width, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w,
                         MAX_POOL: tl.constexpr, BLOCK_C: tl.constexpr):
     """``acc + M[out_rows, :] @ X_hat[:, nodes]`` for a contiguous float64 matrix M (B, out_channels,
     x_channels)."""
@@ -110,8 +114,8 @@ def _matrix_times_nodes(acc, matrix_ptr, b, out_rows, out_channels, x_ptr, x_sca
         channels = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
         matrix = tl.load(matrix_ptr + (b * out_channels + out_rows[:, None]) * x_channels + channels[None, :],
                          mask=(out_rows[:, None] < out_channels) & (channels[None, :] < x_channels), other=0.0)
-        x_hat = load_normalized(x_ptr, x_scale_ptr, b, channels, nodes, x_channels, num_nodes, height, width,
-                                grid_w, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, MAX_POOL)
+        x_hat = load_normalized(x_ptr, x_scale_ptr, b, channels, nodes, node_row, node_col, x_channels, num_nodes,
+                                height, width, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, MAX_POOL)
         acc += tl.dot(matrix, x_hat)
     return acc
 
@@ -130,6 +134,7 @@ def gram_apply_kernel(p_ptr, p_scale_ptr, q_ptr, q_scale_ptr, a1_ptr, b1_ptr, a2
     b = tl.program_id(1).to(tl.int64)
     nodes = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     node_ok = nodes < num_nodes
+    node_row, node_col = node_coordinates(nodes, grid_w)
     if HAS_WEIGHTED:
         weight = tl.load(weight_ptr + b * num_nodes + nodes, mask=node_ok, other=0.0)
     dot_a = tl.zeros((BLOCK_N,), tl.float64)
@@ -137,16 +142,16 @@ def gram_apply_kernel(p_ptr, p_scale_ptr, q_ptr, q_scale_ptr, a1_ptr, b1_ptr, a2
     for r0 in range(0, p_channels, BLOCK_C):
         rows = r0 + tl.arange(0, BLOCK_C).to(tl.int64)
         from_p = _matrix_times_nodes(tl.zeros((BLOCK_C, BLOCK_N), tl.float64), a1_ptr, b, rows, p_channels,
-                                     p_ptr, p_scale_ptr, p_channels, nodes, num_nodes, height, width, grid_w,
-                                     p_sb, p_sc, p_sh, p_sw, kernel_h, kernel_w, MAX_POOL, BLOCK_C)
+                                     p_ptr, p_scale_ptr, p_channels, nodes, node_row, node_col, num_nodes, height,
+                                     width, p_sb, p_sc, p_sh, p_sw, kernel_h, kernel_w, MAX_POOL, BLOCK_C)
         from_q = tl.zeros((BLOCK_C, BLOCK_N), tl.float64)
         if HAS_Q:
             from_q = _matrix_times_nodes(from_q, b1_ptr, b, rows, p_channels, q_ptr, q_scale_ptr, q_channels,
-                                         nodes, num_nodes, height, width, grid_w, q_sb, q_sc, q_sh, q_sw,
-                                         kernel_h, kernel_w, MAX_POOL, BLOCK_C)
+                                         nodes, node_row, node_col, num_nodes, height, width, q_sb, q_sc, q_sh,
+                                         q_sw, kernel_h, kernel_w, MAX_POOL, BLOCK_C)
         if DOTS:
-            p_hat = load_normalized(p_ptr, p_scale_ptr, b, rows, nodes, p_channels, num_nodes, height, width,
-                                    grid_w, p_sb, p_sc, p_sh, p_sw, kernel_h, kernel_w, MAX_POOL)
+            p_hat = load_normalized(p_ptr, p_scale_ptr, b, rows, nodes, node_row, node_col, p_channels, num_nodes,
+                                    height, width, p_sb, p_sc, p_sh, p_sw, kernel_h, kernel_w, MAX_POOL)
             dot_a += tl.sum(p_hat * from_p, axis=0)
             dot_b += tl.sum(p_hat * from_q, axis=0)
         if STORE:
@@ -154,11 +159,11 @@ def gram_apply_kernel(p_ptr, p_scale_ptr, q_ptr, q_scale_ptr, a1_ptr, b1_ptr, a2
             if HAS_WEIGHTED:
                 weighted = tl.zeros((BLOCK_C, BLOCK_N), tl.float64)
                 weighted = _matrix_times_nodes(weighted, a2_ptr, b, rows, p_channels, p_ptr, p_scale_ptr,
-                                               p_channels, nodes, num_nodes, height, width, grid_w,
+                                               p_channels, nodes, node_row, node_col, num_nodes, height, width,
                                                p_sb, p_sc, p_sh, p_sw, kernel_h, kernel_w, MAX_POOL, BLOCK_C)
                 if HAS_Q:
                     weighted = _matrix_times_nodes(weighted, b2_ptr, b, rows, p_channels, q_ptr, q_scale_ptr,
-                                                   q_channels, nodes, num_nodes, height, width, grid_w,
+                                                   q_channels, nodes, node_row, node_col, num_nodes, height, width,
                                                    q_sb, q_sc, q_sh, q_sw, kernel_h, kernel_w, MAX_POOL,
                                                    BLOCK_C)
                 result += weight[None, :] * weighted
@@ -170,34 +175,35 @@ def gram_apply_kernel(p_ptr, p_scale_ptr, q_ptr, q_scale_ptr, a1_ptr, b1_ptr, a2
 
 
 @triton.jit
-def _affinity_tile(x_ptr, x_scale_ptr, b, nodes_i, nodes_j, x_channels, num_nodes, height, width, grid_w,
-                   x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, first, last, MAX_POOL: tl.constexpr,
+def _affinity_tile(x_ptr, x_scale_ptr, b, nodes_i, row_i, col_i, nodes_j, row_j, col_j, x_channels, num_nodes,
+                   height, width, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, first, last, MAX_POOL: tl.constexpr,
                    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
     """``a[i, j] = x_i . x_j`` over the channels ``[first, last)`` for a (BLOCK_I, BLOCK_J) tile of normalised
-    nodes, in registers; ``last`` is the channel count or a multiple of BLOCK_C."""
+    nodes (their node_coordinates: row_i, col_i and row_j, col_j), in registers; ``last`` is the channel count or
+    a multiple of BLOCK_C."""
     affinity = tl.zeros((BLOCK_I, BLOCK_J), tl.float64)
     for c0 in range(first, last, BLOCK_C):
         channels = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-        x_i = load_normalized(x_ptr, x_scale_ptr, b, channels, nodes_i, x_channels, num_nodes, height, width,
-                              grid_w, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, MAX_POOL)
-        x_j = load_normalized(x_ptr, x_scale_ptr, b, channels, nodes_j, x_channels, num_nodes, height, width,
-                              grid_w, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, MAX_POOL)
+        x_i = load_normalized(x_ptr, x_scale_ptr, b, channels, nodes_i, row_i, col_i, x_channels, num_nodes,
+                              height, width, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, MAX_POOL)
+        x_j = load_normalized(x_ptr, x_scale_ptr, b, channels, nodes_j, row_j, col_j, x_channels, num_nodes,
+                              height, width, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, MAX_POOL)
         affinity += tl.dot(tl.trans(x_i), x_j)
     return affinity
 
 
 @triton.jit
-def _difference_tile(s_ptr, s_scale_ptr, t_ptr, t_scale_ptr, b, nodes_i, nodes_j, s_channels, t_channels,
-                     num_nodes, height, width, grid_w, s_sb, s_sc, s_sh, s_sw, t_sb, t_sc, t_sh, t_sw,
-                     kernel_h, kernel_w, MAX_POOL: tl.constexpr, BLOCK_I: tl.constexpr,
+def _difference_tile(s_ptr, s_scale_ptr, t_ptr, t_scale_ptr, b, nodes_i, row_i, col_i, nodes_j, row_j, col_j,
+                     s_channels, t_channels, num_nodes, height, width, s_sb, s_sc, s_sh, s_sw, t_sb, t_sc, t_sh,
+                     t_sw, kernel_h, kernel_w, MAX_POOL: tl.constexpr, BLOCK_I: tl.constexpr,
                      BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
     """``D[i, j] = s_i . s_j - t_i . t_j`` for a (BLOCK_I, BLOCK_J) tile, in registers."""
-    a_s = _affinity_tile(s_ptr, s_scale_ptr, b, nodes_i, nodes_j, s_channels, num_nodes, height, width, grid_w,
-                         s_sb, s_sc, s_sh, s_sw, kernel_h, kernel_w, 0, s_channels, MAX_POOL, BLOCK_I, BLOCK_J,
-                         BLOCK_C)
-    a_t = _affinity_tile(t_ptr, t_scale_ptr, b, nodes_i, nodes_j, t_channels, num_nodes, height, width, grid_w,
-                         t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w, 0, t_channels, MAX_POOL, BLOCK_I, BLOCK_J,
-                         BLOCK_C)
+    a_s = _affinity_tile(s_ptr, s_scale_ptr, b, nodes_i, row_i, col_i, nodes_j, row_j, col_j, s_channels,
+                         num_nodes, height, width, s_sb, s_sc, s_sh, s_sw, kernel_h, kernel_w, 0, s_channels,
+                         MAX_POOL, BLOCK_I, BLOCK_J, BLOCK_C)
+    a_t = _affinity_tile(t_ptr, t_scale_ptr, b, nodes_i, row_i, col_i, nodes_j, row_j, col_j, t_channels,
+                         num_nodes, height, width, t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w, 0, t_channels,
+                         MAX_POOL, BLOCK_I, BLOCK_J, BLOCK_C)
     return a_s - a_t
 
 
@@ -209,26 +215,30 @@ def direct_rows_kernel(s_ptr, s_scale_ptr, t_ptr, t_scale_ptr, rows_ptr, s_chann
     """``r_i = sum_j D_ij^2`` for a block of rows i of one image, sweeping j in tiles; grid (row blocks, B)."""
     b = tl.program_id(1).to(tl.int64)
     nodes_i = tl.program_id(0).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
+    row_i, col_i = node_coordinates(nodes_i, grid_w)
+    row_j, col_j = node_coordinates(tl.arange(0, BLOCK_J).to(tl.int64), grid_w)
+    step_rows, step_cols = BLOCK_J // grid_w, BLOCK_J % grid_w
     rows = tl.zeros((BLOCK_I,), tl.float64)
     for j0 in range(0, num_nodes, BLOCK_J):
         nodes_j = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
-        difference = _difference_tile(s_ptr, s_scale_ptr, t_ptr, t_scale_ptr, b, nodes_i, nodes_j, s_channels,
-                                      t_channels, num_nodes, height, width, grid_w, s_sb, s_sc, s_sh, s_sw,
-                                      t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w, MAX_POOL,
-                                      BLOCK_I, BLOCK_J, BLOCK_C)
+        difference = _difference_tile(s_ptr, s_scale_ptr, t_ptr, t_scale_ptr, b, nodes_i, row_i, col_i, nodes_j,
+                                      row_j, col_j, s_channels, t_channels, num_nodes, height, width,
+                                      s_sb, s_sc, s_sh, s_sw, t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w,
+                                      MAX_POOL, BLOCK_I, BLOCK_J, BLOCK_C)
         rows += tl.sum(difference * difference, axis=1)
+        row_j, col_j = advance_coordinates(row_j, col_j, step_rows, step_cols, grid_w)
     tl.store(rows_ptr + b * num_nodes + nodes_i, rows, mask=nodes_i < num_nodes)
 
 
 @triton.jit
-def _accumulate_rows(out_ptr, b, nodes_i, weighted, x_ptr, x_scale_ptr, x_channels, nodes_j, num_nodes, height,
-                     width, grid_w, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, MAX_POOL: tl.constexpr,
+def _accumulate_rows(out_ptr, b, nodes_i, weighted, x_ptr, x_scale_ptr, x_channels, nodes_j, row_j, col_j,
+                     num_nodes, height, width, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, MAX_POOL: tl.constexpr,
                      BLOCK_C: tl.constexpr):
     """``out[:, i] += sum_j weighted[i, j] x_j`` for the block's own nodes i (out: B, C, m float64)."""
     for c0 in range(0, x_channels, BLOCK_C):
         channels = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-        x_j = load_normalized(x_ptr, x_scale_ptr, b, channels, nodes_j, x_channels, num_nodes, height, width,
-                              grid_w, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, MAX_POOL)
+        x_j = load_normalized(x_ptr, x_scale_ptr, b, channels, nodes_j, row_j, col_j, x_channels, num_nodes,
+                              height, width, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, MAX_POOL)
         out = out_ptr + (b * x_channels + channels[:, None]) * num_nodes + nodes_i[None, :]
         ok = (channels[:, None] < x_channels) & (nodes_i[None, :] < num_nodes)
         tl.store(out, tl.load(out, mask=ok, other=0.0) + tl.dot(x_j, tl.trans(weighted)), mask=ok)
@@ -245,22 +255,26 @@ def direct_backward_kernel(s_ptr, s_scale_ptr, t_ptr, t_scale_ptr, weight_ptr, g
     b = tl.program_id(1).to(tl.int64)
     nodes_i = tl.program_id(0).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
     weight_i = tl.load(weight_ptr + b * num_nodes + nodes_i, mask=nodes_i < num_nodes, other=0.0)
+    row_i, col_i = node_coordinates(nodes_i, grid_w)
+    row_j, col_j = node_coordinates(tl.arange(0, BLOCK_J).to(tl.int64), grid_w)
+    step_rows, step_cols = BLOCK_J // grid_w, BLOCK_J % grid_w
     for j0 in range(0, num_nodes, BLOCK_J):
         nodes_j = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
         weight_j = tl.load(weight_ptr + b * num_nodes + nodes_j, mask=nodes_j < num_nodes, other=0.0)
-        difference = _difference_tile(s_ptr, s_scale_ptr, t_ptr, t_scale_ptr, b, nodes_i, nodes_j, s_channels,
-                                      t_channels, num_nodes, height, width, grid_w, s_sb, s_sc, s_sh, s_sw,
-                                      t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w, MAX_POOL,
-                                      BLOCK_I, BLOCK_J, BLOCK_C)
+        difference = _difference_tile(s_ptr, s_scale_ptr, t_ptr, t_scale_ptr, b, nodes_i, row_i, col_i, nodes_j,
+                                      row_j, col_j, s_channels, t_channels, num_nodes, height, width,
+                                      s_sb, s_sc, s_sh, s_sw, t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w,
+                                      MAX_POOL, BLOCK_I, BLOCK_J, BLOCK_C)
         weighted = 2.0 * (weight_i[:, None] + weight_j[None, :]) * difference
         if NEED_S:
-            _accumulate_rows(grad_s_ptr, b, nodes_i, weighted, s_ptr, s_scale_ptr, s_channels, nodes_j, num_nodes,
-                             height, width, grid_w, s_sb, s_sc, s_sh, s_sw, kernel_h, kernel_w, MAX_POOL,
-                             BLOCK_C)
-        if NEED_T:
-            _accumulate_rows(grad_t_ptr, b, nodes_i, -weighted, t_ptr, t_scale_ptr, t_channels, nodes_j,
-                             num_nodes, height, width, grid_w, t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w,
+            _accumulate_rows(grad_s_ptr, b, nodes_i, weighted, s_ptr, s_scale_ptr, s_channels, nodes_j, row_j,
+                             col_j, num_nodes, height, width, s_sb, s_sc, s_sh, s_sw, kernel_h, kernel_w,
                              MAX_POOL, BLOCK_C)
+        if NEED_T:
+            _accumulate_rows(grad_t_ptr, b, nodes_i, -weighted, t_ptr, t_scale_ptr, t_channels, nodes_j, row_j,
+                             col_j, num_nodes, height, width, t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w,
+                             MAX_POOL, BLOCK_C)
+        row_j, col_j = advance_coordinates(row_j, col_j, step_rows, step_cols, grid_w)
 
 
 @triton.jit(do_not_specialize=UNSPECIALISED)
@@ -277,12 +291,14 @@ def direct_difference_kernel(s_ptr, s_scale_ptr, t_ptr, t_scale_ptr, partials_pt
     b = tl.program_id(2).to(tl.int64)
     nodes_i = (tile // tiles_j).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
     nodes_j = (tile % tiles_j).to(tl.int64) * BLOCK_J + tl.arange(0, BLOCK_J).to(tl.int64)
+    row_i, col_i = node_coordinates(nodes_i, grid_w)
+    row_j, col_j = node_coordinates(nodes_j, grid_w)
     first = split * channels_per_split
-    a_s = _affinity_tile(s_ptr, s_scale_ptr, b, nodes_i, nodes_j, s_channels, num_nodes, height, width, grid_w,
-                         s_sb, s_sc, s_sh, s_sw, kernel_h, kernel_w, first,
+    a_s = _affinity_tile(s_ptr, s_scale_ptr, b, nodes_i, row_i, col_i, nodes_j, row_j, col_j, s_channels,
+                         num_nodes, height, width, s_sb, s_sc, s_sh, s_sw, kernel_h, kernel_w, first,
                          tl.minimum(first + channels_per_split, s_channels), MAX_POOL, BLOCK_I, BLOCK_J, BLOCK_C)
-    a_t = _affinity_tile(t_ptr, t_scale_ptr, b, nodes_i, nodes_j, t_channels, num_nodes, height, width, grid_w,
-                         t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w, first,
+    a_t = _affinity_tile(t_ptr, t_scale_ptr, b, nodes_i, row_i, col_i, nodes_j, row_j, col_j, t_channels,
+                         num_nodes, height, width, t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w, first,
                          tl.minimum(first + channels_per_split, t_channels), MAX_POOL, BLOCK_I, BLOCK_J, BLOCK_C)
     rows = (b * tl.num_programs(1) + split) * num_nodes + nodes_i
     tl.store(partials_ptr + rows[:, None] * num_nodes + nodes_j[None, :], a_s - a_t,
@@ -299,13 +315,16 @@ def direct_columns_kernel(x_ptr, x_scale_ptr, weighted_ptr, out_ptr, x_channels,
     nodes_i = tl.program_id(0).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
     channels = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
     acc = tl.zeros((BLOCK_C, BLOCK_I), tl.float64)
+    row_j, col_j = node_coordinates(tl.arange(0, BLOCK_J).to(tl.int64), grid_w)
+    step_rows, step_cols = BLOCK_J // grid_w, BLOCK_J % grid_w
     for j0 in range(0, num_nodes, BLOCK_J):
         nodes_j = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
         weighted = tl.load(weighted_ptr + (b * num_nodes + nodes_i[:, None]) * num_nodes + nodes_j[None, :],
                            mask=(nodes_i[:, None] < num_nodes) & (nodes_j[None, :] < num_nodes), other=0.0)
-        x_j = load_normalized(x_ptr, x_scale_ptr, b, channels, nodes_j, x_channels, num_nodes, height, width,
-                              grid_w, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, MAX_POOL)
+        x_j = load_normalized(x_ptr, x_scale_ptr, b, channels, nodes_j, row_j, col_j, x_channels, num_nodes,
+                              height, width, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, MAX_POOL)
         acc += tl.dot(x_j, tl.trans(weighted))
+        row_j, col_j = advance_coordinates(row_j, col_j, step_rows, step_cols, grid_w)
     ok = (channels[:, None] < x_channels) & (nodes_i[None, :] < num_nodes)
     tl.store(out_ptr + (b * x_channels + channels[:, None]) * num_nodes + nodes_i[None, :], acc, mask=ok)
 

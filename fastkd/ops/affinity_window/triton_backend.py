@@ -38,34 +38,36 @@ from triton.runtime.jit import JITFunction
 
 from fastkd.ops._graph import NodeGrid, stored_half_window
 from fastkd.ops._triton_launch import KERNEL_OPTIONS, fixed_order_sum, on_device, strides
-from fastkd.ops._triton_nodes import (BLOCK_CHANNELS, BLOCK_NODES, load_normalized, node_backward, node_norms,
-                                      node_scales)
+from fastkd.ops._triton_nodes import (BLOCK_CHANNELS, BLOCK_NODES, load_normalized, node_backward, node_coordinates,
+                                     node_norms, node_scales)
 from fastkd.ops.affinity_window import schema
 
 
 @triton.jit
-def _partners(nodes, dy, dx, num_nodes, grid_h, grid_w):
-    """The partner ``(row + dy, col + dx)`` of each node and whether it exists. A missing partner gets the
-    index ``num_nodes``, which :func:`load_normalized` reads as a zero vector; the row/column test (not a
-    bound on the flattened index) keeps a partner from wrapping around to the next row."""
-    row = nodes // grid_w + dy
-    col = nodes % grid_w + dx
+def _partners(nodes, node_row, node_col, dy, dx, num_nodes, grid_h, grid_w):
+    """The partner ``(row + dy, col + dx)`` of each node (at ``node_row``, ``node_col``: node_coordinates), its
+    row and column, and whether it exists. A missing partner gets the index ``num_nodes``, which
+    :func:`load_normalized` reads as a zero vector; the row/column test (not a bound on the flattened index)
+    keeps a partner from wrapping around to the next row."""
+    row = node_row + dy
+    col = node_col + dx
     valid = (nodes < num_nodes) & (row >= 0) & (row < grid_h) & (col >= 0) & (col < grid_w)
-    return tl.where(valid, row * grid_w + col, num_nodes), valid
+    return tl.where(valid, row * grid_w + col, num_nodes), row, col, valid
 
 
 @triton.jit
-def _affinities(x_ptr, scale_ptr, b, nodes, partners, num_channels, num_nodes, height, width, grid_w,
-                stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w,
+def _affinities(x_ptr, scale_ptr, b, nodes, node_row, node_col, partners, partner_row, partner_col, num_channels,
+                num_nodes, height, width, stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w,
                 MAX_POOL: tl.constexpr, BLOCK_C: tl.constexpr):
     """``a_ij = f_hat_i . f_hat_j`` in float64 for the nodes i (BLOCK_N,) and their partners j."""
     a = tl.zeros(nodes.shape, tl.float64)
     for c0 in range(0, num_channels, BLOCK_C):
         channels = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-        f_i = load_normalized(x_ptr, scale_ptr, b, channels, nodes, num_channels, num_nodes, height, width,
-                              grid_w, stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL)
-        f_j = load_normalized(x_ptr, scale_ptr, b, channels, partners, num_channels, num_nodes, height, width,
-                              grid_w, stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL)
+        f_i = load_normalized(x_ptr, scale_ptr, b, channels, nodes, node_row, node_col, num_channels, num_nodes,
+                              height, width, stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL)
+        f_j = load_normalized(x_ptr, scale_ptr, b, channels, partners, partner_row, partner_col, num_channels,
+                              num_nodes, height, width, stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w,
+                              MAX_POOL)
         a += tl.sum(f_i * f_j, axis=0)
     return a
 
@@ -81,6 +83,7 @@ def _window_forward_kernel(
     block = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     nodes = block * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    node_row, node_col = node_coordinates(nodes, grid_w)
     # Offsets k of the (2 reach_h + 1) x (2 reach_w + 1) window, row-major; from the centre on they are the
     # half with dy > 0 or (dy = 0, dx >= 0): the diagonal, then one of each mirrored pair of offsets.
     span = 2 * reach_w + 1
@@ -88,13 +91,14 @@ def _window_forward_kernel(
     half = (2 * reach_h + 1) * span - centre
     squares = tl.zeros((BLOCK_N,), tl.float64)
     for k in range(centre, (2 * reach_h + 1) * span):
-        partners, valid = _partners(nodes, k // span - reach_h, k % span - reach_w, num_nodes, grid_h, grid_w)
-        a_s = _affinities(s_ptr, s_scale_ptr, b, nodes, partners, s_channels, num_nodes, height, width, grid_w,
-                          s_stride_b, s_stride_c, s_stride_h, s_stride_w, kernel_h, kernel_w,
-                          MAX_POOL, BLOCK_C)
-        a_t = _affinities(t_ptr, t_scale_ptr, b, nodes, partners, t_channels, num_nodes, height, width, grid_w,
-                          t_stride_b, t_stride_c, t_stride_h, t_stride_w, kernel_h, kernel_w,
-                          MAX_POOL, BLOCK_C)
+        partners, partner_row, partner_col, valid = _partners(nodes, node_row, node_col, k // span - reach_h,
+                                                              k % span - reach_w, num_nodes, grid_h, grid_w)
+        a_s = _affinities(s_ptr, s_scale_ptr, b, nodes, node_row, node_col, partners, partner_row, partner_col,
+                          s_channels, num_nodes, height, width, s_stride_b, s_stride_c, s_stride_h, s_stride_w,
+                          kernel_h, kernel_w, MAX_POOL, BLOCK_C)
+        a_t = _affinities(t_ptr, t_scale_ptr, b, nodes, node_row, node_col, partners, partner_row, partner_col,
+                          t_channels, num_nodes, height, width, t_stride_b, t_stride_c, t_stride_h, t_stride_w,
+                          kernel_h, kernel_w, MAX_POOL, BLOCK_C)
         d = tl.where(valid, a_s - a_t, 0.0)  # where: a NaN node must not leak through a missing partner
         tl.store(difference_ptr + (b * half + k - centre) * num_nodes + nodes, d, mask=nodes < num_nodes)
         tl.store(teacher_affinity_ptr + (b * half + k - centre) * num_nodes + nodes, tl.where(valid, a_t, 0.0),
@@ -114,6 +118,7 @@ def _window_backward_kernel(
     """``grad_hat[b, c, i] = sign 4 grad sum_{j in window(i)} D_ij f_hat[b, c, j]``; grid (node blocks, B)."""
     b = tl.program_id(1).to(tl.int64)
     nodes = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    node_row, node_col = node_coordinates(nodes, grid_w)
     # d total / d f_hat_i = sum_j 2 D_ij (d a_ij / d f_hat_i) over the terms (i, j) and (j, i): 4 D_ij f_hat_j
     # for j != i, and 2 D_ii * 2 f_hat_i for the diagonal, so one factor 4 over the whole window.
     scale = 4.0 * sign * tl.load(grad_ptr).to(tl.float64)
@@ -124,15 +129,17 @@ def _window_backward_kernel(
         channels = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
         acc = tl.zeros((BLOCK_C, BLOCK_N), tl.float64)
         for k in range(0, (2 * reach_h + 1) * span):
-            partners, valid = _partners(nodes, k // span - reach_h, k % span - reach_w, num_nodes, grid_h, grid_w)
+            partners, partner_row, partner_col, valid = _partners(nodes, node_row, node_col, k // span - reach_h,
+                                                                  k % span - reach_w, num_nodes, grid_h, grid_w)
             # The forward stored D for the half window: D_ij at offset o is stored at node i for o in the half,
             # and at node j under the mirrored offset -o (full index 2 centre - k) otherwise.
             if k >= centre:
                 d = tl.load(difference_ptr + (b * half + k - centre) * num_nodes + nodes, mask=valid, other=0.0)
             else:
                 d = tl.load(difference_ptr + (b * half + centre - k) * num_nodes + partners, mask=valid, other=0.0)
-            f_j = load_normalized(x_ptr, scale_ptr, b, channels, partners, num_channels, num_nodes, height, width,
-                                  grid_w, stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL)
+            f_j = load_normalized(x_ptr, scale_ptr, b, channels, partners, partner_row, partner_col, num_channels,
+                                  num_nodes, height, width, stride_b, stride_c, stride_h, stride_w, kernel_h,
+                                  kernel_w, MAX_POOL)
             acc += d[None, :] * f_j
         tl.store(grad_hat_ptr + (b * num_channels + channels[:, None]) * num_nodes + nodes[None, :], scale * acc,
                  mask=(channels[:, None] < num_channels) & (nodes[None, :] < num_nodes))
