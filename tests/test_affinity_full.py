@@ -167,6 +167,23 @@ def test_direct_row_tiles(backend, shape, tiles, gen):
     check_distillation(backend, inputs, grad_inputs=(0, 1), algorithm="direct")
 
 
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@pytest.mark.parametrize("shape, slabs", [((1, 5, 3, 9, 21), (64, 2, 61)), ((2, 70, 40, 10, 10), (64, 1, 36)),
+                                          ((1, 3, 130, 12, 13), (128, 1, 28))], ids=str)
+def test_triton_direct_backward_slabs(backend, shape, slabs, gen):
+    """The Triton direct backward forms W = 2 (w_i + w_j) D a slab of rows at a time (slab_rows_for: whole tiles
+    of direct_side rows, no more rows than max(Cs, Ct), at least one tile): whole slabs and a partial last one,
+    for both gradients."""
+    from fastkd.ops.affinity_full import triton_backend
+
+    _, cs, ct, height, width = shape
+    rows = triton_backend.slab_rows_for(height * width, max(cs, ct))
+    assert (rows, *divmod(height * width, rows)) == slabs
+    inputs = pair(shape, gen, torch.float32)
+    check_pairwise(backend, inputs, grad_inputs=(0, 1), algorithm="direct")
+    check_distillation(backend, inputs, grad_inputs=(0, 1), algorithm="direct")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_distillation_matches_reference_in_every_dtype(backend, algorithm, dtype, gen):
@@ -325,7 +342,8 @@ def test_custom_ops_pass_opcheck(backend, use_gram, per_row, gen):
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_no_m_by_m_tensor_in_the_triton_kernels_forward_or_backward(backend, algorithm, gen):
     """Every tensor the Triton custom ops allocate is at most O(B C m): the largest, in bytes, is one float64
-    (B, Ct, m) buffer; m x m would be 4.2M elements here. (Bytes, because the Triton interpreter views its
+    (B, Ct, m) buffer or, on the direct path, a backward slab of D's rows no larger (slab_rows_for: at least one
+    tile of DIRECT_ROWS rows); m x m would be 4.2M elements here. (Bytes, because the Triton interpreter views its
     arguments as uint8 tensors. The CUDA ops allocate inside C++, out of a dispatch mode's sight.)"""
     from fastkd.ops.affinity_full import triton_backend
 
@@ -338,7 +356,8 @@ def test_no_m_by_m_tensor_in_the_triton_kernels_forward_or_backward(backend, alg
         forward = triton_backend.affinity_full_forward._init_fn(s, t, *grid, 1e-8, use_gram, True, False)
         triton_backend.affinity_full_backward._init_fn(torch.ones_like(forward[0]), s, t, *forward[1:], *grid, 1e-8,
                                                        use_gram, False, True, True)
-    assert 0 < recorder.largest_bytes <= t.numel() * 8
+    rows = t.shape[1] if use_gram else max(t.shape[1], triton_backend.DIRECT_ROWS)
+    assert 0 < recorder.largest_bytes <= rows * grid.nodes * 8
 
 
 def test_compiles_without_graph_breaks(backend, gen):

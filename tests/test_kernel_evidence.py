@@ -35,7 +35,7 @@ def test_every_kernel_of_both_backends_is_in_the_record_for_sm80_and_sm90():
         ("cuda", "window_tile_forward_kernel"), ("cuda", "window_tile_backward_kernel"),
         ("cuda", "consistency_forward_kernel"), ("cuda", "consistency_backward_kernel"),
         ("triton", "gram_kernel"), ("triton", "gram_apply_kernel"), ("triton", "direct_rows_kernel"),
-        ("triton", "direct_backward_kernel"), ("triton", "_window_forward_kernel"),
+        ("triton", "direct_difference_kernel"), ("triton", "direct_columns_kernel"), ("triton", "_window_forward_kernel"),
         ("triton", "_window_backward_kernel"), ("triton", "_consistency_forward_kernel")}
     for row in rows:
         assert {other["arch"] for other in rows if other["kernel"] == row["kernel"]

@@ -15,14 +15,15 @@ Two algorithms compute it, chosen by :func:`fastkd.ops._graph.use_gram` unless o
   convergence, so the Gram matrices and everything after them are accumulated in float64.
 * **direct** (O(m^2 C) work, O(m C) memory, flash-style): tiles of D are formed in registers from node
   tiles and reduced at once; used when m is small next to C. With few nodes (m <= FEW_NODES) D itself is
-  formed, (B, m, m), its channels split over programs so that a few tiles still fill the GPU.
+  formed, (B, m, m), its channels split over programs so that a few tiles still fill the GPU. The backward
+  forms D in slabs of rows no larger than the gradients (:func:`slab_rows_for`), then applies each slab.
 
 Backward, for any row weights ``w_i = dL/dr_i`` (uniform for the pair-wise loss):
 
     dL/ds_k = 2 sum_j (w_k + w_j) D_kj s_j = 2 w_k (SS' s_k - ST' t_k) + 2 (S W S' s_k - S W T' t_k)
     dL/dt_k = -2 sum_j (w_k + w_j) D_kj t_j = 2 w_k (TT' t_k - TS' s_k) + 2 (T W T' t_k - T W S' s_k)
 
-with W = diag(w): weighted Gram matrices (Gram path) or re-formed tiles of D (direct path). The result,
+with W = diag(w): weighted Gram matrices (Gram path) or D re-formed (direct path). The result,
 dL/df_hat, goes through :func:`fastkd.ops._triton_nodes.node_backward` to the inputs.
 """
 
@@ -51,19 +52,18 @@ GRAM_CHANNELS = 64
 # Gram programs split the node range so that small batches still fill the GPU; each split writes its own
 # partial matrix and the partials are summed in a fixed order (no atomics).
 TARGET_PROGRAMS = 1024
-# Up to this many nodes an image, the direct path forms D (B, m, m) with its channels split over programs
+# Up to this many nodes an image, the direct forward forms D (B, m, m) with its channels split over programs
 # (direct_difference), instead of a program per BLOCK_NODES rows (pool_scale: 9 nodes, 8 programs for B = 8,
 # each summing all 512 + 512 channels in sequence). As csrc/affinity_full/affinity_full.h's kAffinityFewNodes.
 FEW_NODES = 64
-# direct_rows_kernel's tiles of D, DIRECT_ROWS rows i x BLOCK_NODES nodes j: at 32 x 32 its loop took 1093
-# instructions for 64 DMMA a warp on sm_90 (model: 47% of the H100 floor), at 64 x 32 1330 for 128 (78%). At
-# 64 x 64 (74%) its variant with 64-bit offsets spilled 144-160 bytes on sm_80, sm_89 and sm_90; no spills at
-# 64 x 32 (tests/triton_compile_check.py). direct_difference_kernel spilled at 64 x 64 too (its int64 store
-# addresses beside both affinities) and keeps BLOCK_NODES square.
+# The direct kernels' tiles of D, DIRECT_ROWS rows i x BLOCK_NODES nodes j. direct_rows_kernel: at 32 x 32 its
+# loop took 1093 instructions for 64 DMMA a warp on sm_90 (model: 47% of the H100 floor), at 64 x 32 1330 for
+# 128 (78%); at 64 x 64 (74%) its variant with 64-bit offsets spilled 144-160 bytes on sm_80, sm_89 and sm_90.
+# direct_difference_kernel: 440 for 32 at 32 x 32 (58%), 554 for 64 at 64 x 32 (89%); it spilled at 64 x 64.
+# direct_columns_kernel (64 nodes x 32 channels of the output): 344 for 32 at 32 x 32 (67%), 447 for 64 (89%),
+# reading W transposed (read as W's rows and transposed in registers, it spilled up to 40 bytes). No spills at
+# 64 x 32 in any variant (tests/triton_compile_check.py).
 DIRECT_ROWS = 64
-# direct_backward_kernel's partner and channel steps: at 32 it needs more than 255 registers on GPUs whose
-# float64 tl.dot is FMAs (no FP64 tensor cores: sm_86, sm_89), and spilled 0.7-1 KB per thread there.
-BACKWARD_BLOCK = 16
 # A 1 x 1 patch is not made a compile-time constant in the kernels with tl.dot: with it, Triton (3.8) moves
 # the float16/bfloat16 -> float64 conversion of the loaded tile into the MMA operand layout and fails to
 # compile them (an assertion in its MMAv2 lowering); a runtime patch size keeps the conversion before it.
@@ -230,66 +230,22 @@ def direct_rows_kernel(s_ptr, s_scale_ptr, t_ptr, t_scale_ptr, rows_ptr, s_chann
     tl.store(rows_ptr + b * num_nodes + nodes_i, rows, mask=nodes_i < num_nodes)
 
 
-@triton.jit
-def _accumulate_rows(out_ptr, b, nodes_i, weighted, x_ptr, x_scale_ptr, x_channels, nodes_j, row_j, col_j,
-                     num_nodes, height, width, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, MAX_POOL: tl.constexpr,
-                     BLOCK_C: tl.constexpr):
-    """``out[:, i] += sum_j weighted[i, j] x_j`` for the block's own nodes i (out: B, C, m float64)."""
-    for c0 in range(0, x_channels, BLOCK_C):
-        channels = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-        x_j = load_normalized(x_ptr, x_scale_ptr, b, channels, nodes_j, row_j, col_j, x_channels, num_nodes,
-                              height, width, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, MAX_POOL)
-        out = out_ptr + (b * x_channels + channels[:, None]) * num_nodes + nodes_i[None, :]
-        ok = (channels[:, None] < x_channels) & (nodes_i[None, :] < num_nodes)
-        tl.store(out, tl.load(out, mask=ok, other=0.0) + tl.dot(x_j, tl.trans(weighted)), mask=ok)
-
-
 @triton.jit(do_not_specialize=UNSPECIALISED)
-def direct_backward_kernel(s_ptr, s_scale_ptr, t_ptr, t_scale_ptr, weight_ptr, grad_s_ptr, grad_t_ptr,
-                           s_channels, t_channels, num_nodes, height, width, grid_w, s_sb, s_sc, s_sh, s_sw,
-                           t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w, NEED_S: tl.constexpr,
-                           NEED_T: tl.constexpr, MAX_POOL: tl.constexpr, BLOCK_I: tl.constexpr,
-                           BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dL/ds_hat_i = 2 sum_j (w_i + w_j) D_ij s_j and dL/dt_hat_i = -2 sum_j (w_i + w_j) D_ij t_j for a
-    block of nodes i; grid (node blocks, B). Each program owns its columns of the zeroed (B, C, m) outputs."""
-    b = tl.program_id(1).to(tl.int64)
-    nodes_i = tl.program_id(0).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
-    weight_i = tl.load(weight_ptr + b * num_nodes + nodes_i, mask=nodes_i < num_nodes, other=0.0)
-    row_i, col_i = node_coordinates(nodes_i, grid_w)
-    row_j, col_j = node_coordinates(tl.arange(0, BLOCK_J).to(tl.int64), grid_w)
-    step_rows, step_cols = BLOCK_J // grid_w, BLOCK_J % grid_w
-    for j0 in range(0, num_nodes, BLOCK_J):
-        nodes_j = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
-        weight_j = tl.load(weight_ptr + b * num_nodes + nodes_j, mask=nodes_j < num_nodes, other=0.0)
-        difference = _difference_tile(s_ptr, s_scale_ptr, t_ptr, t_scale_ptr, b, nodes_i, row_i, col_i, nodes_j,
-                                      row_j, col_j, s_channels, t_channels, num_nodes, height, width,
-                                      s_sb, s_sc, s_sh, s_sw, t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w,
-                                      MAX_POOL, BLOCK_I, BLOCK_J, BLOCK_C)
-        weighted = 2.0 * (weight_i[:, None] + weight_j[None, :]) * difference
-        if NEED_S:
-            _accumulate_rows(grad_s_ptr, b, nodes_i, weighted, s_ptr, s_scale_ptr, s_channels, nodes_j, row_j,
-                             col_j, num_nodes, height, width, s_sb, s_sc, s_sh, s_sw, kernel_h, kernel_w,
-                             MAX_POOL, BLOCK_C)
-        if NEED_T:
-            _accumulate_rows(grad_t_ptr, b, nodes_i, -weighted, t_ptr, t_scale_ptr, t_channels, nodes_j, row_j,
-                             col_j, num_nodes, height, width, t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w,
-                             MAX_POOL, BLOCK_C)
-        row_j, col_j = advance_coordinates(row_j, col_j, step_rows, step_cols, grid_w)
-
-
-@triton.jit(do_not_specialize=UNSPECIALISED)
-def direct_difference_kernel(s_ptr, s_scale_ptr, t_ptr, t_scale_ptr, partials_ptr, s_channels, t_channels,
-                             num_nodes, height, width, grid_w, s_sb, s_sc, s_sh, s_sw, t_sb, t_sc, t_sh, t_sw,
-                             kernel_h, kernel_w, channels_per_split, MAX_POOL: tl.constexpr,
-                             BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Few nodes: a (BLOCK_I, BLOCK_J) tile of D over the split's channels ``[split n, (split + 1) n)`` of s and
-    of t (n = channels_per_split, a multiple of BLOCK_C), into partials (B, splits, m, m); grid (i blocks x j
-    blocks, splits, B)."""
+def direct_difference_kernel(s_ptr, s_scale_ptr, t_ptr, t_scale_ptr, weight_ptr, partials_ptr, s_channels,
+                             t_channels, num_nodes, height, width, grid_w, s_sb, s_sc, s_sh, s_sw, t_sb, t_sc, t_sh,
+                             t_sw, kernel_h, kernel_w, first_row, slab_rows, channels_per_split,
+                             WEIGHTED: tl.constexpr, MAX_POOL: tl.constexpr, BLOCK_I: tl.constexpr,
+                             BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A (BLOCK_I, BLOCK_J) tile of the slab of D's rows ``[first_row, first_row + slab_rows)`` over the split's
+    channels ``[split n, (split + 1) n)`` of s and of t (n = channels_per_split, a multiple of BLOCK_C), or with
+    WEIGHTED of ``W_ij = 2 (w_i + w_j) D_ij`` (w: (B, m) float64), into partials (B, splits, slab_rows, m); grid
+    (i blocks x j blocks, splits, B)."""
     tiles_j = tl.cdiv(num_nodes, BLOCK_J)
     tile = tl.program_id(0)
     split = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-    nodes_i = (tile // tiles_j).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
+    slab = (tile // tiles_j).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)  # rows in the slab
+    nodes_i = first_row + slab
     nodes_j = (tile % tiles_j).to(tl.int64) * BLOCK_J + tl.arange(0, BLOCK_J).to(tl.int64)
     row_i, col_i = node_coordinates(nodes_i, grid_w)
     row_j, col_j = node_coordinates(nodes_j, grid_w)
@@ -300,33 +256,48 @@ def direct_difference_kernel(s_ptr, s_scale_ptr, t_ptr, t_scale_ptr, partials_pt
     a_t = _affinity_tile(t_ptr, t_scale_ptr, b, nodes_i, row_i, col_i, nodes_j, row_j, col_j, t_channels,
                          num_nodes, height, width, t_sb, t_sc, t_sh, t_sw, kernel_h, kernel_w, first,
                          tl.minimum(first + channels_per_split, t_channels), MAX_POOL, BLOCK_I, BLOCK_J, BLOCK_C)
-    rows = (b * tl.num_programs(1) + split) * num_nodes + nodes_i
-    tl.store(partials_ptr + rows[:, None] * num_nodes + nodes_j[None, :], a_s - a_t,
-             mask=(nodes_i[:, None] < num_nodes) & (nodes_j[None, :] < num_nodes))
+    in_slab, in_graph = slab < slab_rows, nodes_j < num_nodes
+    difference = a_s - a_t
+    if WEIGHTED:
+        weight_i = tl.load(weight_ptr + b * num_nodes + nodes_i, mask=in_slab, other=0.0)
+        weight_j = tl.load(weight_ptr + b * num_nodes + nodes_j, mask=in_graph, other=0.0)
+        difference = 2.0 * (weight_i[:, None] + weight_j[None, :]) * difference
+    image = b * tl.num_programs(1) + split
+    if WEIGHTED:  # stored transposed, (B, splits, m, slab_rows): the operand direct_columns_kernel multiplies
+        out = partials_ptr + (image * num_nodes + nodes_j[None, :]) * slab_rows + slab[:, None]
+    else:
+        out = partials_ptr + (image * slab_rows + slab[:, None]) * num_nodes + nodes_j[None, :]
+    tl.store(out, difference, mask=in_slab[:, None] & in_graph[None, :])
 
 
 @triton.jit(do_not_specialize=UNSPECIALISED)
-def direct_columns_kernel(x_ptr, x_scale_ptr, weighted_ptr, out_ptr, x_channels, num_nodes, height, width, grid_w,
-                          x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, MAX_POOL: tl.constexpr,
-                          BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Few nodes: ``out[b, c, i] = sum_j weighted[b, i, j] x_j[c]`` (out (B, C, m), weighted (B, m, m), both
-    float64) for a block of nodes i and of channels; grid (node blocks, channel blocks, B)."""
+def direct_columns_kernel(x_ptr, x_scale_ptr, weighted_t_ptr, out_ptr, x_channels, num_nodes, height, width, grid_w,
+                          x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, first_row, slab_rows, NEGATE: tl.constexpr,
+                          MAX_POOL: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+                          BLOCK_C: tl.constexpr):
+    """``out[b, c, i] = sum_j W_ij x_j[c]`` (negated with NEGATE) for the nodes i of a slab of W's rows (weighted_t:
+    W' (B, m, slab_rows), from direct_difference_kernel; out: (B, C, m); both float64), a block of those nodes
+    and of channels; grid (node blocks, channel blocks, B)."""
     b = tl.program_id(2).to(tl.int64)
-    nodes_i = tl.program_id(0).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
+    slab = tl.program_id(0).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
+    in_slab = slab < slab_rows
     channels = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
     acc = tl.zeros((BLOCK_C, BLOCK_I), tl.float64)
     row_j, col_j = node_coordinates(tl.arange(0, BLOCK_J).to(tl.int64), grid_w)
     step_rows, step_cols = BLOCK_J // grid_w, BLOCK_J % grid_w
     for j0 in range(0, num_nodes, BLOCK_J):
         nodes_j = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
-        weighted = tl.load(weighted_ptr + (b * num_nodes + nodes_i[:, None]) * num_nodes + nodes_j[None, :],
-                           mask=(nodes_i[:, None] < num_nodes) & (nodes_j[None, :] < num_nodes), other=0.0)
+        weighted_t = tl.load(weighted_t_ptr + (b * num_nodes + nodes_j[:, None]) * slab_rows + slab[None, :],
+                             mask=(nodes_j[:, None] < num_nodes) & in_slab[None, :], other=0.0)
         x_j = load_normalized(x_ptr, x_scale_ptr, b, channels, nodes_j, row_j, col_j, x_channels, num_nodes,
                               height, width, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, MAX_POOL)
-        acc += tl.dot(x_j, tl.trans(weighted))
+        acc += tl.dot(x_j, weighted_t)
         row_j, col_j = advance_coordinates(row_j, col_j, step_rows, step_cols, grid_w)
-    ok = (channels[:, None] < x_channels) & (nodes_i[None, :] < num_nodes)
-    tl.store(out_ptr + (b * x_channels + channels[:, None]) * num_nodes + nodes_i[None, :], acc, mask=ok)
+    if NEGATE:  # dL/dt_hat_i = -sum_j W_ij t_j
+        acc = -acc
+    ok = (channels[:, None] < x_channels) & in_slab[None, :]
+    tl.store(out_ptr + (b * x_channels + channels[:, None]) * num_nodes + (first_row + slab)[None, :], acc,
+             mask=ok)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -387,33 +358,46 @@ def gram_apply(p, p_scale, q, q_scale, grid: NodeGrid, a1, b1=None, weighted=Non
     return out, dot_a, dot_b
 
 
-def direct_difference(s, s_scale, t, t_scale, grid: NodeGrid) -> torch.Tensor:
-    """Few nodes: ``D = S'S - T'T`` (B, m, m) float64, each program summing one range of channels of one tile
-    pair (about TARGET_PROGRAMS in all), the ranges' partials then summed in a fixed order."""
-    batch, tiles = s.shape[0], triton.cdiv(grid.nodes, BLOCK_NODES)
+def direct_difference(s, s_scale, t, t_scale, grid: NodeGrid, first_row: int = 0,
+                      slab_rows: Optional[int] = None, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The rows ``[first_row, first_row + slab_rows)`` (all of them by default) of ``D = S'S - T'T``,
+    (B, slab_rows, m) float64, or given row weights w (B, m) those of ``W = 2 (w_i + w_j) D_ij`` transposed,
+    (B, m, slab_rows). Where the slab's tiles are too few to fill the GPU, each program sums one range of
+    channels (about TARGET_PROGRAMS programs in all), the ranges' partials then summed in a fixed order."""
+    slab_rows = grid.nodes - first_row if slab_rows is None else slab_rows
+    batch = s.shape[0]
+    tiles = triton.cdiv(slab_rows, DIRECT_ROWS) * triton.cdiv(grid.nodes, BLOCK_NODES)
     chunks = triton.cdiv(max(s.shape[1], t.shape[1]), BLOCK_CHANNELS)
-    splits = max(1, min(chunks, TARGET_PROGRAMS // max(1, tiles * tiles * batch)))
+    splits = max(1, min(chunks, TARGET_PROGRAMS // max(1, tiles * batch)))
     channels_per_split = triton.cdiv(chunks, splits) * BLOCK_CHANNELS
     splits = max(1, triton.cdiv(chunks * BLOCK_CHANNELS, channels_per_split))
-    partials = torch.empty(batch, splits, grid.nodes, grid.nodes, dtype=torch.float64, device=s.device)
+    layout = (grid.nodes, slab_rows) if weight is not None else (slab_rows, grid.nodes)
+    partials = torch.empty(batch, splits, *layout, dtype=torch.float64, device=s.device)
     with on_device(s):
-        direct_difference_kernel[(tiles * tiles, splits, batch)](
-            s, s_scale, t, t_scale, partials, s.shape[1], t.shape[1], *_geometry(s, grid), *strides(s), *strides(t),
-            grid.kernel_h, grid.kernel_w, channels_per_split, MAX_POOL=grid.max_pool, BLOCK_I=BLOCK_NODES,
+        direct_difference_kernel[(tiles, splits, batch)](
+            s, s_scale, t, t_scale, s_scale if weight is None else weight, partials, s.shape[1], t.shape[1],
+            *_geometry(s, grid), *strides(s), *strides(t), grid.kernel_h, grid.kernel_w, first_row, slab_rows,
+            channels_per_split, WEIGHTED=weight is not None, MAX_POOL=grid.max_pool, BLOCK_I=DIRECT_ROWS,
             BLOCK_J=BLOCK_NODES, BLOCK_C=BLOCK_CHANNELS, **KERNEL_OPTIONS)
-    return partials.sum(dim=1)
+    return partials[:, 0] if splits == 1 else partials.sum(dim=1)
 
 
-def direct_columns(x, x_scale, weighted, grid: NodeGrid) -> torch.Tensor:
-    """Few nodes: ``weighted X`` per image, (B, C, m) float64, for the normalised nodes X (C x m) of x."""
-    batch, channels = x.shape[0], x.shape[1]
-    out = torch.empty(batch, channels, grid.nodes, dtype=torch.float64, device=x.device)
+def direct_columns(x, x_scale, weighted_t, out, first_row: int, grid: NodeGrid, negate: bool):
+    """Into ``out[:, :, first_row:first_row + slab_rows]`` (out: (B, C, m) float64): ``X W'`` per image (negated
+    with ``negate``) for a slab of W's rows, given transposed (B, m, slab_rows), X the normalised nodes of x."""
+    batch, channels, slab_rows = x.shape[0], x.shape[1], weighted_t.shape[2]
     with on_device(x):
-        direct_columns_kernel[(triton.cdiv(grid.nodes, BLOCK_NODES), triton.cdiv(channels, BLOCK_CHANNELS), batch)](
-            x, x_scale, weighted, out, channels, *_geometry(x, grid), *strides(x), grid.kernel_h, grid.kernel_w,
-            MAX_POOL=grid.max_pool, BLOCK_I=BLOCK_NODES, BLOCK_J=BLOCK_NODES, BLOCK_C=BLOCK_CHANNELS,
-            **KERNEL_OPTIONS)
-    return out
+        direct_columns_kernel[(triton.cdiv(slab_rows, DIRECT_ROWS), triton.cdiv(channels, BLOCK_CHANNELS), batch)](
+            x, x_scale, weighted_t, out, channels, *_geometry(x, grid), *strides(x), grid.kernel_h, grid.kernel_w,
+            first_row, slab_rows, NEGATE=negate, MAX_POOL=grid.max_pool, BLOCK_I=DIRECT_ROWS, BLOCK_J=BLOCK_NODES,
+            BLOCK_C=BLOCK_CHANNELS, **KERNEL_OPTIONS)
+
+
+def slab_rows_for(nodes: int, channels: int) -> int:
+    """Rows of D a backward slab holds: all m, or so many that the slab, B x rows x m doubles, is no larger than
+    the larger gradient it makes, B x channels x m (channels = max(Cs, Ct)), or than one tile of DIRECT_ROWS
+    rows. The cost model leaves m above Cs + Ct to the Gram path; only ``algorithm='direct'`` takes it there."""
+    return min(nodes, max(DIRECT_ROWS, channels // DIRECT_ROWS * DIRECT_ROWS))
 
 
 def direct_rows(s, s_scale, t, t_scale, grid: NodeGrid) -> torch.Tensor:
@@ -428,17 +412,19 @@ def direct_rows(s, s_scale, t, t_scale, grid: NodeGrid) -> torch.Tensor:
 
 
 def direct_backward(s, s_scale, t, t_scale, weight, grid: NodeGrid, need_s: bool, need_t: bool):
-    """dL/ds_hat and dL/dt_hat, contiguous (B, C, m) float64, for row weights ``weight`` (B, m)."""
-    batch = s.shape[0]
-    grad_s = torch.zeros(batch, s.shape[1], grid.nodes, dtype=torch.float64, device=s.device) if need_s else None
-    grad_t = torch.zeros(batch, t.shape[1], grid.nodes, dtype=torch.float64, device=s.device) if need_t else None
-    with on_device(s):
-        direct_backward_kernel[(triton.cdiv(grid.nodes, BLOCK_NODES), batch)](
-            s, s_scale, t, t_scale, weight, s_scale if grad_s is None else grad_s,
-            s_scale if grad_t is None else grad_t, s.shape[1], t.shape[1], *_geometry(s, grid), *strides(s),
-            *strides(t), grid.kernel_h, grid.kernel_w, NEED_S=need_s, NEED_T=need_t,
-            MAX_POOL=grid.max_pool, BLOCK_I=BLOCK_NODES, BLOCK_J=BACKWARD_BLOCK, BLOCK_C=BACKWARD_BLOCK,
-            **KERNEL_OPTIONS)
+    """dL/ds_hat_i = 2 sum_j (w_i + w_j) D_ij s_j and dL/dt_hat_i = -2 sum_j (w_i + w_j) D_ij t_j, contiguous
+    (B, C, m) float64 (None where not needed), for row weights ``weight`` (B, m): D formed a slab of rows at a
+    time, then applied with the outputs in registers."""
+    batch, nodes = s.shape[0], grid.nodes
+    grad_s = torch.empty(batch, s.shape[1], nodes, dtype=torch.float64, device=s.device) if need_s else None
+    grad_t = torch.empty(batch, t.shape[1], nodes, dtype=torch.float64, device=s.device) if need_t else None
+    rows = slab_rows_for(nodes, max(s.shape[1], t.shape[1]))
+    for first_row in range(0, nodes, rows):
+        weighted = direct_difference(s, s_scale, t, t_scale, grid, first_row, min(rows, nodes - first_row), weight)
+        if need_s:
+            direct_columns(s, s_scale, weighted, grad_s, first_row, grid, negate=False)
+        if need_t:
+            direct_columns(t, t_scale, weighted, grad_t, first_row, grid, negate=True)
     return grad_s, grad_t
 
 
@@ -488,14 +474,8 @@ def grad_hats(grad_terms, s, s_scale, t, t_scale, grams, grid: NodeGrid, use_gra
     gram_ss, gram_st, gram_tt = grams
     uniform = grad_terms.dim() == 1
     weight = grad_terms.to(torch.float64).contiguous()  # autograd may hand in an expanded (stride 0) tensor
-    if not use_gram and grid.nodes <= FEW_NODES:  # dL/ds_i = 2 sum_j (w_i + w_j) D_ij s_j, minus that of t
-        weight = weight[:, None].expand(-1, grid.nodes) if uniform else weight
-        weighted = (2 * (weight[:, :, None] + weight[:, None, :]) *
-                    direct_difference(s, s_scale, t, t_scale, grid)).contiguous()
-        grad_s_hat = direct_columns(s, s_scale, weighted, grid) if need_s else None
-        grad_t_hat = direct_columns(t, t_scale, weighted.neg(), grid) if need_t else None
-    elif not use_gram:
-        weight = weight[:, None].expand(-1, grid.nodes).contiguous() if uniform else weight
+    if not use_gram:
+        weight = (weight[:, None].expand(-1, grid.nodes) if uniform else weight).contiguous()
         grad_s_hat, grad_t_hat = direct_backward(s, s_scale, t, t_scale, weight, grid, need_s, need_t)
     else:
         grad_s_hat = grad_t_hat = None
