@@ -27,8 +27,8 @@ BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 
 # Block sizes the boundary tests straddle, per (op, backend), as the kernels define them.
 BLOCKS: Dict[Tuple[str, str], Dict[str, int]] = {
-    # fastkd/ops/_triton_nodes.py BLOCK_NODES, BLOCK_CHANNELS (and the Triton Gram kernel's GRAM_CHANNELS in
-    # affinity_full/triton_backend.py); csrc/affinity_full/affinity_full.h
+    # fastkd/ops/_triton_nodes.py BLOCK_NODES, BLOCK_CHANNELS (and the Triton Gram kernel's GRAM_CHANNELS, its
+    # apply kernel's APPLY_ROWS, in affinity_full/triton_backend.py); csrc/affinity_full/affinity_full.h
     # kAffinityDirectSide (the direct kernels' tiles of D, and the channels their backward computes at a
     # time; kAffinityChannelChunk = 16 are staged at a time), and for the Gram algorithm's kernels 64 nodes
     # (affinity_full.cu's kApplyNodes, two of the Gram kernel's kAffinityGramChunk) and 64 channels

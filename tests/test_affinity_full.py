@@ -102,6 +102,7 @@ def test_triton_block_sizes_are_the_kernels():
     assert (blocks["nodes"], blocks["channels"], blocks["gram_nodes"], blocks["gram_channels"]) == (
         triton_backend.BLOCK_NODES, triton_backend.BLOCK_CHANNELS, triton_backend.BLOCK_NODES,
         triton_backend.GRAM_CHANNELS)
+    assert triton_backend.APPLY_ROWS == triton_backend.GRAM_CHANNELS  # the Gram edges straddle the apply's rows
     assert (blocks["few_nodes"], blocks["direct_side"]) == (triton_backend.FEW_NODES, triton_backend.DIRECT_ROWS)
 
 

@@ -46,9 +46,13 @@ BLOCK_CHANNELS = 32
 # The Gram kernel's channel tiles, GRAM_CHANNELS square: at 32 its staging (loads, conversions, the scale's
 # products, index arithmetic) outnumbered the float64 MMAs, 552 instructions for 32 DMMA a warp in the loop on
 # sm_90 (model: 46% of the H100 floor); at 64 a staged element feeds twice the products (1095 for 128: 93%). No
-# spills on sm_80, sm_89 or sm_90 (tests/triton_compile_check.py); gram_apply_kernel, with up to four
-# accumulators, spilled at 64 and keeps BLOCK_CHANNELS.
+# spills on sm_80, sm_89 or sm_90 (tests/triton_compile_check.py).
 GRAM_CHANNELS = 64
+# gram_apply_kernel's output rows a program, APPLY_ROWS x BLOCK_NODES nodes, in one accumulator for all its
+# products: at 32 rows (and an accumulator a matrix) its loop took 790 instructions for 64 DMMA a warp on sm_90
+# (57%), at 64 1020 for 128 (73%). 64 x 64 spilled up to 616 bytes, and so did its variant with weighted
+# products (four products a staged tile) at 64 x 32 on sm_80 (72 bytes): that one keeps BLOCK_CHANNELS rows.
+APPLY_ROWS = 64
 # Gram programs split the node range so that small batches still fill the GPU; each split writes its own
 # partial matrix and the partials are summed in a fixed order (no atomics).
 TARGET_PROGRAMS = 1024
@@ -105,18 +109,22 @@ def gram_kernel(x_ptr, x_scale_ptr, y_ptr, y_scale_ptr, weight_ptr, out_ptr, x_c
 
 
 @triton.jit
-def _matrix_times_nodes(acc, matrix_ptr, b, out_rows, out_channels, x_ptr, x_scale_ptr, x_channels, nodes,
-                        node_row, node_col, num_nodes, height, width, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w,
-                        MAX_POOL: tl.constexpr, BLOCK_C: tl.constexpr):
-    """``acc + M[out_rows, :] @ X_hat[:, nodes]`` for a contiguous float64 matrix M (B, out_channels,
-    x_channels)."""
+def _matrices_times_nodes(acc, first_ptr, second_ptr, weight, b, out_rows, out_channels, x_ptr, x_scale_ptr,
+                          x_channels, nodes, node_row, node_col, num_nodes, height, width, x_sb, x_sc, x_sh, x_sw,
+                          kernel_h, kernel_w, HAS_SECOND: tl.constexpr, MAX_POOL: tl.constexpr,
+                          BLOCK_C: tl.constexpr):
+    """``acc + M1[out_rows, :] @ X_hat[:, nodes]``, and with HAS_SECOND ``+ M2[out_rows, :] @ X_hat[:, nodes]
+    diag(weight)``, for contiguous float64 matrices M1, M2 (B, out_channels, x_channels): each staged tile of
+    X_hat feeds both products."""
     for c0 in range(0, x_channels, BLOCK_C):
         channels = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-        matrix = tl.load(matrix_ptr + (b * out_channels + out_rows[:, None]) * x_channels + channels[None, :],
-                         mask=(out_rows[:, None] < out_channels) & (channels[None, :] < x_channels), other=0.0)
+        offsets = (b * out_channels + out_rows[:, None]) * x_channels + channels[None, :]
+        in_matrix = (out_rows[:, None] < out_channels) & (channels[None, :] < x_channels)
         x_hat = load_normalized(x_ptr, x_scale_ptr, b, channels, nodes, node_row, node_col, x_channels, num_nodes,
                                 height, width, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, MAX_POOL)
-        acc += tl.dot(matrix, x_hat)
+        acc += tl.dot(tl.load(first_ptr + offsets, mask=in_matrix, other=0.0), x_hat)
+        if HAS_SECOND:
+            acc += tl.dot(tl.load(second_ptr + offsets, mask=in_matrix, other=0.0), x_hat * weight[None, :])
     return acc
 
 
@@ -124,49 +132,49 @@ def _matrix_times_nodes(acc, matrix_ptr, b, out_rows, out_channels, x_ptr, x_sca
 def gram_apply_kernel(p_ptr, p_scale_ptr, q_ptr, q_scale_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr, weight_ptr,
                       out_ptr, dot_a_ptr, dot_b_ptr, p_channels, q_channels, num_nodes, height, width, grid_w,
                       p_sb, p_sc, p_sh, p_sw, q_sb, q_sc, q_sh, q_sw, kernel_h, kernel_w,
-                      HAS_Q: tl.constexpr, HAS_WEIGHTED: tl.constexpr, STORE: tl.constexpr, DOTS: tl.constexpr,
-                      MAX_POOL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
-    """For a block of nodes of one image; grid (node blocks, B):
+                      HAS_Q: tl.constexpr, HAS_WEIGHTED: tl.constexpr, DOTS: tl.constexpr,
+                      MAX_POOL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """For a block of nodes of one image; grid (node blocks, B), P and Q the normalised nodes:
 
-    ``out = A1 P + B1 Q + w (A2 P + B2 Q)`` (Cp x m, stored when STORE) with P, Q the normalised nodes,
-    and with DOTS the per-node quadratic forms ``dot_a = p . (A1 p)`` and ``dot_b = p . (B1 q)``.
+    ``out = A1 P + B1 Q + (A2 P + B2 Q) diag(w)`` (Cp x m), or with DOTS (and neither out nor w) the per-node
+    quadratic forms ``dot_a = p . (A1 p)`` and ``dot_b = p . (B1 q)``. Output rows BLOCK_R at a time.
     """
     b = tl.program_id(1).to(tl.int64)
     nodes = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     node_ok = nodes < num_nodes
     node_row, node_col = node_coordinates(nodes, grid_w)
+    weight = tl.zeros((BLOCK_N,), tl.float64)
     if HAS_WEIGHTED:
         weight = tl.load(weight_ptr + b * num_nodes + nodes, mask=node_ok, other=0.0)
     dot_a = tl.zeros((BLOCK_N,), tl.float64)
     dot_b = tl.zeros((BLOCK_N,), tl.float64)
-    for r0 in range(0, p_channels, BLOCK_C):
-        rows = r0 + tl.arange(0, BLOCK_C).to(tl.int64)
-        from_p = _matrix_times_nodes(tl.zeros((BLOCK_C, BLOCK_N), tl.float64), a1_ptr, b, rows, p_channels,
-                                     p_ptr, p_scale_ptr, p_channels, nodes, node_row, node_col, num_nodes, height,
-                                     width, p_sb, p_sc, p_sh, p_sw, kernel_h, kernel_w, MAX_POOL, BLOCK_C)
-        from_q = tl.zeros((BLOCK_C, BLOCK_N), tl.float64)
-        if HAS_Q:
-            from_q = _matrix_times_nodes(from_q, b1_ptr, b, rows, p_channels, q_ptr, q_scale_ptr, q_channels,
-                                         nodes, node_row, node_col, num_nodes, height, width, q_sb, q_sc, q_sh,
-                                         q_sw, kernel_h, kernel_w, MAX_POOL, BLOCK_C)
-        if DOTS:
+    for r0 in range(0, p_channels, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
+        if DOTS:  # two accumulators: the forms are kept apart
+            from_p = _matrices_times_nodes(tl.zeros((BLOCK_R, BLOCK_N), tl.float64), a1_ptr, a1_ptr, weight, b,
+                                           rows, p_channels, p_ptr, p_scale_ptr, p_channels, nodes, node_row,
+                                           node_col, num_nodes, height, width, p_sb, p_sc, p_sh, p_sw, kernel_h,
+                                           kernel_w, False, MAX_POOL, BLOCK_C)
             p_hat = load_normalized(p_ptr, p_scale_ptr, b, rows, nodes, node_row, node_col, p_channels, num_nodes,
                                     height, width, p_sb, p_sc, p_sh, p_sw, kernel_h, kernel_w, MAX_POOL)
             dot_a += tl.sum(p_hat * from_p, axis=0)
-            dot_b += tl.sum(p_hat * from_q, axis=0)
-        if STORE:
-            result = from_p + from_q
-            if HAS_WEIGHTED:
-                weighted = tl.zeros((BLOCK_C, BLOCK_N), tl.float64)
-                weighted = _matrix_times_nodes(weighted, a2_ptr, b, rows, p_channels, p_ptr, p_scale_ptr,
-                                               p_channels, nodes, node_row, node_col, num_nodes, height, width,
-                                               p_sb, p_sc, p_sh, p_sw, kernel_h, kernel_w, MAX_POOL, BLOCK_C)
-                if HAS_Q:
-                    weighted = _matrix_times_nodes(weighted, b2_ptr, b, rows, p_channels, q_ptr, q_scale_ptr,
-                                                   q_channels, nodes, node_row, node_col, num_nodes, height, width,
-                                                   q_sb, q_sc, q_sh, q_sw, kernel_h, kernel_w, MAX_POOL,
-                                                   BLOCK_C)
-                result += weight[None, :] * weighted
+            if HAS_Q:
+                from_q = _matrices_times_nodes(tl.zeros((BLOCK_R, BLOCK_N), tl.float64), b1_ptr, b1_ptr, weight,
+                                               b, rows, p_channels, q_ptr, q_scale_ptr, q_channels, nodes,
+                                               node_row, node_col, num_nodes, height, width, q_sb, q_sc, q_sh,
+                                               q_sw, kernel_h, kernel_w, False, MAX_POOL, BLOCK_C)
+                dot_b += tl.sum(p_hat * from_q, axis=0)
+        else:  # one accumulator for all four products
+            result = _matrices_times_nodes(tl.zeros((BLOCK_R, BLOCK_N), tl.float64), a1_ptr, a2_ptr, weight, b,
+                                           rows, p_channels, p_ptr, p_scale_ptr, p_channels, nodes, node_row,
+                                           node_col, num_nodes, height, width, p_sb, p_sc, p_sh, p_sw, kernel_h,
+                                           kernel_w, HAS_WEIGHTED, MAX_POOL, BLOCK_C)
+            if HAS_Q:
+                result = _matrices_times_nodes(result, b1_ptr, b2_ptr, weight, b, rows, p_channels, q_ptr,
+                                               q_scale_ptr, q_channels, nodes, node_row, node_col, num_nodes,
+                                               height, width, q_sb, q_sc, q_sh, q_sw, kernel_h, kernel_w,
+                                               HAS_WEIGHTED, MAX_POOL, BLOCK_C)
             out = out_ptr + (b * p_channels + rows[:, None]) * num_nodes + nodes[None, :]
             tl.store(out, result, mask=(rows[:, None] < p_channels) & node_ok[None, :])
     if DOTS:
@@ -334,13 +342,12 @@ def gram(x, x_scale, y, y_scale, grid: NodeGrid, weight: Optional[torch.Tensor] 
     return partials.sum(dim=1)
 
 
-def gram_apply(p, p_scale, q, q_scale, grid: NodeGrid, a1, b1=None, weighted=None, store=True,
-               dots=False):
-    """``A1 P + B1 Q + w (A2 P + B2 Q)`` with ``weighted = (A2, B2, w)``, and/or the forms
+def gram_apply(p, p_scale, q, q_scale, grid: NodeGrid, a1, b1=None, weighted=None, dots=False):
+    """``A1 P + B1 Q + (A2 P + B2 Q) diag(w)`` with ``weighted = (A2, B2, w)``, or with ``dots`` the forms
     ``(p . A1 p, p . B1 q)`` per node. Returns ``(out or None, dot_a or None, dot_b or None)``."""
     batch, p_channels = p.shape[0], p.shape[1]
     q_channels = q.shape[1] if q is not None else 0
-    out = torch.empty(batch, p_channels, grid.nodes, dtype=torch.float64, device=p.device) if store else None
+    out = torch.empty(batch, p_channels, grid.nodes, dtype=torch.float64, device=p.device) if not dots else None
     dot_a = torch.empty(batch, grid.nodes, dtype=torch.float64, device=p.device) if dots else None
     dot_b = torch.empty_like(dot_a) if dots else None
     a2, b2, weight = weighted if weighted is not None else (None, None, None)
@@ -353,8 +360,9 @@ def gram_apply(p, p_scale, q, q_scale, grid: NodeGrid, a1, b1=None, weighted=Non
             dummy if weight is None else weight, dummy if out is None else out,
             dummy if dot_a is None else dot_a, dummy if dot_b is None else dot_b, p_channels, q_channels,
             *_geometry(p, grid), *strides(p), *strides(p if q is None else q), grid.kernel_h, grid.kernel_w,
-            HAS_Q=q is not None, HAS_WEIGHTED=weighted is not None, STORE=store, DOTS=dots,
-            MAX_POOL=grid.max_pool, BLOCK_C=BLOCK_CHANNELS, BLOCK_N=BLOCK_NODES, **KERNEL_OPTIONS)
+            HAS_Q=q is not None, HAS_WEIGHTED=weighted is not None, DOTS=dots, MAX_POOL=grid.max_pool,
+            BLOCK_R=BLOCK_CHANNELS if weighted is not None else APPLY_ROWS, BLOCK_C=BLOCK_CHANNELS,
+            BLOCK_N=BLOCK_NODES, **KERNEL_OPTIONS)
     return out, dot_a, dot_b
 
 
@@ -433,9 +441,8 @@ def gram_rows(s, s_scale, t, t_scale, grams, grid: NodeGrid) -> torch.Tensor:
     rounding noise and become exactly 0 (as in the torch backend), so identical rows have a zero loss and
     gradient."""
     gram_ss, gram_st, gram_tt = grams
-    _, form_ss, minus_form_st = gram_apply(s, s_scale, t, t_scale, grid, gram_ss, -gram_st, store=False,
-                                           dots=True)
-    _, form_tt, _ = gram_apply(t, t_scale, None, None, grid, gram_tt, store=False, dots=True)
+    _, form_ss, minus_form_st = gram_apply(s, s_scale, t, t_scale, grid, gram_ss, -gram_st, dots=True)
+    _, form_tt, _ = gram_apply(t, t_scale, None, None, grid, gram_tt, dots=True)
     rows = form_ss + 2 * minus_form_st + form_tt
     noise = 64 * torch.finfo(torch.float64).eps * (form_ss + form_tt)
     return torch.where(rows <= noise, torch.zeros_like(rows), rows)  # NaN stays NaN
