@@ -32,7 +32,7 @@ BLOCKS: Dict[Tuple[str, str], Dict[str, int]] = {
     # kAffinityDirectSide (the direct kernels' tiles of D, and the channels their backward computes at a
     # time; kAffinityChannelChunk = 16 are staged at a time), and for the Gram algorithm's kernels 64 nodes
     # (affinity_full.cu's kApplyNodes, two of the Gram kernel's kAffinityGramChunk) and 64 channels
-    # (kAffinityGramSide, and kApplyRows). Few nodes: up to few_nodes nodes an image the direct path forms D
+    # (kAffinityGramSide, and kApplyRows). Few nodes: up to few_nodes nodes an image the direct forward forms D
     # whole, its channels split over blocks (kAffinityFewNodes in affinity_full.h, FEW_NODES in
     # affinity_full/triton_backend.py), and below split_nodes nodes in all the node reductions split each node's
     # channels (32 warps share a block's 32 nodes: kFewNodes in csrc/common/nodes.cu; a program per

@@ -168,13 +168,13 @@ def test_direct_row_tiles(backend, shape, tiles, gen):
     check_distillation(backend, inputs, grad_inputs=(0, 1), algorithm="direct")
 
 
-@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@pytest.mark.parametrize("backend", ["cuda", "triton"], indirect=True)
 @pytest.mark.parametrize("shape, slabs", [((1, 5, 3, 9, 21), (64, 2, 61)), ((2, 70, 40, 10, 10), (64, 1, 36)),
                                           ((1, 3, 130, 12, 13), (128, 1, 28))], ids=str)
-def test_triton_direct_backward_slabs(backend, shape, slabs, gen):
-    """The Triton direct backward forms W = 2 (w_i + w_j) D a slab of rows at a time (slab_rows_for: whole tiles
-    of direct_side rows, no more rows than max(Cs, Ct), at least one tile): whole slabs and a partial last one,
-    for both gradients."""
+def test_direct_backward_slabs(backend, shape, slabs, gen):
+    """The direct backward forms W = 2 (w_i + w_j) D a slab of rows at a time (Triton's slab_rows_for, and the
+    same rule in the CUDA glue's affinity_full_slab_rows: whole tiles of direct_side rows, no more rows than
+    max(Cs, Ct), at least one tile): whole slabs and a partial last one, for both gradients."""
     from fastkd.ops.affinity_full import triton_backend
 
     _, cs, ct, height, width = shape

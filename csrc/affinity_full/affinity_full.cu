@@ -15,14 +15,13 @@
 //                          summed over the channels with the same tensor-core products (32 x 32 a warp in
 //                          registers), then squared and summed per row; a partial per (rows, range), summed by
 //                          the caller in a fixed order
-//   direct_backward_kernel the same tiles of D, weighted by 2 (w_i + w_j) into shared memory, times the nodes j
-//                          with the same tensor-core products: the block owns the columns i of the outputs
-//   direct_difference_kernel  for few nodes (kAffinityFewNodes), D itself, (B, m, m): one 64 x 64 tile an image,
-//                          formed with the same tensor-core products by a block per range of channels (a partial
-//                          per range, summed by the caller in a fixed order), so that one tile still spreads
-//                          over the GPU
-//   direct_columns_kernel  for few nodes, the weighted D times the nodes j with the direct backward's tensor-core
-//                          products, a block per 64 channels
+//   direct_difference_kernel  a 64 x 64 tile of a slab of D's rows, formed with the same tensor-core products,
+//                          by a block per range of channels where the tiles are few (a partial per range,
+//                          summed by the caller in a fixed order): D itself for few nodes' forward
+//                          (kAffinityFewNodes, one tile an image), and for the backward W = 2 (w_i + w_j) D
+//                          stored transposed
+//   direct_columns_kernel  the backward's W times the nodes j with the same tensor-core products, 64 channels x
+//                          64 nodes i a block in registers over every j, written once
 // The node norms ahead and the normalisation and pooling backward after are the node launchers shared with
 // the windowed graph (common/nodes.cu); the glue turns each norm into the node's scale 1 / (||f|| + eps) once,
 // so that normalising a staged element is one product. Every kernel has a flat variant (kFlat: one pixel a
@@ -442,155 +441,148 @@ FASTKD_GLOBAL void direct_rows_kernel(Nodes<T> s, Nodes<T> t, Grid grid, std::in
   }
 }
 
-// The direct backward's shared memory: the weighted tile W[i][j] (at weighted_index), then a tile of 64
-// channels x kApplyChunk nodes j at kMatrixPitch; the D tile's node tiles use its start before W is stored.
-constexpr int kWeightedElements = kDirectSide * kNodePitch;
-constexpr int kColumnTileAt = kWeightedElements;
-constexpr int kDirectBackwardElements = kWeightedElements + kDirectSide * kMatrixPitch;
-static_assert(2 * kNodeTileElements <= kWeightedElements && kDirectBackwardElements * 8 <= 48 * 1024,
-              "the direct backward's tiles");
+// The direct difference kernel's shared memory: the node tiles, then its 64 x 64 outputs on their way out: D
+// at output_index (rows i), or W transposed at transposed_index (rows j).
+constexpr int kTransposedPitch = kDirectSide + 2;
+constexpr int kDifferenceElements = kDirectSide * kTransposedPitch;
+static_assert(2 * kNodeTileElements <= kDifferenceElements && kDifferenceElements * 8 <= 48 * 1024,
+              "the difference kernel's tiles");
+static_assert(kAffinityChannelChunk == kApplyChunk, "the difference kernel's channel splits");
 
-// Where W[i][j] of the block's 64 x 64 tile lies in shared memory: row j, the column i XOR-ed with bit 2 of j.
-// The stores from the accumulators (a half warp: i = 4 consecutive, j = 2 q + e) and the mma B-fragment loads
-// (i = 4 consecutive, j = 4 consecutive) then hit 16 different bank pairs per half warp; at kNodePitch alone
-// (4 mod 16 doubles) the stores would conflict 2-way.
-FASTKD_DEVICE inline int weighted_index(int i, int j) { return j * kNodePitch + (i ^ (j & 4)); }
+// Where W[i][j] of a 64 x 64 tile lies on its way out transposed (rows j, lanes along i): at a pitch of 2
+// (mod 16) doubles the fragment stores (a half warp: i = 4 consecutive, j = 2 q + e) hit 16 different bank
+// pairs, and a warp reading 32 consecutive i of one row j reads consecutive doubles.
+FASTKD_DEVICE inline int transposed_index(int i, int j) { return j * kTransposedPitch + i; }
 
-// out[b][c][i] += sign sum_j W[i][j] x_j[c] (kAdd; else =) for the block's 64 nodes i from i0, the channels c of
-// x from `first` up to `last` (or the channel count) and the 64 nodes j from j0, with W staged at
-// weighted_index: 64 channels at a time, each warp 32 channels x 32 nodes in FP64 mma products over j, whose
-// nodes are staged kApplyChunk at a time ([channel][node], kMatrixPitch). Only this block writes those
-// entries of out (B, C, m).
-template <bool kFlat, bool kAdd, typename T, typename Tile>
-FASTKD_DEVICE void add_weighted_columns(global_ptr<double> out, double sign, const Nodes<T>& x, const Grid& grid,
-                                        std::int64_t b, std::int64_t i0, std::int64_t j0, Tile& staged, int warp_row,
-                                        int warp_col, std::int64_t first, std::int64_t last) {
-  const int lane = threadIdx.x % 32, group = lane / 4, in_group = lane % 4;
-  const std::int64_t m = nodes::node_count(grid), channels = x.map.channels, end = channels < last ? channels : last;
-  for (std::int64_t c0 = first; c0 < end; c0 += kDirectSide) {
-    const bool products = c0 + warp_row < end && i0 + warp_col < m;  // the same for the warp's lanes
-    WarpAccumulators acc = {};
-    for (int n0 = 0; n0 < kDirectSide; n0 += kApplyChunk) {
-      for (int at = threadIdx.x; at < kDirectSide * kApplyChunk; at += kApplyThreads) {  // lanes along the nodes
-        const int c = at / kApplyChunk, n = at % kApplyChunk;
-        staged[kColumnTileAt + c * kMatrixPitch + n] = nodes::normalized<kFlat>(x, grid, b, c0 + c, j0 + n0 + n);
-      }
-      __syncthreads();
-      if (products) {
-        add_warp_products<kApplyChunk>(
-            acc, staged, [&](int c, int k) { return kColumnTileAt + (warp_row + c) * kMatrixPitch + k; },  // X[c][j]
-            [&](int i, int k) { return weighted_index(warp_col + i, n0 + k); });                           // W[i][j]
-      }
-      __syncthreads();  // before the next nodes are staged
-    }
-    for (int i = 0; i < kWarpTiles; ++i) {
-      for (int j = 0; j < kWarpTiles; ++j) {
-        for (int e = 0; e < 2; ++e) {
-          const std::int64_t c = c0 + warp_row + 8 * i + group, node = i0 + warp_col + 8 * j + 2 * in_group + e;
-          if (c < end && node < m) {
-            const std::int64_t at = (b * channels + c) * m + node;
-            out[at] = kAdd ? out[at] + sign * acc[i][j][e] : sign * acc[i][j][e];
-          }
-        }
-      }
-    }
-  }
-}
-
-// Block kApplyThreads (4 warps, 2 x 2), grid (node tiles, B): for the block's 64 nodes i, every column tile j
-// of D = S_i'S_j - T_i'T_j in the accumulators (as direct_rows_kernel), weighted into W = 2 (w_i + w_j) D in
-// shared memory, then dL/ds_hat_i += W S_j' and dL/dt_hat_i -= W T_j' (add_weighted_columns).
+// Block kApplyThreads (4 warps, 2 x 2, each 32 x 32 in registers), grid (row tiles x column tiles of the slab,
+// splits, B): one 64 x 64 tile of the slab of D's rows [first_row, first_row + slab_rows) over the split's
+// channels [split n, (split + 1) n) of s and of t (n = channels_per_split, a multiple of kApplyChunk), formed
+// as in direct_rows_kernel (form_difference), into partials[b][split] (slab_rows, m); or, given row weights,
+// W_ij = 2 (w_i + w_j) D_ij transposed, (m, slab_rows): the operand direct_columns_kernel stages with lanes
+// along i. Written through shared memory, lanes along consecutive elements of a row.
 template <typename T, bool kFlat>
-FASTKD_GLOBAL void direct_backward_kernel(Nodes<T> s, Nodes<T> t, Grid grid, global_ptr<const double> weight,
-                                          global_ptr<double> grad_s, global_ptr<double> grad_t) {
-  FASTKD_SHARED(double, staged, kDirectBackwardElements);
-  const std::int64_t m = nodes::node_count(grid);
-  const std::int64_t all_channels = s.map.channels > t.map.channels ? s.map.channels : t.map.channels;
-  const std::int64_t i0 = static_cast<std::int64_t>(blockIdx.x) * kDirectSide, b = blockIdx.y;
+FASTKD_GLOBAL void direct_difference_kernel(Nodes<T> s, Nodes<T> t, Grid grid, std::int64_t first_row,
+                                            std::int64_t slab_rows, std::int64_t channels_per_split,
+                                            global_ptr<const double> weight, global_ptr<double> partials) {
+  FASTKD_SHARED(double, staged, kDifferenceElements);
+  const std::int64_t m = nodes::node_count(grid), column_tiles = (m + kDirectSide - 1) / kDirectSide;
+  const std::int64_t tile = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
+  const std::int64_t row0 = tile / column_tiles * kDirectSide, j0 = tile % column_tiles * kDirectSide;
+  const std::int64_t i0 = first_row + row0;  // row0: the tile's first row in the slab
+  const std::int64_t first = split * channels_per_split, last = first + channels_per_split;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, group = lane / 4, in_group = lane % 4;
   const int warp_row = warp / 2 * kWarpSide, warp_col = warp % 2 * kWarpSide;
+  const bool products = i0 + warp_row < m && j0 + warp_col < m;
+  WarpAccumulators acc;
+  form_difference<kFlat>(acc, staged, s, t, grid, b, i0, j0, products, warp_row, warp_col, first, last);
+  // The node tiles' last readers passed form_difference's last barrier: the outputs may overwrite them.
+  const std::int64_t rows = slab_rows - row0 < kDirectSide ? slab_rows - row0 : kDirectSide;
+  const std::int64_t columns = m - j0 < kDirectSide ? m - j0 : kDirectSide;
+  const std::int64_t image = b * gridDim.y + split;
+  if (weight == nullptr) {
+    stage_outputs(staged, acc, warp_row, warp_col, kDirectSide);
+    __syncthreads();
+    global_ptr<double> out = partials + (image * slab_rows + row0) * m + j0;
+    for (std::int64_t i = warp; i < rows; i += kApplyWarps) {
+      for (std::int64_t j = lane; j < columns; j += 32) {
+        out[i * m + j] = staged[output_index(static_cast<int>(i), static_cast<int>(j), kDirectSide)];
+      }
+    }
+    return;
+  }
   double weight_i[kWarpTiles];
   for (int i = 0; i < kWarpTiles; ++i) {
     const std::int64_t node = i0 + warp_row + 8 * i + group;
     weight_i[i] = node < m ? weight[b * m + node] : 0.0;
   }
-  for (std::int64_t j0 = 0; j0 < m; j0 += kDirectSide) {
-    const bool products = i0 + warp_row < m && j0 + warp_col < m;
-    WarpAccumulators acc;
-    form_difference<kFlat>(acc, staged, s, t, grid, b, i0, j0, products, warp_row, warp_col, 0, all_channels);
-    // The node tiles' last readers passed form_difference's last barrier: W may overwrite them.
-    for (int j = 0; j < kWarpTiles; ++j) {
-      for (int e = 0; e < 2; ++e) {
-        const int column = warp_col + 8 * j + 2 * in_group + e;
-        const double weight_j = j0 + column < m ? static_cast<double>(weight[b * m + j0 + column]) : 0.0;
-        for (int i = 0; i < kWarpTiles; ++i) {
-          staged[weighted_index(warp_row + 8 * i + group, column)] = 2.0 * (weight_i[i] + weight_j) * acc[i][j][e];
-        }
+  for (int j = 0; j < kWarpTiles; ++j) {
+    for (int e = 0; e < 2; ++e) {
+      const int column = warp_col + 8 * j + 2 * in_group + e;
+      const double weight_j = j0 + column < m ? weight[b * m + j0 + column] : 0.0;
+      for (int i = 0; i < kWarpTiles; ++i) {
+        staged[transposed_index(warp_row + 8 * i + group, column)] = 2.0 * (weight_i[i] + weight_j) * acc[i][j][e];
       }
     }
-    __syncthreads();
-    if (grad_s != nullptr) {
-      add_weighted_columns<kFlat, true>(grad_s, 1.0, s, grid, b, i0, j0, staged, warp_row, warp_col, 0,
-                                        s.map.channels);
-    }
-    if (grad_t != nullptr) {
-      add_weighted_columns<kFlat, true>(grad_t, -1.0, t, grid, b, i0, j0, staged, warp_row, warp_col, 0,
-                                        t.map.channels);
+  }
+  __syncthreads();
+  global_ptr<double> out = partials + (image * m + j0) * slab_rows + row0;
+  for (std::int64_t j = warp; j < columns; j += kApplyWarps) {
+    for (std::int64_t i = lane; i < rows; i += 32) {
+      out[j * slab_rows + i] = staged[transposed_index(static_cast<int>(i), static_cast<int>(j))];
     }
   }
 }
 
-// The few-node kernels' shared memory: the difference kernel's node tiles, then its 64 x 64 outputs (at
-// output_index); the column kernel's W and column tile as the direct backward's.
-constexpr int kDifferenceElements = kDirectSide * kDirectSide;
-static_assert(2 * kNodeTileElements <= kDifferenceElements && kDifferenceElements * 8 <= 48 * 1024,
-              "the few-node difference kernel's tiles");
-static_assert(kAffinityFewNodes == kDirectSide && kAffinityChannelChunk == kApplyChunk, "few-node tiling");
+// The columns kernel's shared memory: the weighted tile W[i][j] (at weighted_index), then a tile of 64 channels
+// x kApplyChunk nodes j at kMatrixPitch; its 64 x 64 outputs use the start on their way out.
+constexpr int kWeightedElements = kDirectSide * kNodePitch;
+constexpr int kColumnTileAt = kWeightedElements;
+constexpr int kColumnsElements = kWeightedElements + kDirectSide * kMatrixPitch;
+static_assert(kDirectSide * kDirectSide <= kWeightedElements && kColumnsElements * 8 <= 48 * 1024,
+              "the columns kernel's tiles");
 
-// Block kApplyThreads (4 warps, 2 x 2, each 32 x 32 in registers), grid (splits, B), for few nodes (m <=
-// kDirectSide): partials[b][split] = D = S'S - T'T over the split's channels [split n, (split + 1) n) of s and of
-// t (n = channels_per_split, a multiple of kApplyChunk), the one 64 x 64 tile of D an image summed in the
-// accumulators as in direct_rows_kernel, then written m x m through shared memory (rows of m consecutive
-// doubles, lanes along them).
+// Where W[i][j] of the block's 64 x 64 tile lies in shared memory: row j, the column i XOR-ed with bit 2 of j.
+// The staging stores (lanes along i) are consecutive and the mma B-fragment loads (i = 4 consecutive, j = 4
+// consecutive) hit 16 different bank pairs per half warp.
+FASTKD_DEVICE inline int weighted_index(int i, int j) { return j * kNodePitch + (i ^ (j & 4)); }
+
+// acc += X[c][j] W[i][j] over the 64 nodes j from j0 for the warp's 32 channels x 32 nodes i of the block's
+// 64 channels from c0 and W staged at weighted_index, in FP64 mma products; the nodes are staged kApplyChunk at
+// a time ([channel][node], kMatrixPitch). `products`: whether the warp's channels and nodes exist.
+template <bool kFlat, typename T, typename Tile>
+FASTKD_DEVICE void add_weighted_products(WarpAccumulators& acc, Tile& staged, const Nodes<T>& x, const Grid& grid,
+                                         std::int64_t b, std::int64_t c0, std::int64_t j0, bool products,
+                                         int warp_row, int warp_col) {
+  for (int n0 = 0; n0 < kDirectSide; n0 += kApplyChunk) {
+    for (int at = threadIdx.x; at < kDirectSide * kApplyChunk; at += kApplyThreads) {  // lanes along the nodes
+      const int c = at / kApplyChunk, n = at % kApplyChunk;
+      staged[kColumnTileAt + c * kMatrixPitch + n] = nodes::normalized<kFlat>(x, grid, b, c0 + c, j0 + n0 + n);
+    }
+    __syncthreads();
+    if (products) {
+      add_warp_products<kApplyChunk>(
+          acc, staged, [&](int c, int k) { return kColumnTileAt + (warp_row + c) * kMatrixPitch + k; },  // X[c][j]
+          [&](int i, int k) { return weighted_index(warp_col + i, n0 + k); });                           // W[i][j]
+    }
+    __syncthreads();  // before the next nodes are staged
+  }
+}
+
+// Block kApplyThreads (4 warps, 2 x 2, each 32 channels x 32 nodes in registers), grid (channel tiles, row tiles
+// of the slab, B): out[b][c][first_row + i] = sign sum_j W_ij x_j[c] for the block's 64 channels c and 64 nodes i
+// of the slab, W given transposed (weighted_t (B, m, slab_rows), from direct_difference_kernel), staged a 64 x 64
+// tile at a time with lanes along i, the products summed over every node j in registers, then written once
+// through shared memory (lanes along i). Only this block writes those entries of out (B, C, m).
 template <typename T, bool kFlat>
-FASTKD_GLOBAL void direct_difference_kernel(Nodes<T> s, Nodes<T> t, Grid grid, std::int64_t channels_per_split,
-                                            global_ptr<double> partials) {
-  FASTKD_SHARED(double, staged, kDifferenceElements);
-  const std::int64_t m = nodes::node_count(grid), split = blockIdx.x, b = blockIdx.y;
-  const std::int64_t first = split * channels_per_split, last = first + channels_per_split;
+FASTKD_GLOBAL void direct_columns_kernel(Nodes<T> x, Grid grid, global_ptr<const double> weighted_t,
+                                         std::int64_t first_row, std::int64_t slab_rows, double sign,
+                                         global_ptr<double> out) {
+  FASTKD_SHARED(double, staged, kColumnsElements);
+  const std::int64_t m = nodes::node_count(grid), channels = x.map.channels;
+  const std::int64_t c0 = static_cast<std::int64_t>(blockIdx.x) * kDirectSide;
+  const std::int64_t row0 = static_cast<std::int64_t>(blockIdx.y) * kDirectSide, b = blockIdx.z;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int warp_row = warp / 2 * kWarpSide, warp_col = warp % 2 * kWarpSide;
-  const bool products = warp_row < m && warp_col < m;
-  WarpAccumulators acc;
-  form_difference<kFlat>(acc, staged, s, t, grid, b, 0, 0, products, warp_row, warp_col, first, last);
-  stage_outputs(staged, acc, warp_row, warp_col, kDirectSide);  // the node tiles' readers passed a barrier
+  const std::int64_t rows = slab_rows - row0 < kDirectSide ? slab_rows - row0 : kDirectSide;
+  const bool products = c0 + warp_row < channels && warp_col < rows;  // the same for the warp's lanes
+  WarpAccumulators acc = {};
+  for (std::int64_t j0 = 0; j0 < m; j0 += kDirectSide) {
+    for (int at = threadIdx.x; at < kDirectSide * kDirectSide; at += kApplyThreads) {  // lanes along i
+      const int i = at % kDirectSide, j = at / kDirectSide;
+      staged[weighted_index(i, j)] = i < rows && j0 + j < m ? weighted_t[(b * m + j0 + j) * slab_rows + row0 + i] : 0.0;
+    }
+    // add_weighted_products' first barrier orders these stores before its products read them.
+    add_weighted_products<kFlat>(acc, staged, x, grid, b, c0, j0, products, warp_row, warp_col);
+  }
+  stage_outputs(staged, acc, warp_row, warp_col, kDirectSide);  // W's last readers passed the last barrier
   __syncthreads();
-  global_ptr<double> out = partials + (b * gridDim.x + split) * m * m;
-  for (std::int64_t i = warp; i < m; i += kApplyWarps) {
-    for (std::int64_t j = lane; j < m; j += 32) {
-      out[i * m + j] = staged[output_index(static_cast<int>(i), static_cast<int>(j), kDirectSide)];
+  const std::int64_t last_channel = channels - c0 < kDirectSide ? channels - c0 : kDirectSide;
+  for (std::int64_t c = warp; c < last_channel; c += kApplyWarps) {
+    for (std::int64_t i = lane; i < rows; i += 32) {
+      out[(b * channels + c0 + c) * m + first_row + row0 + i] =
+          sign * staged[output_index(static_cast<int>(c), static_cast<int>(i), kDirectSide)];
     }
   }
-}
-
-// Block kApplyThreads (4 warps, 2 x 2), grid (channel tiles of kDirectSide, B), for few nodes (m <=
-// kDirectSide): out[b][c][i] = sign sum_j weighted[b][j][i] x_j[c] for the block's 64 channels c and every
-// node i (add_weighted_columns), with W[i][j] = weighted[b][j][i] staged at weighted_index (0 past the nodes):
-// lanes along i read a row of weighted and store consecutive elements of shared memory (along j they would
-// store kNodePitch apart, a 4-way bank conflict).
-template <typename T, bool kFlat>
-FASTKD_GLOBAL void direct_columns_kernel(Nodes<T> x, Grid grid, global_ptr<const double> weighted, double sign,
-                                         global_ptr<double> out) {
-  FASTKD_SHARED(double, staged, kDirectBackwardElements);
-  const std::int64_t m = nodes::node_count(grid), c0 = static_cast<std::int64_t>(blockIdx.x) * kDirectSide;
-  const std::int64_t b = blockIdx.y;
-  const int warp = threadIdx.x / 32, warp_row = warp / 2 * kWarpSide, warp_col = warp % 2 * kWarpSide;
-  for (int at = threadIdx.x; at < kDirectSide * kDirectSide; at += kApplyThreads) {  // lanes along i
-    const int i = at % kDirectSide, j = at / kDirectSide;
-    staged[weighted_index(i, j)] = i < m && j < m ? weighted[(b * m + j) * m + i] : 0.0;
-  }
-  __syncthreads();
-  add_weighted_columns<kFlat, false>(out, sign, x, grid, b, 0, 0, staged, warp_row, warp_col, c0, c0 + kDirectSide);
 }
 
 std::int64_t gram_tiles_for(std::int64_t channels) { return (channels + kGramSide - 1) / kGramSide; }
@@ -653,42 +645,35 @@ void affinity_full_direct_rows(const nodes::Nodes<T>& s, const nodes::Nodes<T>& 
 }
 
 template <typename T>
-void affinity_full_direct_backward(const nodes::Nodes<T>& s, const nodes::Nodes<T>& t, const nodes::Grid& grid,
-                                   const double* weight, std::int64_t batch, double* grad_s, double* grad_t,
-                                   fastkd_stream_t stream) {
-  const std::int64_t node_tiles = direct_tiles_for(nodes::node_count(grid));
-  if (node_tiles == 0 || batch == 0 || (grad_s == nullptr && grad_t == nullptr)) return;
-  const LaunchExtent blocks(node_tiles, batch);
-  FASTKD_LAUNCH_FLAT_OR_GENERAL(direct_backward_kernel, flat(s, t, grid), blocks, dim3(kApplyThreads), stream, s, t,
-                                grid, weight, grad_s, grad_t);
-}
-
-template <typename T>
 void affinity_full_direct_difference(const nodes::Nodes<T>& s, const nodes::Nodes<T>& t, const nodes::Grid& grid,
-                                     std::int64_t batch, std::int64_t splits, std::int64_t channels_per_split,
+                                     std::int64_t batch, std::int64_t first_row, std::int64_t slab_rows,
+                                     std::int64_t splits, std::int64_t channels_per_split, const double* weight,
                                      double* partials, fastkd_stream_t stream) {
-  if (channels_per_split % kApplyChunk != 0 || nodes::node_count(grid) > kAffinityFewNodes) {
+  const std::int64_t m = nodes::node_count(grid);
+  if (channels_per_split % kApplyChunk != 0 || first_row < 0 || slab_rows < 0 || first_row + slab_rows > m) {
     throw std::invalid_argument(
         "affinity_full_direct_difference: channels_per_split must be a multiple of kAffinityChannelChunk, and the "
-        "nodes at most kAffinityFewNodes");
+        "slab's rows within the nodes");
   }
-  if (nodes::node_count(grid) == 0 || batch == 0 || splits == 0) return;
-  const LaunchExtent blocks(splits, batch);
+  const std::int64_t tiles = direct_tiles_for(slab_rows) * direct_tiles_for(m);
+  if (tiles == 0 || batch == 0 || splits == 0) return;
+  const LaunchExtent blocks(tiles, splits, batch);
   FASTKD_LAUNCH_FLAT_OR_GENERAL(direct_difference_kernel, flat(s, t, grid), blocks, dim3(kApplyThreads), stream, s,
-                                t, grid, channels_per_split, partials);
+                                t, grid, first_row, slab_rows, channels_per_split, weight, partials);
 }
 
 template <typename T>
-void affinity_full_direct_columns(const nodes::Nodes<T>& x, const nodes::Grid& grid, const double* weighted,
-                                  std::int64_t batch, double sign, double* out, fastkd_stream_t stream) {
-  if (nodes::node_count(grid) > kAffinityFewNodes) {
-    throw std::invalid_argument("affinity_full_direct_columns: the nodes must be at most kAffinityFewNodes");
+void affinity_full_direct_columns(const nodes::Nodes<T>& x, const nodes::Grid& grid, const double* weighted_t,
+                                  std::int64_t batch, std::int64_t first_row, std::int64_t slab_rows, double sign,
+                                  double* out, fastkd_stream_t stream) {
+  if (first_row < 0 || slab_rows < 0 || first_row + slab_rows > nodes::node_count(grid)) {
+    throw std::invalid_argument("affinity_full_direct_columns: the slab's rows must lie within the nodes");
   }
-  const std::int64_t channel_tiles = direct_tiles_for(x.map.channels);
-  if (nodes::node_count(grid) == 0 || channel_tiles == 0 || batch == 0) return;
-  const LaunchExtent blocks(channel_tiles, batch);
+  const std::int64_t channel_tiles = direct_tiles_for(x.map.channels), row_tiles = direct_tiles_for(slab_rows);
+  if (channel_tiles == 0 || row_tiles == 0 || batch == 0) return;
+  const LaunchExtent blocks(channel_tiles, row_tiles, batch);
   FASTKD_LAUNCH_FLAT_OR_GENERAL(direct_columns_kernel, flat(x, x, grid), blocks, dim3(kApplyThreads), stream, x,
-                                grid, weighted, sign, out);
+                                grid, weighted_t, first_row, slab_rows, sign, out);
 }
 
 #undef FASTKD_LAUNCH_FLAT_OR_GENERAL
@@ -702,14 +687,13 @@ void affinity_full_direct_columns(const nodes::Nodes<T>& x, const nodes::Grid& g
                                        std::int64_t, double*, double*, double*, fastkd_stream_t);                  \
   template void affinity_full_direct_rows<T>(const nodes::Nodes<T>&, const nodes::Nodes<T>&, const nodes::Grid&,   \
                                              std::int64_t, std::int64_t, std::int64_t, double*, fastkd_stream_t);  \
-  template void affinity_full_direct_backward<T>(const nodes::Nodes<T>&, const nodes::Nodes<T>&,                   \
-                                                 const nodes::Grid&, const double*, std::int64_t, double*,         \
-                                                 double*, fastkd_stream_t);                                \
   template void affinity_full_direct_difference<T>(const nodes::Nodes<T>&, const nodes::Nodes<T>&,                 \
                                                    const nodes::Grid&, std::int64_t, std::int64_t, std::int64_t,   \
-                                                   double*, fastkd_stream_t);                                      \
+                                                   std::int64_t, std::int64_t, const double*, double*,             \
+                                                   fastkd_stream_t);                                               \
   template void affinity_full_direct_columns<T>(const nodes::Nodes<T>&, const nodes::Grid&, const double*,         \
-                                                std::int64_t, double, double*, fastkd_stream_t);
+                                                std::int64_t, std::int64_t, std::int64_t, double, double*,         \
+                                                fastkd_stream_t);
 FASTKD_FOR_EACH_STORAGE_TYPE(FASTKD_INSTANTIATE)
 #undef FASTKD_INSTANTIATE
 

@@ -21,7 +21,7 @@ namespace FASTKD_KERNELS {
 constexpr int kAffinityChannelChunk = 16;
 // Side of the square tiles of D the direct row kernel forms with tensor-core products.
 constexpr int kAffinityDirectSide = 64;
-// Up to this many nodes an image, the direct path forms D (B, m, m) with its channels split over blocks
+// Up to this many nodes an image, the direct forward forms D (B, m, m) with its channels split over blocks
 // (affinity_full_direct_difference) instead of a block per 64 rows: with pool_scale (9 nodes at 65 x 65) that
 // would be 8 blocks for B = 8, each summing all 512 + 512 channels in sequence. D is then one tile
 // (kAffinityDirectSide square) an image.
@@ -57,27 +57,24 @@ void affinity_full_direct_rows(const nodes::Nodes<T>& s, const nodes::Nodes<T>& 
                                std::int64_t batch, std::int64_t splits, std::int64_t tiles_per_split,
                                double* partials, fastkd_stream_t stream);
 
-// grad_s (B, Cs, m) += 2 sum_j (w_i + w_j) D_ij s_j and grad_t (B, Ct, m) -= 2 sum_j (w_i + w_j) D_ij t_j,
-// for row weights weight (B, m); either output may be nullptr (not needed). Both must be zeroed first.
-template <typename T>
-void affinity_full_direct_backward(const nodes::Nodes<T>& s, const nodes::Nodes<T>& t, const nodes::Grid& grid,
-                                   const double* weight, std::int64_t batch, double* grad_s, double* grad_t,
-                                   fastkd_stream_t stream);
-
-// Few nodes (m <= kAffinityFewNodes): partials (B, splits, m, m) = D = S'S - T'T over the channels
-// [split n, (split + 1) n) of s and t, n = channels_per_split (a multiple of kAffinityChannelChunk; else, or for
-// more nodes, std::invalid_argument); the caller sums them in a fixed order.
+// partials[b][split] over the channels [split n, (split + 1) n) of s and t (n = channels_per_split, a multiple of
+// kAffinityChannelChunk) for the slab of rows [first_row, first_row + slab_rows) of D = S'S - T'T: that slab of
+// D, (B, splits, slab_rows, m), or given row weights (weight (B, m), else nullptr) W_ij = 2 (w_i + w_j) D_ij
+// transposed, (B, splits, m, slab_rows). The caller sums the partials in a fixed order. A split or slab out of
+// range throws std::invalid_argument.
 template <typename T>
 void affinity_full_direct_difference(const nodes::Nodes<T>& s, const nodes::Nodes<T>& t, const nodes::Grid& grid,
-                                     std::int64_t batch, std::int64_t splits, std::int64_t channels_per_split,
+                                     std::int64_t batch, std::int64_t first_row, std::int64_t slab_rows,
+                                     std::int64_t splits, std::int64_t channels_per_split, const double* weight,
                                      double* partials, fastkd_stream_t stream);
 
-// Few nodes (m <= kAffinityFewNodes, else std::invalid_argument): out (B, C, m) = sign X weighted for the
-// normalised nodes X (C x m) of each image, i.e. out[b][c][i] = sign sum_j weighted[b][j][i] x_j[c]; weighted
-// (B, m, m) (the direct backward's is symmetric: the weighted D times the nodes j).
+// out[b][c][first_row + i] = sign sum_j W_ij x_j[c] for the normalised nodes X (C x m) of each image and the
+// rows i < slab_rows of a slab of W given transposed, weighted_t (B, m, slab_rows) as affinity_full_direct_difference
+// writes it; out (B, C, m): only the slab's columns are written.
 template <typename T>
-void affinity_full_direct_columns(const nodes::Nodes<T>& x, const nodes::Grid& grid, const double* weighted,
-                                  std::int64_t batch, double sign, double* out, fastkd_stream_t stream);
+void affinity_full_direct_columns(const nodes::Nodes<T>& x, const nodes::Grid& grid, const double* weighted_t,
+                                  std::int64_t batch, std::int64_t first_row, std::int64_t slab_rows, double sign,
+                                  double* out, fastkd_stream_t stream);
 
 }  // namespace FASTKD_KERNELS
 }  // namespace fastkd

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 #include "affinity_full.h"
 #include "../common/glue_common.h"
@@ -61,7 +62,7 @@ at::Tensor affinity_full_norms(const at::Tensor& x, const nodes::Grid& grid) {
 // into (B, C, grid_h, grid_w) double buffers whose pixels are the nodes: pooling inside the kernels redid it for
 // every tile that staged a node, and left their inner loops issue-bound (sm_90 model, when they pooled: the
 // Gram loop at 49% of the FP64 floor, apply at 7%, the direct ones at 1%; on pixel nodes now 100%, 75% and
-// 11%), and a few large patches (pool_scale) serialised on a few threads. The buffers hold B C m doubles, as
+// 96-100%), and a few large patches (pool_scale) serialised on a few threads. The buffers hold B C m doubles, as
 // dL/df_hat does.
 struct KernelOperands {
   at::Tensor s, t;
@@ -141,39 +142,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_full_apply(
   return {out, dot_a, dot_b};
 }
 
-// Few nodes (m <= kAffinityFewNodes): D = S'S - T'T (B, m, m) double, each block summing one range of channels
-// of one image (about 1024 blocks in all, as the Gram's splits), the ranges' partials then summed in a fixed
-// order.
+// The rows [first_row, first_row + slab_rows) of D = S'S - T'T, (B, slab_rows, m) double, or given row weights
+// (B, m) those of W = 2 (w_i + w_j) D transposed, (B, m, slab_rows); where the slab's 64 x 64 tiles are too few to
+// fill a GPU, each block sums one range of channels (about 1024 blocks in all, as the Gram's splits), the ranges'
+// partials then summed in a fixed order.
 at::Tensor affinity_full_difference(const at::Tensor& s, const at::Tensor& s_scale, const at::Tensor& t,
-                                    const at::Tensor& t_scale, const nodes::Grid& grid) {
+                                    const at::Tensor& t_scale, const nodes::Grid& grid, int64_t first_row,
+                                    int64_t slab_rows, const at::Tensor& weight) {
   const int64_t batch = s.size(0), m = nodes::node_count(grid), chunk = FASTKD_KERNELS::kAffinityChannelChunk;
+  const int64_t side = FASTKD_KERNELS::kAffinityDirectSide;
   const int64_t chunks = (std::max(s.size(1), t.size(1)) + chunk - 1) / chunk;
   const auto doubles = s.options().dtype(at::kDouble);
-  if (m == 0 || batch == 0 || chunks == 0) return at::zeros({batch, m, m}, doubles);
-  const int64_t splits_wanted = std::min(chunks, std::max<int64_t>(1, 1024 / batch));
+  const std::vector<int64_t> layout = weight.defined() ? std::vector<int64_t>{m, slab_rows}
+                                                       : std::vector<int64_t>{slab_rows, m};
+  if (slab_rows == 0 || batch == 0 || chunks == 0) return at::zeros({batch, layout[0], layout[1]}, doubles);
+  const int64_t tiles = ((slab_rows + side - 1) / side) * ((m + side - 1) / side);
+  const int64_t splits_wanted = std::min(chunks, std::max<int64_t>(1, 1024 / (batch * tiles)));
   const int64_t channels_per_split = (chunks + splits_wanted - 1) / splits_wanted * chunk;
   const int64_t splits = (chunks * chunk + channels_per_split - 1) / channels_per_split;
-  at::Tensor partials = at::empty({batch, splits, m, m}, doubles);
+  at::Tensor partials = at::empty({batch, splits, layout[0], layout[1]}, doubles);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "affinity_full_direct_difference", [&] {
-    FASTKD_KERNELS::affinity_full_direct_difference(affinity_full_nodes<scalar_t>(s, s_scale),
-                                                    affinity_full_nodes<scalar_t>(t, t_scale), grid, batch, splits,
-                                                    channels_per_split, partials.mutable_data_ptr<double>(),
-                                                    FASTKD_GLUE_STREAM());
+    FASTKD_KERNELS::affinity_full_direct_difference(
+        affinity_full_nodes<scalar_t>(s, s_scale), affinity_full_nodes<scalar_t>(t, t_scale), grid, batch, first_row,
+        slab_rows, splits, channels_per_split, weight.defined() ? weight.const_data_ptr<double>() : nullptr,
+        partials.mutable_data_ptr<double>(), FASTKD_GLUE_STREAM());
   });
-  return partials.sum(1);  // a fixed-order sum of the per-range partials
+  return splits == 1 ? partials.select(1, 0) : partials.sum(1);  // a fixed-order sum of the per-range partials
 }
 
-// Few nodes: sign X `weighted` (B, C, m) double for the normalised nodes X of x, weighted (B, m, m) double
-// (symmetric in the direct backward).
-at::Tensor affinity_full_columns(const at::Tensor& x, const at::Tensor& x_scale, const nodes::Grid& grid,
-                                 const at::Tensor& weighted, double sign) {
-  at::Tensor out = at::empty({x.size(0), x.size(1), nodes::node_count(grid)}, x.options().dtype(at::kDouble));
+// Into the columns [first_row, first_row + slab_rows) of out (B, C, m) double: sign X W' for the normalised
+// nodes X of x and a slab of W's rows given transposed, weighted_t (B, m, slab_rows).
+void affinity_full_columns(const at::Tensor& x, const at::Tensor& x_scale, const nodes::Grid& grid,
+                           const at::Tensor& weighted_t, int64_t first_row, double sign, at::Tensor& out) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "affinity_full_direct_columns", [&] {
     FASTKD_KERNELS::affinity_full_direct_columns(affinity_full_nodes<scalar_t>(x, x_scale), grid,
-                                                 weighted.const_data_ptr<double>(), x.size(0), sign,
-                                                 out.mutable_data_ptr<double>(), FASTKD_GLUE_STREAM());
+                                                 weighted_t.const_data_ptr<double>(), x.size(0), first_row,
+                                                 weighted_t.size(2), sign, out.mutable_data_ptr<double>(),
+                                                 FASTKD_GLUE_STREAM());
   });
-  return out;
+}
+
+// Rows of D a backward slab holds: all m, or so many that the slab, B x rows x m doubles, is no larger than the
+// larger gradient it makes, B x channels x m (channels = max(Cs, Ct)), or than one tile of kAffinityDirectSide
+// rows (fastkd/ops/affinity_full/triton_backend.py's slab_rows_for). The cost model leaves m above Cs + Ct to the
+// Gram path; only algorithm='direct' takes it there.
+int64_t affinity_full_slab_rows(int64_t m, int64_t channels) {
+  const int64_t side = FASTKD_KERNELS::kAffinityDirectSide;
+  return std::min(m, std::max(side, channels / side * side));
 }
 
 // (terms, ||s_i||, ||t_i||, SS', ST', TT'): terms are r (B, m) with per_row, else sum_i r_i (B,); the Gram
@@ -194,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (!use_gram) {
     at::Tensor rows;
     if (m <= FASTKD_KERNELS::kAffinityFewNodes) {
-      rows = affinity_full_difference(s_c, s_scale, t_c, t_scale, node_grid).square().sum(2);
+      rows = affinity_full_difference(s_c, s_scale, t_c, t_scale, node_grid, 0, m, at::Tensor()).square().sum(2);
     } else {
       // The column tiles split so that small batches still fill a GPU (about 1024 blocks, as the Gram's splits).
       const int64_t side = FASTKD_KERNELS::kAffinityDirectSide, tiles = std::max<int64_t>(1, (m + side - 1) / side);
@@ -263,24 +278,17 @@ std::tuple<at::Tensor, at::Tensor> affinity_full_backward_op(
   const auto doubles = s.options().dtype(at::kDouble);
   const at::Tensor none;
   at::Tensor grad_s_hat, grad_t_hat;
-  if (!use_gram && m <= FASTKD_KERNELS::kAffinityFewNodes) {
-    if (uniform) weight = weight.unsqueeze(1).expand({batch, m});
-    // dL/ds_i = 2 sum_j (w_i + w_j) D_ij s_j, and minus the same of t for dL/dt.
-    const at::Tensor weighted = (2 * (weight.unsqueeze(2) + weight.unsqueeze(1)) *
-                                 affinity_full_difference(s_c, s_scale, t_c, t_scale, node_grid))
-                                    .contiguous();
-    if (need_s) grad_s_hat = affinity_full_columns(s_c, s_scale, node_grid, weighted, 1.0);
-    if (need_t) grad_t_hat = affinity_full_columns(t_c, t_scale, node_grid, weighted, -1.0);
-  } else if (!use_gram) {
+  if (!use_gram) {  // dL/ds_i = 2 sum_j (w_i + w_j) D_ij s_j, and minus the same of t for dL/dt: a slab of W at a time
     if (uniform) weight = weight.unsqueeze(1).expand({batch, m}).contiguous();
-    if (need_s) grad_s_hat = at::zeros({batch, s.size(1), m}, doubles);
-    if (need_t) grad_t_hat = at::zeros({batch, t.size(1), m}, doubles);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s_c.scalar_type(), "affinity_full_direct_backward", [&] {
-      FASTKD_KERNELS::affinity_full_direct_backward(
-          affinity_full_nodes<scalar_t>(s_c, s_scale), affinity_full_nodes<scalar_t>(t_c, t_scale), node_grid,
-          weight.const_data_ptr<double>(), batch, need_s ? grad_s_hat.mutable_data_ptr<double>() : nullptr,
-          need_t ? grad_t_hat.mutable_data_ptr<double>() : nullptr, FASTKD_GLUE_STREAM());
-    });
+    if (need_s) grad_s_hat = at::empty({batch, s.size(1), m}, doubles);
+    if (need_t) grad_t_hat = at::empty({batch, t.size(1), m}, doubles);
+    const int64_t rows = affinity_full_slab_rows(m, std::max(s.size(1), t.size(1)));
+    for (int64_t first_row = 0; first_row < m; first_row += rows) {
+      const at::Tensor weighted_t = affinity_full_difference(s_c, s_scale, t_c, t_scale, node_grid, first_row,
+                                                             std::min(rows, m - first_row), weight);
+      if (need_s) affinity_full_columns(s_c, s_scale, node_grid, weighted_t, first_row, 1.0, grad_s_hat);
+      if (need_t) affinity_full_columns(t_c, t_scale, node_grid, weighted_t, first_row, -1.0, grad_t_hat);
+    }
   } else {
     const at::Tensor ss = gram_ss.to(at::kDouble), st = gram_st.to(at::kDouble), tt = gram_tt.to(at::kDouble);
     const at::Tensor ts = st.transpose(1, 2);

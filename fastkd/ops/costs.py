@@ -95,17 +95,17 @@ def gram_full_graph(x: Shape, per_row: bool) -> dict:
     return {"forward": forward, "backward": backward}
 
 
-def direct_full_graph(x: Shape, weights_stored: bool = False) -> dict:
-    """Direct path: tiles of D = S'S - T'T formed in registers; backward re-forms them and applies them. With
-    few nodes (m <= 64) D itself is stored, a (B, m, m) partial per range of channels: for the pool_scale
-    example 0.2 MB beside 138 MB of inputs, left out. ``weights_stored``: the Triton backward, which writes
-    ``W = 2 (w_i + w_j) D`` (B m^2 doubles, a slab of rows at a time) and reads it once per input."""
+def direct_full_graph(x: Shape) -> dict:
+    """Direct path: tiles of D = S'S - T'T formed in registers forward (with few nodes, m <= 64, D itself, a
+    (B, m, m) partial per range of channels: for the pool_scale example 0.2 MB beside 138 MB of inputs, left
+    out). The backward forms ``W = 2 (w_i + w_j) D`` a slab of rows at a time, writes it (B m^2 doubles in all)
+    and reads it once per input."""
     b, m, cs, ct = x.batch, x.nodes, x.cs, x.ct
     tiles = 2 * b * m * m * (cs + ct) + 3 * b * m * m  # the two affinity products, then D^2 and its sum
     forward = Cost(flops=tiles, minimum_bytes=x.inputs(), kernel_bytes=x.pooling() + 2 * x.node_reads())  # norms, D
-    weights = 3 * F64 * b * m * m if weights_stored else 0.0
+    weights = 3 * F64 * b * m * m
     backward = Cost(flops=tiles + 2 * b * m * m * (cs + ct), minimum_bytes=2 * x.inputs(),
-                    kernel_bytes=x.pooling() + x.node_reads() + weights + _node_backward_bytes(x))  # D formed, applied
+                    kernel_bytes=x.pooling() + x.node_reads() + weights + _node_backward_bytes(x))  # W formed, applied
     return {"forward": forward, "backward": backward}
 
 
@@ -178,8 +178,6 @@ EXAMPLES = [
      direct_full_graph, (Shape(8, 512, 512, 65, 65, 9),)),
     ("PairwiseAffinityLoss() direct, B=8, C=512+512, 24x24 (m=576)",
      direct_full_graph, (Shape(8, 512, 512, 24, 24, 576),)),
-    ("PairwiseAffinityLoss() direct, the Triton backward, B=8, C=512+512, 24x24 (m=576)",
-     direct_full_graph, (Shape(8, 512, 512, 24, 24, 576), True)),
     ("AffinityDistillationLoss() Gram, B=8, C=256+256, 64x64 (m=4096)",
      gram_full_graph, (Shape(8, 256, 256, 64, 64, 4096), True)),
     ("PairwiseAffinityLoss(patch=2, window=2), B=8, C=256+256, 128x256 (m=8192)",
