@@ -80,6 +80,9 @@ CASES: Dict[str, Callable[[str, str], List[torch.Tensor]]] = {
     "affinity_window window = 3 (per-node kernels), C = 32, 32 x 32, B = 2": lambda backend, device: _backward(
         lambda s, t: F.pairwise_affinity_loss(s, t, window=3, backend=backend), (2, 32, 32, 32), (2, 32, 32, 32),
         device=device),
+    "affinity_window window = 3 (per-node kernels), C = 16, 64 x 64, B = 2 (8192 nodes: no channel splits)":
+        lambda backend, device: _backward(lambda s, t: F.pairwise_affinity_loss(s, t, window=3, backend=backend),
+                                          (2, 16, 64, 64), (2, 16, 64, 64), device=device),
     "consistency C = 19, 32 x 64, B = 2": lambda backend, device: _backward(
         lambda s, t: F.consistency_loss(s, t, backend=backend), (2, 19, 32, 64), (2, 19, 32, 64), device=device),
     "pixelwise_kd C = 19, 32 x 64, B = 2": lambda backend, device: _backward(

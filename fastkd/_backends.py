@@ -40,7 +40,7 @@ BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
 # time from 8x16 to 128x256, the cpp consistency loss 0.06-0.30x from 8x16 to 512x1024, both a quarter of its
 # memory or less); ``torch`` is always last and always available. On CUDA tensors, cuda or triton first by the
 # kernels' estimated fractions of the H100 floor (benchmarks/results/kernel-evidence/evidence.md, sm_90, no GPU
-# run yet): full graph, cuda (Gram 100% against 93%, its backward 75% against 73%, the direct path 96% and 100%
+# run yet): full graph, cuda (Gram 100% against 93%, its backward 73% against 70%, the direct path 96% and 100%
 # against 78% and 89%; for few nodes, 100% against 89%); per-pixel losses, cuda (50-100% against
 # 28-30%); windowed graph, cuda (its tiles, for reach 1-2: 48% and 53% against 49% and 36%, moving 564 and
 # 1,101 MB a pass against 1,087 and 2,966 MB at the example shape); consistency, triton (95% against 88-90%).

@@ -295,13 +295,15 @@ FASTKD_DEVICE void add_forms(Sums& form_sums, int form, global_ptr<const double>
 }
 
 // Block kApplyThreads, grid (node tiles, row groups, B): the block computes the rows r0 = (blockIdx.y + k
-// gridDim.y) kApplyRows.. of its kApplyNodes nodes. Either out (A1 P + B1 Q + w (A2 P + B2 Q)) or the forms
-// (dot_a, dot_b; a2 == nullptr, gridDim.y == 1: every row of a node in one block) are computed.
+// gridDim.y) kApplyRows.. of its kApplyNodes nodes. Either out (A1 P + B1 Q + w (A2 P + B2 Q)), and unless
+// form == nullptr each node's p . out over the block's rows into form[b][blockIdx.y] (B, row groups, m: the
+// norm's share of the gradient, summed by the caller in a fixed order), or the forms (dot_a, dot_b; a2 ==
+// nullptr, gridDim.y == 1: every row of a node in one block) are computed.
 template <typename T, bool kFlat>
 FASTKD_GLOBAL void apply_kernel(Nodes<T> p, Nodes<T> q, Grid grid, global_ptr<const double> a1,
                                 global_ptr<const double> b1, global_ptr<const double> a2, global_ptr<const double> b2,
-                                global_ptr<const double> weight, global_ptr<double> out, global_ptr<double> dot_a,
-                                global_ptr<double> dot_b) {
+                                global_ptr<const double> weight, global_ptr<double> out, global_ptr<double> form,
+                                global_ptr<double> dot_a, global_ptr<double> dot_b) {
   // The tiles; between row tiles, the outputs on their way out (output_index).
   FASTKD_SHARED(double, staged, kApplyStagedElements);
   FASTKD_SHARED(double, form_sums, 2 * 2 * kApplyNodes);  // [form][row half][node], for the forms
@@ -339,7 +341,22 @@ FASTKD_GLOBAL void apply_kernel(Nodes<T> p, Nodes<T> q, Grid grid, global_ptr<co
         }
       }
     }
+    if (form != nullptr) {  // a thread per node and row half, its 32 rows in order (as add_forms)
+      const int node = threadIdx.x % kApplyNodes, half = threadIdx.x / kApplyNodes;
+      double sum = 0.0;
+      for (int r = 32 * half; r < 32 * half + 32; ++r) {
+        sum += nodes::normalized<kFlat>(p, grid, b, r0 + r, n0 + node) * staged[output_index(r, node, kApplyNodes)];
+      }
+      form_sums[half * kApplyNodes + node] += sum;
+    }
     __syncthreads();  // before the next row tile stages
+  }
+  if (form != nullptr) {
+    __syncthreads();  // both row halves' sums, also where there were no rows to sum
+    const int node = threadIdx.x;
+    if (node < kApplyNodes && n0 + node < m) {
+      form[(b * gridDim.y + blockIdx.y) * m + n0 + node] = form_sums[node] + form_sums[kApplyNodes + node];
+    }
   }
   if (forms) {
     __syncthreads();  // the sums of both row halves, also where there were no rows to sum
@@ -514,11 +531,13 @@ FASTKD_GLOBAL void direct_difference_kernel(Nodes<T> s, Nodes<T> t, Grid grid, s
 }
 
 // The columns kernel's shared memory: the weighted tile W[i][j] (at weighted_index), then a tile of 64 channels
-// x kApplyChunk nodes j at kMatrixPitch; its 64 x 64 outputs use the start on their way out.
+// x kApplyChunk nodes j at kMatrixPitch; its 64 x 64 outputs use the start on their way out, their forms' halves
+// the doubles after them.
 constexpr int kWeightedElements = kDirectSide * kNodePitch;
 constexpr int kColumnTileAt = kWeightedElements;
 constexpr int kColumnsElements = kWeightedElements + kDirectSide * kMatrixPitch;
-static_assert(kDirectSide * kDirectSide <= kWeightedElements && kColumnsElements * 8 <= 48 * 1024,
+constexpr int kFormSumsAt = kDirectSide * kDirectSide;  // after the outputs: [channel half][node]
+static_assert(kFormSumsAt + 2 * kDirectSide <= kColumnsElements && kColumnsElements * 8 <= 48 * 1024,
               "the columns kernel's tiles");
 
 // Where W[i][j] of the block's 64 x 64 tile lies in shared memory: row j, the column i XOR-ed with bit 2 of j.
@@ -552,11 +571,13 @@ FASTKD_DEVICE void add_weighted_products(WarpAccumulators& acc, Tile& staged, co
 // of the slab, B): out[b][c][first_row + i] = sign sum_j W_ij x_j[c] for the block's 64 channels c and 64 nodes i
 // of the slab, W given transposed (weighted_t (B, m, slab_rows), from direct_difference_kernel), staged a 64 x 64
 // tile at a time with lanes along i, the products summed over every node j in registers, then written once
-// through shared memory (lanes along i). Only this block writes those entries of out (B, C, m).
+// through shared memory (lanes along i). Only this block writes those entries of out (B, C, m). Unless form ==
+// nullptr, also each node's x_hat . out over the block's channels into form[b][blockIdx.x] (B, channel tiles, m),
+// summed by the caller in a fixed order.
 template <typename T, bool kFlat>
 FASTKD_GLOBAL void direct_columns_kernel(Nodes<T> x, Grid grid, global_ptr<const double> weighted_t,
                                          std::int64_t first_row, std::int64_t slab_rows, double sign,
-                                         global_ptr<double> out) {
+                                         global_ptr<double> out, global_ptr<double> form) {
   FASTKD_SHARED(double, staged, kColumnsElements);
   const std::int64_t m = nodes::node_count(grid), channels = x.map.channels;
   const std::int64_t c0 = static_cast<std::int64_t>(blockIdx.x) * kDirectSide;
@@ -582,6 +603,20 @@ FASTKD_GLOBAL void direct_columns_kernel(Nodes<T> x, Grid grid, global_ptr<const
       out[(b * channels + c0 + c) * m + first_row + row0 + i] =
           sign * staged[output_index(static_cast<int>(c), static_cast<int>(i), kDirectSide)];
     }
+  }
+  if (form == nullptr) return;
+  // A thread per node and channel half, its 32 channels in order, the halves then added in order.
+  const int node = threadIdx.x % kDirectSide, half = threadIdx.x / kDirectSide;
+  double sum = 0.0;
+  for (int c = 32 * half; c < 32 * half + 32; ++c) {
+    sum += nodes::normalized<kFlat>(x, grid, b, c0 + c, first_row + row0 + node) *
+           staged[output_index(c, node, kDirectSide)];
+  }
+  staged[kFormSumsAt + half * kDirectSide + node] = sum;
+  __syncthreads();
+  if (threadIdx.x < kDirectSide && threadIdx.x < rows) {
+    form[(b * gridDim.x + blockIdx.x) * m + first_row + row0 + threadIdx.x] =
+        sign * (staged[kFormSumsAt + threadIdx.x] + staged[kFormSumsAt + kDirectSide + threadIdx.x]);
   }
 }
 
@@ -620,17 +655,18 @@ void affinity_full_gram(const nodes::Nodes<T>& x, const nodes::Nodes<T>& y, cons
 template <typename T>
 void affinity_full_apply(const nodes::Nodes<T>& p, const nodes::Nodes<T>& q, const nodes::Grid& grid,
                          const double* a1, const double* b1, const double* a2, const double* b2,
-                         const double* weight, std::int64_t batch, double* out, double* dot_a, double* dot_b,
-                         fastkd_stream_t stream) {
-  if ((out == nullptr) == (dot_a == nullptr) || (dot_a != nullptr && (dot_b == nullptr || a2 != nullptr))) {
-    throw std::invalid_argument("affinity_full_apply: either out, or dot_a and dot_b without a2");
+                         const double* weight, std::int64_t batch, double* out, double* form, double* dot_a,
+                         double* dot_b, fastkd_stream_t stream) {
+  if ((out == nullptr) == (dot_a == nullptr) || (dot_a != nullptr && (dot_b == nullptr || a2 != nullptr)) ||
+      (form != nullptr && out == nullptr)) {
+    throw std::invalid_argument("affinity_full_apply: either out (and form), or dot_a and dot_b without a2");
   }
   const std::int64_t node_tiles = (nodes::node_count(grid) + kApplyNodes - 1) / kApplyNodes;
   const std::int64_t row_groups = dot_a != nullptr ? 1 : (p.map.channels + kApplyRows - 1) / kApplyRows;
   if (node_tiles == 0 || row_groups == 0 || batch == 0) return;
   const LaunchExtent blocks(node_tiles, row_groups, batch);
   FASTKD_LAUNCH_FLAT_OR_GENERAL(apply_kernel, flat(p, q, grid), blocks, dim3(kApplyThreads), stream, p, q, grid, a1,
-                                b1, a2, b2, weight, out, dot_a, dot_b);
+                                b1, a2, b2, weight, out, form, dot_a, dot_b);
 }
 
 template <typename T>
@@ -665,7 +701,7 @@ void affinity_full_direct_difference(const nodes::Nodes<T>& s, const nodes::Node
 template <typename T>
 void affinity_full_direct_columns(const nodes::Nodes<T>& x, const nodes::Grid& grid, const double* weighted_t,
                                   std::int64_t batch, std::int64_t first_row, std::int64_t slab_rows, double sign,
-                                  double* out, fastkd_stream_t stream) {
+                                  double* out, double* form, fastkd_stream_t stream) {
   if (first_row < 0 || slab_rows < 0 || first_row + slab_rows > nodes::node_count(grid)) {
     throw std::invalid_argument("affinity_full_direct_columns: the slab's rows must lie within the nodes");
   }
@@ -673,7 +709,7 @@ void affinity_full_direct_columns(const nodes::Nodes<T>& x, const nodes::Grid& g
   if (channel_tiles == 0 || row_tiles == 0 || batch == 0) return;
   const LaunchExtent blocks(channel_tiles, row_tiles, batch);
   FASTKD_LAUNCH_FLAT_OR_GENERAL(direct_columns_kernel, flat(x, x, grid), blocks, dim3(kApplyThreads), stream, x,
-                                grid, weighted_t, first_row, slab_rows, sign, out);
+                                grid, weighted_t, first_row, slab_rows, sign, out, form);
 }
 
 #undef FASTKD_LAUNCH_FLAT_OR_GENERAL
@@ -684,7 +720,7 @@ void affinity_full_direct_columns(const nodes::Nodes<T>& x, const nodes::Grid& g
                                       fastkd_stream_t);                                                            \
   template void affinity_full_apply<T>(const nodes::Nodes<T>&, const nodes::Nodes<T>&, const nodes::Grid&,         \
                                        const double*, const double*, const double*, const double*, const double*,  \
-                                       std::int64_t, double*, double*, double*, fastkd_stream_t);                  \
+                                       std::int64_t, double*, double*, double*, double*, fastkd_stream_t);         \
   template void affinity_full_direct_rows<T>(const nodes::Nodes<T>&, const nodes::Nodes<T>&, const nodes::Grid&,   \
                                              std::int64_t, std::int64_t, std::int64_t, double*, fastkd_stream_t);  \
   template void affinity_full_direct_difference<T>(const nodes::Nodes<T>&, const nodes::Nodes<T>&,                 \
@@ -693,7 +729,7 @@ void affinity_full_direct_columns(const nodes::Nodes<T>& x, const nodes::Grid& g
                                                    fastkd_stream_t);                                               \
   template void affinity_full_direct_columns<T>(const nodes::Nodes<T>&, const nodes::Grid&, const double*,         \
                                                 std::int64_t, std::int64_t, std::int64_t, double, double*,         \
-                                                fastkd_stream_t);
+                                                double*, fastkd_stream_t);
 FASTKD_FOR_EACH_STORAGE_TYPE(FASTKD_INSTANTIATE)
 #undef FASTKD_INSTANTIATE
 

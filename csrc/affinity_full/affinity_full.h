@@ -39,15 +39,17 @@ void affinity_full_gram(const nodes::Nodes<T>& x, const nodes::Nodes<T>& y, cons
                         double* partials, fastkd_stream_t stream);
 
 // For the normalised nodes P (Cp x m) and Q (Cq x m) of each image, one of:
-//   out = A1 P + B1 Q + w (A2 P + B2 Q)      (B, Cp, m), when out is not nullptr
+//   out = A1 P + B1 Q + w (A2 P + B2 Q)      (B, Cp, m), when out is not nullptr; and then, unless form is
+//                                            nullptr, each node's p . out over each tile of 64 rows into form
+//                                            (B, ceil(Cp / 64), m)
 //   dot_a_i = p_i . (A1 p_i), dot_b_i = p_i . (B1 q_i)  (B, m), when dot_a and dot_b are not nullptr (a2 is)
 // A1, A2: (B, Cp, Cp); B1, B2: (B, Cp, Cq). b1 == nullptr: no Q terms (q is not read); a2 == nullptr: no
 // weighted terms (b2, weight not read). Other combinations throw std::invalid_argument.
 template <typename T>
 void affinity_full_apply(const nodes::Nodes<T>& p, const nodes::Nodes<T>& q, const nodes::Grid& grid,
                          const double* a1, const double* b1, const double* a2, const double* b2,
-                         const double* weight, std::int64_t batch, double* out, double* dot_a, double* dot_b,
-                         fastkd_stream_t stream);
+                         const double* weight, std::int64_t batch, double* out, double* form, double* dot_a,
+                         double* dot_b, fastkd_stream_t stream);
 
 // partials (B, splits, m): r_i = sum_j D_ij^2 with D = S'S - T'T formed tile by tile (kAffinityDirectSide
 // nodes square), over the column tiles [split n, (split + 1) n) (n = tiles_per_split); the caller sums the
@@ -70,11 +72,12 @@ void affinity_full_direct_difference(const nodes::Nodes<T>& s, const nodes::Node
 
 // out[b][c][first_row + i] = sign sum_j W_ij x_j[c] for the normalised nodes X (C x m) of each image and the
 // rows i < slab_rows of a slab of W given transposed, weighted_t (B, m, slab_rows) as affinity_full_direct_difference
-// writes it; out (B, C, m): only the slab's columns are written.
+// writes it; out (B, C, m): only the slab's columns are written. Unless form is nullptr, also each node's
+// x_hat . out over each tile of kAffinityDirectSide channels into the slab's columns of form (B, tiles, m).
 template <typename T>
 void affinity_full_direct_columns(const nodes::Nodes<T>& x, const nodes::Grid& grid, const double* weighted_t,
                                   std::int64_t batch, std::int64_t first_row, std::int64_t slab_rows, double sign,
-                                  double* out, fastkd_stream_t stream);
+                                  double* out, double* form, fastkd_stream_t stream);
 
 }  // namespace FASTKD_KERNELS
 }  // namespace fastkd

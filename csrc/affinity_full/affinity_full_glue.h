@@ -119,10 +119,12 @@ at::Tensor affinity_full_gram(const at::Tensor& x, const at::Tensor& x_scale, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_full_apply(
     const at::Tensor& p, const at::Tensor& p_scale, const at::Tensor& q, const at::Tensor& q_scale,
     const nodes::Grid& grid, const at::Tensor& a1, const at::Tensor& b1, const at::Tensor& a2,
-    const at::Tensor& b2, const at::Tensor& weight, bool store, bool dots) {
+    const at::Tensor& b2, const at::Tensor& weight, bool store, bool dots, bool form = false) {
   const int64_t batch = p.size(0), m = nodes::node_count(grid);
   const auto doubles = p.options().dtype(at::kDouble);
   at::Tensor out = store ? at::empty({batch, p.size(1), m}, doubles) : at::Tensor();
+  const int64_t row_tiles = (p.size(1) + 63) / 64;  // affinity_full_apply's form partials, a 64-row tile each
+  at::Tensor forms = store && form ? at::empty({batch, row_tiles, m}, doubles) : at::Tensor();
   at::Tensor dot_a = dots ? at::empty({batch, m}, doubles) : at::Tensor();
   at::Tensor dot_b = dots ? at::empty({batch, m}, doubles) : at::Tensor();
   const at::Tensor a1_c = a1.contiguous();
@@ -136,9 +138,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_full_apply(
         affinity_full_nodes<scalar_t>(p, p_scale), affinity_full_nodes<scalar_t>(q_used, q_scale_used), grid,
         affinity_full_pointer(a1_c), affinity_full_pointer(b1_c), affinity_full_pointer(a2_c),
         affinity_full_pointer(b2_c), affinity_full_pointer(weight), batch,
-        store ? out.mutable_data_ptr<double>() : nullptr, dots ? dot_a.mutable_data_ptr<double>() : nullptr,
-        dots ? dot_b.mutable_data_ptr<double>() : nullptr, FASTKD_GLUE_STREAM());
+        store ? out.mutable_data_ptr<double>() : nullptr, forms.defined() ? forms.mutable_data_ptr<double>() : nullptr,
+        dots ? dot_a.mutable_data_ptr<double>() : nullptr, dots ? dot_b.mutable_data_ptr<double>() : nullptr,
+        FASTKD_GLUE_STREAM());
   });
+  if (forms.defined()) dot_a = forms.sum(1);  // p . out, the row tiles' partials summed in a fixed order
   return {out, dot_a, dot_b};
 }
 
@@ -171,13 +175,16 @@ at::Tensor affinity_full_difference(const at::Tensor& s, const at::Tensor& s_sca
 }
 
 // Into the columns [first_row, first_row + slab_rows) of out (B, C, m) double: sign X W' for the normalised
-// nodes X of x and a slab of W's rows given transposed, weighted_t (B, m, slab_rows).
+// nodes X of x and a slab of W's rows given transposed, weighted_t (B, m, slab_rows); and, if defined, into the
+// same columns of forms (B, channel tiles of 64, m) each tile's x_hat . out.
 void affinity_full_columns(const at::Tensor& x, const at::Tensor& x_scale, const nodes::Grid& grid,
-                           const at::Tensor& weighted_t, int64_t first_row, double sign, at::Tensor& out) {
+                           const at::Tensor& weighted_t, int64_t first_row, double sign, at::Tensor& out,
+                           at::Tensor& forms) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "affinity_full_direct_columns", [&] {
     FASTKD_KERNELS::affinity_full_direct_columns(affinity_full_nodes<scalar_t>(x, x_scale), grid,
                                                  weighted_t.const_data_ptr<double>(), x.size(0), first_row,
                                                  weighted_t.size(2), sign, out.mutable_data_ptr<double>(),
+                                                 forms.defined() ? forms.mutable_data_ptr<double>() : nullptr,
                                                  FASTKD_GLUE_STREAM());
   });
 }
@@ -277,65 +284,78 @@ std::tuple<at::Tensor, at::Tensor> affinity_full_backward_op(
   const nodes::Grid& node_grid = operands.grid;
   const auto doubles = s.options().dtype(at::kDouble);
   const at::Tensor none;
-  at::Tensor grad_s_hat, grad_t_hat;
+  // dL/ds_hat and dL/dt_hat, and unless the norm is detached each node's x_hat . dL/dx_hat (the norm's share of
+  // the gradient), summed where the gradients are made.
+  at::Tensor grad_s_hat, grad_t_hat, s_form, t_form;
+  const bool forms = !detach_norm;
   if (!use_gram) {  // dL/ds_i = 2 sum_j (w_i + w_j) D_ij s_j, and minus the same of t for dL/dt: a slab of W at a time
     if (uniform) weight = weight.unsqueeze(1).expand({batch, m}).contiguous();
+    const int64_t side = FASTKD_KERNELS::kAffinityDirectSide;
     if (need_s) grad_s_hat = at::empty({batch, s.size(1), m}, doubles);
     if (need_t) grad_t_hat = at::empty({batch, t.size(1), m}, doubles);
+    if (need_s && forms) s_form = at::empty({batch, (s.size(1) + side - 1) / side, m}, doubles);
+    if (need_t && forms) t_form = at::empty({batch, (t.size(1) + side - 1) / side, m}, doubles);
     const int64_t rows = affinity_full_slab_rows(m, std::max(s.size(1), t.size(1)));
     for (int64_t first_row = 0; first_row < m; first_row += rows) {
       const at::Tensor weighted_t = affinity_full_difference(s_c, s_scale, t_c, t_scale, node_grid, first_row,
                                                              std::min(rows, m - first_row), weight);
-      if (need_s) affinity_full_columns(s_c, s_scale, node_grid, weighted_t, first_row, 1.0, grad_s_hat);
-      if (need_t) affinity_full_columns(t_c, t_scale, node_grid, weighted_t, first_row, -1.0, grad_t_hat);
+      if (need_s) affinity_full_columns(s_c, s_scale, node_grid, weighted_t, first_row, 1.0, grad_s_hat, s_form);
+      if (need_t) affinity_full_columns(t_c, t_scale, node_grid, weighted_t, first_row, -1.0, grad_t_hat, t_form);
     }
+    if (s_form.defined()) s_form = s_form.sum(1);  // the channel tiles' partials, in a fixed order
+    if (t_form.defined()) t_form = t_form.sum(1);
   } else {
     const at::Tensor ss = gram_ss.to(at::kDouble), st = gram_st.to(at::kDouble), tt = gram_tt.to(at::kDouble);
     const at::Tensor ts = st.transpose(1, 2);
     if (uniform) {  // w_k = w: dL/ds = 4 w (SS' s - ST' t), dL/dt = 4 w (TT' t - TS' s)
       const at::Tensor w = weight.view({-1, 1, 1});
       if (need_s) {
-        grad_s_hat = std::get<0>(affinity_full_apply(s_c, s_scale, t_c, t_scale, node_grid, 4 * w * ss, -4 * w * st,
-                                                     none, none, none, true, false));
+        std::tie(grad_s_hat, s_form, std::ignore) = affinity_full_apply(
+            s_c, s_scale, t_c, t_scale, node_grid, 4 * w * ss, -4 * w * st, none, none, none, true, false, forms);
       }
       if (need_t) {
-        grad_t_hat = std::get<0>(affinity_full_apply(t_c, t_scale, s_c, s_scale, node_grid, 4 * w * tt, -4 * w * ts,
-                                                     none, none, none, true, false));
+        std::tie(grad_t_hat, t_form, std::ignore) = affinity_full_apply(
+            t_c, t_scale, s_c, s_scale, node_grid, 4 * w * tt, -4 * w * ts, none, none, none, true, false, forms);
       }
     } else {  // 2 w_k (SS' s_k - ST' t_k) + 2 (S W S' s_k - S W T' t_k), and the same for t
       const at::Tensor weighted_st = affinity_full_gram(s_c, s_scale, t_c, t_scale, node_grid, weight);  // S W T'
       if (need_s) {
         const at::Tensor weighted_ss = affinity_full_gram(s_c, s_scale, s_c, s_scale, node_grid, weight);
-        grad_s_hat = std::get<0>(affinity_full_apply(s_c, s_scale, t_c, t_scale, node_grid, 2 * weighted_ss,
-                                                     -2 * weighted_st, 2 * ss, -2 * st, weight, true, false));
+        std::tie(grad_s_hat, s_form, std::ignore) =
+            affinity_full_apply(s_c, s_scale, t_c, t_scale, node_grid, 2 * weighted_ss, -2 * weighted_st, 2 * ss,
+                                -2 * st, weight, true, false, forms);
       }
       if (need_t) {
         const at::Tensor weighted_tt = affinity_full_gram(t_c, t_scale, t_c, t_scale, node_grid, weight);
-        grad_t_hat = std::get<0>(affinity_full_apply(t_c, t_scale, s_c, s_scale, node_grid, 2 * weighted_tt,
-                                                     -2 * weighted_st.transpose(1, 2), 2 * tt, -2 * ts, weight,
-                                                     true, false));
+        std::tie(grad_t_hat, t_form, std::ignore) =
+            affinity_full_apply(t_c, t_scale, s_c, s_scale, node_grid, 2 * weighted_tt,
+                                -2 * weighted_st.transpose(1, 2), 2 * tt, -2 * ts, weight, true, false, forms);
       }
     }
   }
-  // dL/dx from dL/df_hat, in each input's own dtype and layout; the norm's share of it from the nodes the
-  // kernels read, where they were pooled.
+  // dL/dx from dL/df_hat, in each input's own dtype and layout; the norm's share of each node's gradient,
+  // k^2 (f . g) / n = k (f_hat . g) / n with k = 1 / (n + eps) (0 where n = 0), from the forms.
   const bool pooled = node_grid.kernel_h != grid.kernel_h || node_grid.kernel_w != grid.kernel_w;
-  at::Tensor radial = detach_norm ? at::Tensor() : at::empty({batch, m}, doubles);
   auto node_backward = [&](const at::Tensor& grad_hat, const at::Tensor& x, const at::Tensor& x_nodes,
-                           const at::Tensor& norm) {
+                           const at::Tensor& norm, const at::Tensor& form) {
     at::Tensor grad = at::empty_like(x);
     if (grad.numel() == 0) return grad;
+    at::Tensor radial;
+    if (!detach_norm) {
+      radial = at::where(norm > 0, form / ((norm + eps) * at::where(norm > 0, norm, at::ones_like(norm))),
+                         at::zeros_like(norm)).contiguous();
+    }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "affinity_full_node_backward", [&] {
       FASTKD_KERNELS::node_backward(grad_hat.const_data_ptr<double>(), storage_data<scalar_t>(x), map_of(x),
                                     pooled ? x_nodes.const_data_ptr<double>() : nullptr, norm.const_data_ptr<double>(),
                                     grid, eps, detach_norm, batch,
-                                    detach_norm ? nullptr : radial.mutable_data_ptr<double>(),
+                                    detach_norm ? nullptr : radial.mutable_data_ptr<double>(), /*radial_given=*/true,
                                     mutable_storage_data<scalar_t>(grad), map_of(grad), FASTKD_GLUE_STREAM());
     });
     return grad;
   };
-  at::Tensor grad_s = need_s ? node_backward(grad_s_hat, s, s_c, s_norm) : at::empty({0}, s.options());
-  at::Tensor grad_t = need_t ? node_backward(grad_t_hat, t, t_c, t_norm) : at::empty({0}, t.options());
+  at::Tensor grad_s = need_s ? node_backward(grad_s_hat, s, s_c, s_norm, s_form) : at::empty({0}, s.options());
+  at::Tensor grad_t = need_t ? node_backward(grad_t_hat, t, t_c, t_norm, t_form) : at::empty({0}, t.options());
   return {grad_s, grad_t};
 }
 

@@ -423,7 +423,8 @@ void affinity_window_backward(const T* x, const Map& map, const double* norms, c
       FASTKD_LAUNCH(affinity_window_gradient_kernel<T>,
                     LaunchExtent(blocks_for(batch * map.channels * nodes::node_count(grid))), dim3(kThreads), stream,
                     x, map, norms, difference, grid, batch, eps, grad_total, sign, grad_hat);
-      node_backward(grad_hat, x, map, nullptr, norms, grid, eps, detach_norm, batch, radial, grad, grad_map, stream);
+      node_backward(grad_hat, x, map, nullptr, norms, grid, eps, detach_norm, batch, radial, false, grad, grad_map,
+                    stream);
   }
 }
 

@@ -285,10 +285,12 @@ void pool_nodes(const T* x, const nodes::Map& map, const nodes::Grid& grid, std:
 template <typename T>
 void node_backward(const double* grad_hat, const T* x, const nodes::Map& map, const double* nodes_in,
                    const double* norms, const nodes::Grid& grid, double eps, bool detach_norm, std::int64_t batch,
-                   double* radial, T* grad, const nodes::Map& grad_map, fastkd_stream_t stream) {
+                   double* radial, bool radial_given, T* grad, const nodes::Map& grad_map, fastkd_stream_t stream) {
   const std::int64_t node_items = batch * nodes::node_count(grid);
   if (node_items * map.channels == 0) return;
-  if (!detach_norm && node_items < kFewNodes) {
+  if (radial_given || detach_norm) {
+    // nothing to sum: the caller's radial terms, or none
+  } else if (node_items < kFewNodes) {
     FASTKD_LAUNCH(node_radial_split_kernel<T>, LaunchExtent(split_blocks_for(node_items)), dim3(kSplitThreads), stream,
                   grad_hat, x, map, nodes_in, norms, grid, eps, batch, radial);
   } else if (!detach_norm) {
@@ -312,8 +314,8 @@ void node_backward(const double* grad_hat, const T* x, const nodes::Map& map, co
   template void pool_nodes<T>(const T*, const nodes::Map&, const nodes::Grid&, std::int64_t, double*,           \
                               fastkd_stream_t);                                                                 \
   template void node_backward<T>(const double*, const T*, const nodes::Map&, const double*, const double*,     \
-                                 const nodes::Grid&, double, bool, std::int64_t, double*, T*, const nodes::Map&, \
-                                 fastkd_stream_t);
+                                 const nodes::Grid&, double, bool, std::int64_t, double*, bool, T*,             \
+                                 const nodes::Map&, fastkd_stream_t);
 FASTKD_FOR_EACH_STORAGE_TYPE(FASTKD_INSTANTIATE)
 #undef FASTKD_INSTANTIATE
 

@@ -23,11 +23,12 @@ void pool_nodes(const T* x, const nodes::Map& map, const nodes::Grid& grid, std:
 
 // grad (x's layout, any strides) = dL/dx from grad_hat = dL/df_hat (B, C, m): the normalisation, then the
 // pooling backward (nodes_math.cuh). nodes_in: x's nodes pooled ahead ((B, C, m) double), or nullptr to pool
-// them again; radial: a (B, m) double workspace (not read when the norm is detached).
+// them again; radial: (B, m) double, the norm's share k^2 (f . g) / n of each node's gradient, given by the
+// caller (radial_given) or else summed into it here from grad_hat (not read when the norm is detached).
 template <typename T>
 void node_backward(const double* grad_hat, const T* x, const nodes::Map& map, const double* nodes_in,
                    const double* norms, const nodes::Grid& grid, double eps, bool detach_norm, std::int64_t batch,
-                   double* radial, T* grad, const nodes::Map& grad_map, fastkd_stream_t stream);
+                   double* radial, bool radial_given, T* grad, const nodes::Map& grad_map, fastkd_stream_t stream);
 
 }  // namespace FASTKD_KERNELS
 }  // namespace fastkd

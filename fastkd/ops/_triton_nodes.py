@@ -290,24 +290,25 @@ def pool_nodes(x: torch.Tensor, grid: NodeGrid) -> torch.Tensor:
 
 
 def node_backward(grad_hat: torch.Tensor, x: torch.Tensor, norms: torch.Tensor, grid: NodeGrid, eps: float,
-                  detach_norm: bool, nodes: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """dL/dx (x's dtype and layout) from dL/df_hat, a contiguous (B, C, m) float64 tensor. ``nodes``: x's nodes
-    pooled ahead (:func:`pool_nodes`), which the norm's share of the gradient then reads instead of pooling x."""
+                  detach_norm: bool, hat_dots: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """dL/dx (x's dtype and layout) from dL/df_hat, a contiguous (B, C, m) float64 tensor. ``hat_dots``: each
+    node's ``f_hat . dL/df_hat`` (B, m) float64, summed where dL/df_hat was made (the full graph's kernels), from
+    which the norm's share of the gradient is ``k^2 (f . g) / n = k (f_hat . g) / n``; else node_radial_kernel
+    reads dL/df_hat and x once more for it."""
     batch, channels, height, width = x.shape
     grad_x = torch.empty_like(x)
     radial = norms  # stands for the radial terms when the norm is detached; never read
     with on_device(x):
-        if not detach_norm:
-            source, source_grid = (x, grid) if nodes is None else \
-                (nodes, NodeGrid(1, 1, grid.grid_h, grid.grid_w, False))
+        if not detach_norm and hat_dots is not None:
+            radial = torch.where(norms > 0, hat_dots / ((norms + eps) * torch.where(norms > 0, norms, 1.0)), 0.0)
+        elif not detach_norm:
             splits = channel_splits(batch, grid.nodes, channels)
             out = torch.empty(batch, *([splits] if splits > 1 else []), grid.nodes, dtype=torch.float64,
                               device=x.device)
             node_radial_kernel[(triton.cdiv(grid.nodes, BLOCK_NODES), splits, batch)](
-                grad_hat, source, norms, out, channels, grid.nodes, source.shape[2], source.shape[3],
-                grid.grid_w, *strides(source), source_grid.kernel_h, source_grid.kernel_w, eps,
-                BLOCK_CHANNELS if splits > 1 else channels, SPLIT=splits > 1, MAX_POOL=source_grid.max_pool,
-                BLOCK_C=BLOCK_CHANNELS, BLOCK_N=BLOCK_NODES, **KERNEL_OPTIONS)
+                grad_hat, x, norms, out, channels, grid.nodes, height, width, grid.grid_w, *strides(x),
+                grid.kernel_h, grid.kernel_w, eps, BLOCK_CHANNELS if splits > 1 else channels, SPLIT=splits > 1,
+                MAX_POOL=grid.max_pool, BLOCK_C=BLOCK_CHANNELS, BLOCK_N=BLOCK_NODES, **KERNEL_OPTIONS)
             radial = out
             if splits > 1:  # the splits' dots summed in a fixed order, then radial_term's formula
                 scale = 1.0 / (norms + eps)

@@ -73,10 +73,11 @@ class Shape:
 
 
 def _node_backward_bytes(x: Shape) -> float:
-    """The backward's last step: dL/df_hat written and read twice (the float64 buffers), f read for the
-    norm's share and for the normalisation's backward, and dL/dx written. (A max pool's backward also reads the
-    inputs to find each patch's winner: not counted, the examples average.)"""
-    return 3 * x.node_buffers() + 2 * x.node_reads() + x.inputs()
+    """The backward's last step: dL/df_hat written and read once (the float64 buffers; the norm's share of each
+    node's gradient, f_hat . dL/df_hat, is summed by the kernels that make dL/df_hat, from tiles they reread), f
+    read for the normalisation's backward, and dL/dx written. (A max pool's backward also reads the inputs to
+    find each patch's winner: not counted, the examples average.)"""
+    return 2 * x.node_buffers() + x.node_reads() + x.inputs()
 
 
 def gram_full_graph(x: Shape, per_row: bool) -> dict:

@@ -37,8 +37,8 @@ import triton.language as tl
 
 from fastkd.ops._graph import NodeGrid
 from fastkd.ops._triton_launch import KERNEL_OPTIONS, on_device, strides
-from fastkd.ops._triton_nodes import (advance_coordinates, load_normalized, node_backward, node_coordinates,
-                                     node_norms, node_scales, pool_nodes)
+from fastkd.ops._triton_nodes import (advance_coordinates, load_normalized, load_patch_sums, node_backward,
+                                     node_coordinates, node_norms, node_scales, pool_nodes)
 from fastkd.ops.affinity_full import schema
 
 BLOCK_NODES = 32
@@ -132,13 +132,14 @@ def _matrices_times_nodes(acc, first_ptr, second_ptr, weight, b, out_rows, out_c
 def gram_apply_kernel(p_ptr, p_scale_ptr, q_ptr, q_scale_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr, weight_ptr,
                       out_ptr, dot_a_ptr, dot_b_ptr, p_channels, q_channels, num_nodes, height, width, grid_w,
                       p_sb, p_sc, p_sh, p_sw, q_sb, q_sc, q_sh, q_sw, kernel_h, kernel_w,
-                      HAS_Q: tl.constexpr, HAS_WEIGHTED: tl.constexpr, DOTS: tl.constexpr,
+                      HAS_Q: tl.constexpr, HAS_WEIGHTED: tl.constexpr, DOTS: tl.constexpr, FORM: tl.constexpr,
                       MAX_POOL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                       BLOCK_N: tl.constexpr):
     """For a block of nodes of one image; grid (node blocks, B), P and Q the normalised nodes:
 
-    ``out = A1 P + B1 Q + (A2 P + B2 Q) diag(w)`` (Cp x m), or with DOTS (and neither out nor w) the per-node
-    quadratic forms ``dot_a = p . (A1 p)`` and ``dot_b = p . (B1 q)``. Output rows BLOCK_R at a time.
+    ``out = A1 P + B1 Q + (A2 P + B2 Q) diag(w)`` (Cp x m), with FORM also ``dot_a = p . out`` per node (the
+    norm's share of the gradient, node_backward's ``hat_dots``), or with DOTS (and neither out nor w) the
+    per-node quadratic forms ``dot_a = p . (A1 p)`` and ``dot_b = p . (B1 q)``. Output rows BLOCK_R at a time.
     """
     b = tl.program_id(1).to(tl.int64)
     nodes = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -175,10 +176,17 @@ def gram_apply_kernel(p_ptr, p_scale_ptr, q_ptr, q_scale_ptr, a1_ptr, b1_ptr, a2
                                                q_scale_ptr, q_channels, nodes, node_row, node_col, num_nodes,
                                                height, width, q_sb, q_sc, q_sh, q_sw, kernel_h, kernel_w,
                                                HAS_WEIGHTED, MAX_POOL, BLOCK_C)
+            if FORM:  # the patch sums' dots with out, scaled to p_hat's once per node after the loop
+                sums = load_patch_sums(p_ptr, b, rows, nodes, node_row, node_col, p_channels, num_nodes, height,
+                                       width, p_sb, p_sc, p_sh, p_sw, kernel_h, kernel_w, MAX_POOL)
+                dot_a += tl.sum(sums * result, axis=0)
             out = out_ptr + (b * p_channels + rows[:, None]) * num_nodes + nodes[None, :]
             tl.store(out, result, mask=(rows[:, None] < p_channels) & node_ok[None, :])
-    if DOTS:
+    if FORM:
+        dot_a = dot_a * tl.load(p_scale_ptr + b * num_nodes + nodes, mask=node_ok, other=0.0)
+    if DOTS or FORM:
         tl.store(dot_a_ptr + b * num_nodes + nodes, dot_a, mask=node_ok)
+    if DOTS:
         tl.store(dot_b_ptr + b * num_nodes + nodes, dot_b, mask=node_ok)
 
 
@@ -279,13 +287,14 @@ def direct_difference_kernel(s_ptr, s_scale_ptr, t_ptr, t_scale_ptr, weight_ptr,
 
 
 @triton.jit(do_not_specialize=UNSPECIALISED)
-def direct_columns_kernel(x_ptr, x_scale_ptr, weighted_t_ptr, out_ptr, x_channels, num_nodes, height, width, grid_w,
-                          x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, first_row, slab_rows, NEGATE: tl.constexpr,
-                          MAX_POOL: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
-                          BLOCK_C: tl.constexpr):
+def direct_columns_kernel(x_ptr, x_scale_ptr, weighted_t_ptr, out_ptr, form_ptr, x_channels, num_nodes, height,
+                          width, grid_w, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, first_row, slab_rows,
+                          NEGATE: tl.constexpr, FORM: tl.constexpr, MAX_POOL: tl.constexpr, BLOCK_I: tl.constexpr,
+                          BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
     """``out[b, c, i] = sum_j W_ij x_j[c]`` (negated with NEGATE) for the nodes i of a slab of W's rows (weighted_t:
     W' (B, m, slab_rows), from direct_difference_kernel; out: (B, C, m); both float64), a block of those nodes
-    and of channels; grid (node blocks, channel blocks, B)."""
+    and of channels; grid (node blocks, channel blocks, B). With FORM, also ``x_hat_i . out_i`` over the block's
+    channels into form (B, channel blocks, m) float64, for node_backward's ``hat_dots``."""
     b = tl.program_id(2).to(tl.int64)
     slab = tl.program_id(0).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
     in_slab = slab < slab_rows
@@ -303,9 +312,15 @@ def direct_columns_kernel(x_ptr, x_scale_ptr, weighted_t_ptr, out_ptr, x_channel
         row_j, col_j = advance_coordinates(row_j, col_j, step_rows, step_cols, grid_w)
     if NEGATE:  # dL/dt_hat_i = -sum_j W_ij t_j
         acc = -acc
+    nodes_i = first_row + slab
     ok = (channels[:, None] < x_channels) & in_slab[None, :]
-    tl.store(out_ptr + (b * x_channels + channels[:, None]) * num_nodes + (first_row + slab)[None, :], acc,
-             mask=ok)
+    tl.store(out_ptr + (b * x_channels + channels[:, None]) * num_nodes + nodes_i[None, :], acc, mask=ok)
+    if FORM:
+        row_i, col_i = node_coordinates(nodes_i, grid_w)
+        x_i = load_normalized(x_ptr, x_scale_ptr, b, channels, nodes_i, row_i, col_i, x_channels, num_nodes,
+                              height, width, x_sb, x_sc, x_sh, x_sw, kernel_h, kernel_w, MAX_POOL)
+        tl.store(form_ptr + (b * tl.num_programs(1) + tl.program_id(1)) * num_nodes + nodes_i,
+                 tl.sum(x_i * acc, axis=0), mask=in_slab)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -342,13 +357,14 @@ def gram(x, x_scale, y, y_scale, grid: NodeGrid, weight: Optional[torch.Tensor] 
     return partials.sum(dim=1)
 
 
-def gram_apply(p, p_scale, q, q_scale, grid: NodeGrid, a1, b1=None, weighted=None, dots=False):
-    """``A1 P + B1 Q + (A2 P + B2 Q) diag(w)`` with ``weighted = (A2, B2, w)``, or with ``dots`` the forms
-    ``(p . A1 p, p . B1 q)`` per node. Returns ``(out or None, dot_a or None, dot_b or None)``."""
+def gram_apply(p, p_scale, q, q_scale, grid: NodeGrid, a1, b1=None, weighted=None, dots=False, form=False):
+    """``A1 P + B1 Q + (A2 P + B2 Q) diag(w)`` with ``weighted = (A2, B2, w)`` (with ``form``, and ``p . out``
+    per node as dot_a), or with ``dots`` the forms ``(p . A1 p, p . B1 q)`` per node. Returns
+    ``(out or None, dot_a or None, dot_b or None)``."""
     batch, p_channels = p.shape[0], p.shape[1]
     q_channels = q.shape[1] if q is not None else 0
     out = torch.empty(batch, p_channels, grid.nodes, dtype=torch.float64, device=p.device) if not dots else None
-    dot_a = torch.empty(batch, grid.nodes, dtype=torch.float64, device=p.device) if dots else None
+    dot_a = torch.empty(batch, grid.nodes, dtype=torch.float64, device=p.device) if dots or form else None
     dot_b = torch.empty_like(dot_a) if dots else None
     a2, b2, weight = weighted if weighted is not None else (None, None, None)
     dummy = p_scale  # stands for an absent operand; never read
@@ -360,7 +376,8 @@ def gram_apply(p, p_scale, q, q_scale, grid: NodeGrid, a1, b1=None, weighted=Non
             dummy if weight is None else weight, dummy if out is None else out,
             dummy if dot_a is None else dot_a, dummy if dot_b is None else dot_b, p_channels, q_channels,
             *_geometry(p, grid), *strides(p), *strides(p if q is None else q), grid.kernel_h, grid.kernel_w,
-            HAS_Q=q is not None, HAS_WEIGHTED=weighted is not None, DOTS=dots, MAX_POOL=grid.max_pool,
+            HAS_Q=q is not None, HAS_WEIGHTED=weighted is not None, DOTS=dots, FORM=form and not dots,
+            MAX_POOL=grid.max_pool,
             BLOCK_R=BLOCK_CHANNELS if weighted is not None else APPLY_ROWS, BLOCK_C=BLOCK_CHANNELS,
             BLOCK_N=BLOCK_NODES, **KERNEL_OPTIONS)
     return out, dot_a, dot_b
@@ -390,14 +407,17 @@ def direct_difference(s, s_scale, t, t_scale, grid: NodeGrid, first_row: int = 0
     return partials[:, 0] if splits == 1 else partials.sum(dim=1)
 
 
-def direct_columns(x, x_scale, weighted_t, out, first_row: int, grid: NodeGrid, negate: bool):
+def direct_columns(x, x_scale, weighted_t, out, first_row: int, grid: NodeGrid, negate: bool,
+                   form: Optional[torch.Tensor] = None):
     """Into ``out[:, :, first_row:first_row + slab_rows]`` (out: (B, C, m) float64): ``X W'`` per image (negated
-    with ``negate``) for a slab of W's rows, given transposed (B, m, slab_rows), X the normalised nodes of x."""
+    with ``negate``) for a slab of W's rows, given transposed (B, m, slab_rows), X the normalised nodes of x; and
+    into the same columns of ``form`` (B, channel blocks, m), if given, each channel block's ``x_hat . out``."""
     batch, channels, slab_rows = x.shape[0], x.shape[1], weighted_t.shape[2]
     with on_device(x):
         direct_columns_kernel[(triton.cdiv(slab_rows, DIRECT_ROWS), triton.cdiv(channels, BLOCK_CHANNELS), batch)](
-            x, x_scale, weighted_t, out, channels, *_geometry(x, grid), *strides(x), grid.kernel_h, grid.kernel_w,
-            first_row, slab_rows, NEGATE=negate, MAX_POOL=grid.max_pool, BLOCK_I=DIRECT_ROWS, BLOCK_J=BLOCK_NODES,
+            x, x_scale, weighted_t, out, x_scale if form is None else form, channels, *_geometry(x, grid),
+            *strides(x), grid.kernel_h, grid.kernel_w, first_row, slab_rows, NEGATE=negate, FORM=form is not None,
+            MAX_POOL=grid.max_pool, BLOCK_I=DIRECT_ROWS, BLOCK_J=BLOCK_NODES,
             BLOCK_C=BLOCK_CHANNELS, **KERNEL_OPTIONS)
 
 
@@ -419,21 +439,26 @@ def direct_rows(s, s_scale, t, t_scale, grid: NodeGrid) -> torch.Tensor:
     return rows
 
 
-def direct_backward(s, s_scale, t, t_scale, weight, grid: NodeGrid, need_s: bool, need_t: bool):
+def direct_backward(s, s_scale, t, t_scale, weight, grid: NodeGrid, need_s: bool, need_t: bool, forms: bool):
     """dL/ds_hat_i = 2 sum_j (w_i + w_j) D_ij s_j and dL/dt_hat_i = -2 sum_j (w_i + w_j) D_ij t_j, contiguous
     (B, C, m) float64 (None where not needed), for row weights ``weight`` (B, m): D formed a slab of rows at a
-    time, then applied with the outputs in registers."""
+    time, then applied with the outputs in registers. With ``forms``, also each node's ``x_hat . dL/dx_hat``
+    (B, m) for s and for t (else None)."""
     batch, nodes = s.shape[0], grid.nodes
-    grad_s = torch.empty(batch, s.shape[1], nodes, dtype=torch.float64, device=s.device) if need_s else None
-    grad_t = torch.empty(batch, t.shape[1], nodes, dtype=torch.float64, device=s.device) if need_t else None
+    grads, partials = [], []
+    for x, needed in ((s, need_s), (t, need_t)):
+        grads.append(torch.empty(batch, x.shape[1], nodes, dtype=torch.float64, device=s.device) if needed else None)
+        partials.append(torch.empty(batch, triton.cdiv(x.shape[1], BLOCK_CHANNELS), nodes, dtype=torch.float64,
+                                    device=s.device) if needed and forms else None)
     rows = slab_rows_for(nodes, max(s.shape[1], t.shape[1]))
     for first_row in range(0, nodes, rows):
         weighted = direct_difference(s, s_scale, t, t_scale, grid, first_row, min(rows, nodes - first_row), weight)
         if need_s:
-            direct_columns(s, s_scale, weighted, grad_s, first_row, grid, negate=False)
+            direct_columns(s, s_scale, weighted, grads[0], first_row, grid, negate=False, form=partials[0])
         if need_t:
-            direct_columns(t, t_scale, weighted, grad_t, first_row, grid, negate=True)
-    return grad_s, grad_t
+            direct_columns(t, t_scale, weighted, grads[1], first_row, grid, negate=True, form=partials[1])
+    s_form, t_form = (None if p is None else p.sum(dim=1) for p in partials)  # the channel blocks', in order
+    return grads[0], grads[1], s_form, t_form
 
 
 def gram_rows(s, s_scale, t, t_scale, grams, grid: NodeGrid) -> torch.Tensor:
@@ -476,35 +501,35 @@ def affinity_full_forward(s: torch.Tensor, t: torch.Tensor, kernel_h: int, kerne
 
 
 def grad_hats(grad_terms, s, s_scale, t, t_scale, grams, grid: NodeGrid, use_gram: bool,
-              need_s: bool, need_t: bool):
-    """dL/ds_hat and dL/dt_hat (B, C, m) float64 (None where not needed) from the kernels' operands."""
+              need_s: bool, need_t: bool, forms: bool):
+    """(dL/ds_hat, dL/dt_hat, s_form, t_form) from the kernels' operands: the gradients (B, C, m) float64 and,
+    with ``forms``, each node's ``x_hat . dL/dx_hat`` (B, m) float64, which node_backward takes for the norm's
+    share (None where not needed)."""
     gram_ss, gram_st, gram_tt = grams
     uniform = grad_terms.dim() == 1
     weight = grad_terms.to(torch.float64).contiguous()  # autograd may hand in an expanded (stride 0) tensor
     if not use_gram:
         weight = (weight[:, None].expand(-1, grid.nodes) if uniform else weight).contiguous()
-        grad_s_hat, grad_t_hat = direct_backward(s, s_scale, t, t_scale, weight, grid, need_s, need_t)
+        return direct_backward(s, s_scale, t, t_scale, weight, grid, need_s, need_t, forms)
+    s_grad = t_grad = (None, None, None)
+    if uniform:  # w_k = w: dL/ds = 4 w (SS' s - ST' t), dL/dt = 4 w (TT' t - TS' s)
+        w = weight[:, None, None]
+        if need_s:
+            s_grad = gram_apply(s, s_scale, t, t_scale, grid, 4 * w * gram_ss, -4 * w * gram_st, form=forms)
+        if need_t:
+            t_grad = gram_apply(t, t_scale, s, s_scale, grid, 4 * w * gram_tt, -4 * w * gram_st.transpose(1, 2),
+                                form=forms)
     else:
-        grad_s_hat = grad_t_hat = None
-        if uniform:  # w_k = w: dL/ds = 4 w (SS' s - ST' t), dL/dt = 4 w (TT' t - TS' s)
-            w = weight[:, None, None]
-            if need_s:
-                grad_s_hat = gram_apply(s, s_scale, t, t_scale, grid, 4 * w * gram_ss, -4 * w * gram_st)[0]
-            if need_t:
-                grad_t_hat = gram_apply(t, t_scale, s, s_scale, grid, 4 * w * gram_tt,
-                                        -4 * w * gram_st.transpose(1, 2))[0]
-        else:
-            weighted_st = gram(s, s_scale, t, t_scale, grid, weight)  # S W T'
-            if need_s:
-                weighted_ss = gram(s, s_scale, s, s_scale, grid, weight)
-                grad_s_hat = gram_apply(s, s_scale, t, t_scale, grid, 2 * weighted_ss, -2 * weighted_st,
-                                        weighted=(2 * gram_ss, -2 * gram_st, weight))[0]
-            if need_t:
-                weighted_tt = gram(t, t_scale, t, t_scale, grid, weight)
-                grad_t_hat = gram_apply(t, t_scale, s, s_scale, grid, 2 * weighted_tt,
-                                        -2 * weighted_st.transpose(1, 2),
-                                        weighted=(2 * gram_tt, -2 * gram_st.transpose(1, 2), weight))[0]
-    return grad_s_hat, grad_t_hat
+        weighted_st = gram(s, s_scale, t, t_scale, grid, weight)  # S W T'
+        if need_s:
+            weighted_ss = gram(s, s_scale, s, s_scale, grid, weight)
+            s_grad = gram_apply(s, s_scale, t, t_scale, grid, 2 * weighted_ss, -2 * weighted_st,
+                                weighted=(2 * gram_ss, -2 * gram_st, weight), form=forms)
+        if need_t:
+            weighted_tt = gram(t, t_scale, t, t_scale, grid, weight)
+            t_grad = gram_apply(t, t_scale, s, s_scale, grid, 2 * weighted_tt, -2 * weighted_st.transpose(1, 2),
+                                weighted=(2 * gram_tt, -2 * gram_st.transpose(1, 2), weight), form=forms)
+    return s_grad[0], t_grad[0], s_grad[1], t_grad[1]
 
 
 @torch.library.custom_op("fastkd_triton::affinity_full_backward", mutates_args=())
@@ -518,14 +543,12 @@ def affinity_full_backward(grad_terms: torch.Tensor, s: torch.Tensor, t: torch.T
     grid = NodeGrid(kernel_h, kernel_w, grid_h, grid_w, max_pool)
     s_nodes, t_nodes, node_grid = kernel_operands(s, t, grid)  # pooled again: nothing is kept between the passes
     s_scale, t_scale = node_scales(s_nodes, s_norm, node_grid, eps), node_scales(t_nodes, t_norm, node_grid, eps)
-    grad_s_hat, grad_t_hat = grad_hats(grad_terms, s_nodes, s_scale, t_nodes, t_scale, (gram_ss, gram_st, gram_tt),
-                                       node_grid, use_gram, need_s, need_t)
+    grad_s_hat, grad_t_hat, s_form, t_form = grad_hats(grad_terms, s_nodes, s_scale, t_nodes, t_scale,
+                                                       (gram_ss, gram_st, gram_tt), node_grid, use_gram, need_s,
+                                                       need_t, forms=not detach_norm)
     empty = s.new_empty((0,))
-    pooled = node_grid != grid
-    grad_s = node_backward(grad_s_hat, s, s_norm, grid, eps, detach_norm, s_nodes if pooled else None) \
-        if need_s else empty
-    grad_t = node_backward(grad_t_hat, t, t_norm, grid, eps, detach_norm, t_nodes if pooled else None) \
-        if need_t else empty.to(t.dtype)
+    grad_s = node_backward(grad_s_hat, s, s_norm, grid, eps, detach_norm, s_form) if need_s else empty
+    grad_t = node_backward(grad_t_hat, t, t_norm, grid, eps, detach_norm, t_form) if need_t else empty.to(t.dtype)
     return grad_s, grad_t
 
 
