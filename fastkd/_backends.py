@@ -42,8 +42,8 @@ BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
 # kernels' estimated fractions of the H100 floor (benchmarks/results/kernel-evidence/evidence.md, sm_90, no GPU
 # run yet): full graph, cuda (Gram 100% against 93%, its backward 73% against 70%, the direct path 96% and 100%
 # against 78% and 89%; for few nodes, 100% against 89%); per-pixel losses, cuda (50-100% against
-# 28-30%); windowed graph, cuda (its tiles, for reach 1-2: 48% and 53% against 49% and 36%, moving 564 and
-# 1,101 MB a pass against 1,087 and 2,966 MB at the example shape); consistency, triton (95% against 88-90%).
+# 28-30%); windowed graph, cuda (its tiles, for reach 1-2: 48% and 53% against 49% and 50%, moving 564 and
+# 1,101 MB a pass against 1,087 and 2,161 MB at the example shape); consistency, triton (95% against 88-90%).
 _CUDA_FIRST, _TRITON_FIRST = ("cuda", "triton", "torch"), ("triton", "cuda", "torch")
 AUTO_PREFERENCE: Dict[str, Dict[str, Tuple[str, ...]]] = {
     "cuda": {"affinity_full": _CUDA_FIRST, "affinity_window": _CUDA_FIRST, "consistency": _TRITON_FIRST,

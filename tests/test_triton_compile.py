@@ -17,7 +17,7 @@ from fastkd._triton import TRITON_ERROR
 if TRITON_ERROR is not None and os.environ.get("FASTKD_REQUIRE_TRITON") != "1":
     pytest.skip(f"the triton backend is unavailable: {TRITON_ERROR}", allow_module_level=True)
 
-KERNELS = ("node_norm_kernel", "pool_nodes_kernel", "node_radial_kernel", "node_backward_kernel", "gram_kernel",
+KERNELS = ("node_norm_kernel", "pool_nodes_kernel", "node_backward_kernel", "gram_kernel",
            "gram_apply_kernel", "direct_rows_kernel", "direct_difference_kernel",
            "direct_columns_kernel", "_window_forward_kernel",
            "_window_backward_kernel", "_consistency_forward_kernel", "_consistency_backward_kernel",

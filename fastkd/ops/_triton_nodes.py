@@ -154,47 +154,12 @@ def program_nodes(norm_ptr, b, num_nodes, eps, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def node_radial_kernel(grad_hat_ptr, x_ptr, norm_ptr, out_ptr, num_channels, num_nodes, height, width, grid_w,
-                       stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, eps: tl.float64,
-                       channels_per_split, SPLIT: tl.constexpr, MAX_POOL: tl.constexpr, BLOCK_C: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
-    """``k^2 (f . g) / n`` (float64, 0 where n = 0) of every node, the norm's share of its gradient (see
-    :func:`node_backward_kernel`), from dL/df_hat (B, C, m float64, contiguous); with SPLIT, ``f . g`` over each
-    split's channels (as :func:`node_norm_kernel`), (B, splits, m). Grid (node blocks, splits, B)."""
-    b = tl.program_id(2).to(tl.int64)
-    split = tl.program_id(1).to(tl.int64)
-    nodes, node_ok, norm, scale = program_nodes(norm_ptr, b, num_nodes, eps, BLOCK_N)
-    node_row, node_col = node_coordinates(nodes, grid_w)
-    grad_hat_base = grad_hat_ptr + b * num_channels * num_nodes
-    first = split * channels_per_split
-    dot = tl.zeros((BLOCK_N,), tl.float64)
-    for c0 in range(first, tl.minimum(first + channels_per_split, num_channels), BLOCK_C):
-        channels = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-        ok = (channels[:, None] < num_channels) & node_ok[None, :]
-        g = tl.load(grad_hat_base + channels[:, None] * num_nodes + nodes[None, :], mask=ok, other=0.0)
-        sums = load_patch_sums(x_ptr, b, channels, nodes, node_row, node_col, num_channels, num_nodes, height,
-                               width, stride_b, stride_c, stride_h, stride_w, kernel_h, kernel_w, MAX_POOL)
-        dot += tl.sum(g * sums, axis=0)
-    dot = dot * pooling_factors(node_row, node_col, height, width, kernel_h, kernel_w, MAX_POOL)
-    if SPLIT:
-        tl.store(out_ptr + (b * tl.num_programs(1) + split) * num_nodes + nodes, dot, mask=node_ok)
-    else:
-        tl.store(out_ptr + b * num_nodes + nodes, radial_term(dot, norm, scale), mask=node_ok)
-
-
-@triton.jit
-def radial_term(dot, norm, scale):
-    """``k^2 (f . g) / n`` from ``f . g``, the norm n and k = 1 / (n + eps); 0 where n = 0."""
-    return tl.where(norm > 0, dot * scale * scale / tl.where(norm > 0, norm, 1.0), 0.0)
-
-
-@triton.jit
 def node_backward_kernel(grad_hat_ptr, x_ptr, norm_ptr, radial_ptr, grad_x_ptr, num_channels, num_nodes, height,
                          width, grid_w, stride_b, stride_c, stride_h, stride_w,
                          grad_stride_b, grad_stride_c, grad_stride_h, grad_stride_w, kernel_h, kernel_w,
                          eps: tl.float64, DETACH_NORM: tl.constexpr, MAX_POOL: tl.constexpr,
                          BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dL/dx from dL/df_hat (B, C, m float64, contiguous) and the nodes' radial terms (node_radial_kernel; not
+    """dL/dx from dL/df_hat (B, C, m float64, contiguous) and the nodes' radial terms (:func:`node_backward`; not
     read when DETACH_NORM); grid (node blocks, channel blocks, B): a few large nodes still spread over many
     programs.
 
@@ -290,30 +255,19 @@ def pool_nodes(x: torch.Tensor, grid: NodeGrid) -> torch.Tensor:
 
 
 def node_backward(grad_hat: torch.Tensor, x: torch.Tensor, norms: torch.Tensor, grid: NodeGrid, eps: float,
-                  detach_norm: bool, hat_dots: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """dL/dx (x's dtype and layout) from dL/df_hat, a contiguous (B, C, m) float64 tensor. ``hat_dots``: each
-    node's ``f_hat . dL/df_hat`` (B, m) float64, summed where dL/df_hat was made (the full graph's kernels), from
-    which the norm's share of the gradient is ``k^2 (f . g) / n = k (f_hat . g) / n``; else node_radial_kernel
-    reads dL/df_hat and x once more for it."""
+                  detach_norm: bool, hat_dots: Optional[torch.Tensor]) -> torch.Tensor:
+    """dL/dx (x's dtype and layout) from dL/df_hat, a contiguous (B, C, m) float64 tensor, and ``hat_dots``, each
+    node's ``f_hat . dL/df_hat`` (B, m) float64 (None when the norm is detached), which the kernels that make
+    dL/df_hat sum as they go: the norm's share of the gradient is ``k^2 (f . g) / n = k (f_hat . g) / n`` with
+    k = 1 / (n + eps), 0 where n = 0."""
+    if not detach_norm and hat_dots is None:
+        raise ValueError("node_backward: hat_dots is needed unless the norm is detached")
     batch, channels, height, width = x.shape
     grad_x = torch.empty_like(x)
     radial = norms  # stands for the radial terms when the norm is detached; never read
     with on_device(x):
-        if not detach_norm and hat_dots is not None:
+        if not detach_norm:
             radial = torch.where(norms > 0, hat_dots / ((norms + eps) * torch.where(norms > 0, norms, 1.0)), 0.0)
-        elif not detach_norm:
-            splits = channel_splits(batch, grid.nodes, channels)
-            out = torch.empty(batch, *([splits] if splits > 1 else []), grid.nodes, dtype=torch.float64,
-                              device=x.device)
-            node_radial_kernel[(triton.cdiv(grid.nodes, BLOCK_NODES), splits, batch)](
-                grad_hat, x, norms, out, channels, grid.nodes, height, width, grid.grid_w, *strides(x),
-                grid.kernel_h, grid.kernel_w, eps, BLOCK_CHANNELS if splits > 1 else channels, SPLIT=splits > 1,
-                MAX_POOL=grid.max_pool, BLOCK_C=BLOCK_CHANNELS, BLOCK_N=BLOCK_NODES, **KERNEL_OPTIONS)
-            radial = out
-            if splits > 1:  # the splits' dots summed in a fixed order, then radial_term's formula
-                scale = 1.0 / (norms + eps)
-                radial = torch.where(norms > 0, out.sum(dim=1) * scale * scale / torch.where(norms > 0, norms, 1.0),
-                                     0.0)
         node_backward_kernel[(triton.cdiv(grid.nodes, BLOCK_NODES), triton.cdiv(channels, BLOCK_CHANNELS), batch)](
             grad_hat, x, norms, radial, grad_x, channels, grid.nodes, height, width, grid.grid_w, *strides(x),
             *strides(grad_x), grid.kernel_h, grid.kernel_w, eps, DETACH_NORM=detach_norm,

@@ -111,13 +111,14 @@ def direct_full_graph(x: Shape) -> dict:
 
 
 def window_graph(x: Shape, radius: int, tiled: bool = False) -> dict:
-    """Windowed graph: half-window affinities (D and a_t stored) forward; full-window gather backward, then
-    ``node_backward``. ``tiled``: the CUDA kernels of reach 1 and 2 (csrc/affinity_window/affinity_window.cu),
-    whose forward finds the norms in its own pass over each input (no norm pass ahead) and keeps a_s in the D
-    buffer while t's dots are summed (it writes, reads and rewrites D, and writes a_t), and whose backward is one
-    pass per input: x read, D and a_t read, the gradient written (no dL/df_hat buffer, no second and third read
-    of x). Their halo re-reads, and the D and a_t re-reads of a backward's channel groups, are reuse inside a
-    launch."""
+    """Windowed graph: half-window affinities (D and a_t stored) forward; full-window gather backward (dL/df_hat
+    and each node's ``f_hat . dL/df_hat`` for the norm's share), then ``node_backward`` (CUDA's per-node kernels,
+    which serve reaches above 2, take a separate pass for the norm's share: one more read of dL/df_hat and x).
+    ``tiled``: the CUDA kernels of reach 1 and 2 (csrc/affinity_window/affinity_window.cu), whose forward finds the
+    norms in its own pass over each input (no norm pass ahead) and keeps a_s in the D buffer while t's dots are
+    summed (it writes, reads and rewrites D, and writes a_t), and whose backward is one pass per input: x read, D
+    and a_t read, the gradient written (no dL/df_hat buffer, no second and third read of x). Their halo re-reads,
+    and the D and a_t re-reads of a backward's channel groups, are reuse inside a launch."""
     b, m, channels = x.batch, x.nodes, x.cs + x.ct
     half = radius * (2 * radius + 1) + radius + 1
     full = (2 * radius + 1) ** 2
@@ -126,7 +127,7 @@ def window_graph(x: Shape, radius: int, tiled: bool = False) -> dict:
                    kernel_bytes=x.inputs() + 4 * stored if tiled else 2 * x.inputs() + 2 * stored)
     backward = Cost(flops=2 * b * m * full * channels, minimum_bytes=2 * x.inputs(),
                     kernel_bytes=2 * x.inputs() + 4 * stored if tiled
-                    else 4 * x.inputs() + 2 * stored + 3 * x.node_buffers())
+                    else 3 * x.inputs() + 2 * stored + 2 * x.node_buffers())
     return {"forward": forward, "backward": backward}
 
 

@@ -110,12 +110,13 @@ def _window_forward_kernel(
 
 @triton.jit
 def _window_backward_kernel(
-    grad_ptr, x_ptr, scale_ptr, difference_ptr, grad_hat_ptr, sign: tl.float64,
+    grad_ptr, x_ptr, scale_ptr, difference_ptr, grad_hat_ptr, form_ptr, sign: tl.float64,
     num_channels, num_nodes, height, width, grid_h, grid_w, kernel_h, kernel_w, reach_h, reach_w,
     stride_b, stride_c, stride_h, stride_w,
-    MAX_POOL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    FORM: tl.constexpr, MAX_POOL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """``grad_hat[b, c, i] = sign 4 grad sum_{j in window(i)} D_ij f_hat[b, c, j]``; grid (node blocks, B)."""
+    """``grad_hat[b, c, i] = sign 4 grad sum_{j in window(i)} D_ij f_hat[b, c, j]``, and with FORM each node's
+    ``f_hat_i . grad_hat_i`` into form (B, m) (node_backward's ``hat_dots``); grid (node blocks, B)."""
     b = tl.program_id(1).to(tl.int64)
     nodes = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     node_row, node_col = node_coordinates(nodes, grid_w)
@@ -125,6 +126,7 @@ def _window_backward_kernel(
     span = 2 * reach_w + 1
     centre = reach_h * span + reach_w
     half = (2 * reach_h + 1) * span - centre
+    form = tl.zeros((BLOCK_N,), tl.float64)
     for c0 in range(0, num_channels, BLOCK_C):
         channels = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
         acc = tl.zeros((BLOCK_C, BLOCK_N), tl.float64)
@@ -143,6 +145,13 @@ def _window_backward_kernel(
             acc += d[None, :] * f_j
         tl.store(grad_hat_ptr + (b * num_channels + channels[:, None]) * num_nodes + nodes[None, :], scale * acc,
                  mask=(channels[:, None] < num_channels) & (nodes[None, :] < num_nodes))
+        if FORM:  # the node's own f_hat, the window's centre partner, read again
+            f_i = load_normalized(x_ptr, scale_ptr, b, channels, nodes, node_row, node_col, num_channels,
+                                  num_nodes, height, width, stride_b, stride_c, stride_h, stride_w, kernel_h,
+                                  kernel_w, MAX_POOL)
+            form += tl.sum(f_i * (scale * acc), axis=0)
+    if FORM:
+        tl.store(form_ptr + b * num_nodes + nodes, form, mask=nodes < num_nodes)
 
 
 # Nodes per program. Under the Triton interpreter (CPU tensors) an op costs about the same Python overhead
@@ -199,17 +208,19 @@ def affinity_window_backward(
     detach_norm: bool, sign: float,
 ) -> torch.Tensor:
     """dL/dx in x's dtype and layout for the upstream gradient ``grad_total`` of the total, sign +1 for the
-    student and -1 for the teacher: dL/df_hat from D, then ``node_backward`` (which finds the norm's share from
-    dL/df_hat over the channels, so ``teacher_affinity`` is not read)."""
+    student and -1 for the teacher: dL/df_hat from D, with each node's ``f_hat . dL/df_hat`` for the norm's
+    share (so ``teacher_affinity`` is not read), then ``node_backward``."""
     grid = _node_grid(x, kernel_h, kernel_w, max_pool)
     batch, channels = x.shape[0], x.shape[1]
     grad_hat = torch.empty(batch, channels, grid.nodes, dtype=torch.float64, device=x.device)
+    form = None if detach_norm else torch.empty(batch, grid.nodes, dtype=torch.float64, device=x.device)
     scales = node_scales(x, norms, grid, eps)
     with on_device(x):
         _window_backward_kernel[(triton.cdiv(grid.nodes, BLOCK_N), batch)](
-            grad_total, x, scales, difference, grad_hat, sign, channels, *_grid_args(x, grid, window),
-            *strides(x), MAX_POOL=grid.max_pool, BLOCK_C=BLOCK_CHANNELS, BLOCK_N=BLOCK_N, **KERNEL_OPTIONS)
-    return node_backward(grad_hat, x, norms, grid, eps, detach_norm)
+            grad_total, x, scales, difference, grad_hat, scales if form is None else form, sign, channels,
+            *_grid_args(x, grid, window), *strides(x), FORM=form is not None, MAX_POOL=grid.max_pool,
+            BLOCK_C=BLOCK_CHANNELS, BLOCK_N=BLOCK_N, **KERNEL_OPTIONS)
+    return node_backward(grad_hat, x, norms, grid, eps, detach_norm, form)
 
 
 window_graph_sum = schema.register("fastkd_triton")
