@@ -182,7 +182,7 @@ FASTKD_GLOBAL void gram_kernel(Nodes<T> x, Nodes<T> y, Grid grid, global_ptr<con
 // staged kApplyChunk at a time. One accumulator serves all four terms: w (A2 P) = A2 (P W), W = diag(w) acting
 // on the nodes, so the weighted terms are products of the second matrix with a second node tile, the nodes times
 // their weights. Staged per chunk: one or two matrices' [row][channel] tiles, one or two [channel][node] tiles.
-constexpr int kApplyRows = 64;
+constexpr int kApplyRows = kAffinityApplyRows;
 constexpr int kApplyNodes = 64;
 constexpr int kApplyChunk = 16;
 constexpr int kApplyWarps = (kApplyRows / kWarpSide) * (kApplyNodes / kWarpSide);

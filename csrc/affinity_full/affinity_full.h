@@ -29,6 +29,8 @@ constexpr int kAffinityFewNodes = 64;
 // The Gram kernel's output tiles (kAffinityGramSide channels square) and the nodes it stages at a time.
 constexpr int kAffinityGramSide = 64;
 constexpr int kAffinityGramChunk = 32;
+// The apply kernel's output rows a block (the tiles of affinity_full_apply's form partials).
+constexpr int kAffinityApplyRows = 64;
 
 // partials (B, splits, Cx, Cy): X W Y' over the nodes [split * nodes_per_split, (split + 1) * nodes_per_split)
 // of each image, for the normalised nodes X, Y and W = diag(weight) (weight (B, m), or nullptr: identity).
@@ -40,8 +42,8 @@ void affinity_full_gram(const nodes::Nodes<T>& x, const nodes::Nodes<T>& y, cons
 
 // For the normalised nodes P (Cp x m) and Q (Cq x m) of each image, one of:
 //   out = A1 P + B1 Q + w (A2 P + B2 Q)      (B, Cp, m), when out is not nullptr; and then, unless form is
-//                                            nullptr, each node's p . out over each tile of 64 rows into form
-//                                            (B, ceil(Cp / 64), m)
+//                                            nullptr, each node's p . out over each tile of kAffinityApplyRows
+//                                            rows into form (B, ceil(Cp / kAffinityApplyRows), m)
 //   dot_a_i = p_i . (A1 p_i), dot_b_i = p_i . (B1 q_i)  (B, m), when dot_a and dot_b are not nullptr (a2 is)
 // A1, A2: (B, Cp, Cp); B1, B2: (B, Cp, Cq). b1 == nullptr: no Q terms (q is not read); a2 == nullptr: no
 // weighted terms (b2, weight not read). Other combinations throw std::invalid_argument.

@@ -123,7 +123,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_full_apply(
   const int64_t batch = p.size(0), m = nodes::node_count(grid);
   const auto doubles = p.options().dtype(at::kDouble);
   at::Tensor out = store ? at::empty({batch, p.size(1), m}, doubles) : at::Tensor();
-  const int64_t row_tiles = (p.size(1) + 63) / 64;  // affinity_full_apply's form partials, a 64-row tile each
+  const int64_t apply_rows = FASTKD_KERNELS::kAffinityApplyRows;  // the form partials' tiles of rows
+  const int64_t row_tiles = (p.size(1) + apply_rows - 1) / apply_rows;
   at::Tensor forms = store && form ? at::empty({batch, row_tiles, m}, doubles) : at::Tensor();
   at::Tensor dot_a = dots ? at::empty({batch, m}, doubles) : at::Tensor();
   at::Tensor dot_b = dots ? at::empty({batch, m}, doubles) : at::Tensor();
